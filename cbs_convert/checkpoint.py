@@ -1,0 +1,174 @@
+"""Reading source checkpoints safely, in every form they are published in.
+
+* a flat state dict in a ``.pt``/``.pth`` file (the released SiT, DiT and ADM weights);
+* a training dict ``{"model", "ema", "opt", "args"}`` (the EMA weights are the ones to convert);
+* a ``.safetensors`` file.
+
+Pickles are read with ``torch.load(weights_only=True)`` and an explicit allow-list holding only
+``argparse.Namespace`` (what the training dict stores its args in): a pickle that asks for anything
+else is refused before any of its code can run. The source file is only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+from .errors import CheckpointError
+
+SAFE_GLOBALS = [argparse.Namespace]
+WEIGHT_KEYS_IN_ORDER = ("ema", "model", "state_dict", "module")
+
+
+@dataclass
+class SourceCheckpoint:
+    path: Path
+    state_dict: Dict[str, torch.Tensor]
+    sha256: str
+    container: str  # "state dict", "training dict (ema)", "safetensors", ...
+    dtype: str
+    args: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            if not block:
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_path(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; check the checkpoint path")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; pass the checkpoint file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty; re-download or re-save the checkpoint")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: not readable; check its permissions")
+
+
+def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)}); it may be truncated") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        message = _first_line(exc)
+        if "Unsupported global" in str(exc) or "weights_only" in str(exc):
+            bad = _unsupported_global(str(exc))
+            raise CheckpointError(
+                f"{path}: refused an unsafe pickle that asks for {bad}; only tensors and "
+                "argparse.Namespace are allowed. Re-save the weights as a state dict or safetensors"
+            ) from None
+        if zipfile.is_zipfile(path) or "zip" in message.lower() or "central directory" in message.lower():
+            raise CheckpointError(f"{path}: damaged torch archive ({message}); the file may be truncated, re-download it") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({message})") from None
+
+
+def _unsupported_global(text: str) -> str:
+    for line in text.splitlines():
+        if "Unsupported global" in line:
+            return line.split("GLOBAL", 1)[-1].split("was not")[0].strip() or "a non-tensor object"
+    return "a non-tensor object"
+
+
+def _unwrap(obj: Any, path: Path) -> (Dict[str, torch.Tensor], str, Dict[str, Any]):
+    args: Dict[str, Any] = {}
+    container = "state dict"
+    if isinstance(obj, dict) and "args" in obj:
+        raw = obj["args"]
+        args = vars(raw) if isinstance(raw, argparse.Namespace) else dict(raw) if isinstance(raw, dict) else {}
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for key in WEIGHT_KEYS_IN_ORDER:
+            if isinstance(obj.get(key), dict):
+                container = f"training dict ({key})"
+                obj = obj[key]
+                break
+        else:
+            raise CheckpointError(
+                f"{path}: a dict without weights; expected a state dict or one with an "
+                f"'ema' or 'model' entry, found keys {', '.join(map(str, list(obj)[:5]))}"
+            )
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: holds {type(obj).__name__}, not a state dict of tensors")
+    tensors = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is {type(value).__name__}, not a tensor")
+        # DataParallel / DDP prefixes are a saving accident, not part of the architecture.
+        tensors[key[7:] if key.startswith("module.") else key] = value
+    return tensors, container, args
+
+
+def read_checkpoint(path) -> SourceCheckpoint:
+    path = Path(path)
+    _check_path(path)
+    notes: List[str] = []
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if path.suffix == ".safetensors" or (len(magic) == 8 and int.from_bytes(magic, "little") < (1 << 27) and path.suffix not in (".pt", ".pth", ".ckpt", ".bin")):
+        state_dict = _load_safetensors(path)
+        container, args = "safetensors", {}
+    elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
+        state_dict, container, args = _unwrap(_load_pickle(path), path)
+    else:
+        raise CheckpointError(
+            f"{path}: unknown file type {path.suffix or '(no suffix)'}; expected .pt, .pth or .safetensors"
+        )
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()})
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/Inf values; the checkpoint is corrupt")
+    if dtypes != ["float32"]:
+        notes.append(f"weights stored as {'/'.join(dtypes)}; converted in float32")
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return SourceCheckpoint(
+        path=path,
+        state_dict=state_dict,
+        sha256=file_sha256(path),
+        container=container,
+        dtype="/".join(dtypes),
+        args=args,
+        notes=notes,
+    )
+
+
+def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
+    """What a training dict's args tell about the architecture and time convention."""
+    hints: Dict[str, Any] = {}
+    if "model" in args:
+        hints["args_model"] = str(args["model"])
+    if "path_type" in args:
+        hints["args_path_type"] = str(args["path_type"])
+        hints["path"] = str(args["path_type"]).lower()
+    for key in ("num_heads", "num_classes"):
+        if key in args:
+            hints[key] = args[key]
+    return hints

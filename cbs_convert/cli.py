@@ -1,0 +1,114 @@
+"""python -m cbs_convert CHECKPOINT --k K: flags and recipe into a conversion.
+
+Every problem the user can fix ends as one line on stderr and exit code 2; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+from typing import Dict, List, Optional
+
+from .errors import UserError
+from .recipe import FIELDS, Recipe, _base_type, coerce, read_recipe_file
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _default_text(f) -> str:
+    if f.default is not MISSING:
+        return "" if f.default is None else f" (default: {f.default})"
+    return f" (default: {f.default_factory()})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m cbs_convert",
+        description="Convert a SiT or DiT checkpoint into K complexity-balanced time-segment experts, "
+        "written as one routed .safetensors checkpoint that loads back with cbs_convert.load().",
+        epilog="Settings come from, lowest first: built-in defaults sized for tiny models, the bundled recipe "
+        "of a recognised published architecture, --recipe FILE, then these flags.",
+    )
+    parser.add_argument("checkpoint", nargs="?", help=FIELDS["checkpoint"].metadata["help"])
+    parser.add_argument("--recipe", help="YAML recipe with any of the settings below (snake_case keys)")
+    for f in fields(Recipe):
+        if f.name == "checkpoint":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + _default_text(f)
+        if _base_type(f.name) is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+    parser.add_argument("--resume", action="store_true", help="continue the run kept in the work directory")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output and start the work directory over")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _flag_values(namespace) -> Dict[str, object]:
+    values = {}
+    for name in FIELDS:
+        raw = getattr(namespace, name, None)
+        if raw is None:
+            continue
+        kind = _base_type(name)
+        if isinstance(raw, str) and kind in (int, float):
+            try:
+                raw = kind(float(raw)) if kind is int and raw.replace(".", "", 1).isdigit() and float(raw).is_integer() else kind(raw)
+            except ValueError:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+        values[name] = coerce(name, raw, "--" + name.replace("_", "-"))
+    return values
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = read_recipe_file(args.recipe) if args.recipe else {}
+        settings.update(_flag_values(args))
+        from .pipeline import Conversion
+
+        result = Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force).run()
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours, not the user's: say so, keep the details one flag away
+        if args.debug:
+            raise
+        print(f"error: internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    if not result.report:
+        return 0
+    _summary(result)
+    return 0
+
+
+def _summary(result) -> None:
+    report = result.report
+    split = report["split"]
+    print(f"wrote {result.output}")
+    print(f"  {report['source']['architecture']}")
+    print(f"  split {split['method']}: boundaries {', '.join(f'{b:.3f}' for b in split['boundaries'])}")
+    for k, e in enumerate(report["evaluation"]["experts"]):
+        print(
+            f"  expert {k} [{e['segment'][0]:.3f}, {e['segment'][1]:.3f}]: {e['params']:,} params "
+            f"({e['params_vs_target']:+.2%} of target), FLOPs x{e['flops_vs_source']:.2f}, "
+            f"rel. error {e['error_before']:.4f} -> {e['error_after']:.4f}"
+        )
+    for path in result.report_files:
+        print(f"  report: {path}")

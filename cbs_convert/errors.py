@@ -1,0 +1,26 @@
+"""Errors that reach the user as one line and exit code 2.
+
+Every problem a user can fix (a bad path, an unreadable checkpoint, an impossible request) raises a
+subclass of :class:`UserError`; the CLI prints ``error: <message>`` and exits with 2. Anything else is a
+bug in cbs_convert and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the input or the request, with the fix in the message."""
+
+
+class CheckpointError(UserError):
+    """The checkpoint cannot be read, is unsafe, or is not a model this tool knows."""
+
+
+class RecipeError(UserError):
+    """The recipe or the command-line flags ask for something invalid."""
+
+
+class BudgetError(UserError):
+    """The parameter budget cannot be met with the requested split."""
+
+
+class WorkdirError(UserError):
+    """The work directory or output path conflicts with the request."""

@@ -1,0 +1,267 @@
+"""What the pipeline may know about a model family, and nothing more.
+
+A family owns an architecture and a time convention. Everything outside ``families/`` speaks the
+canonical convention: ``t`` in [0, 1], ``t = 1`` pure noise, ``t = 0`` data, the forward process
+``x_t = alpha(t) * x0 + sigma(t) * eps`` and the probability-flow velocity ``v = dx_t/dt``.
+A family translates at its border: native time in and out, native prediction to canonical velocity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """A set of prunable units whose kept indices are chosen together.
+
+    ``consumers`` name the ``nn.Linear`` (or 1x1-equivalent) modules that read these units on their
+    input side; importance is measured there. ``unit_width`` channels form one unit (a head is
+    ``head_dim`` channels). ``keep`` is how many units the target config retains.
+    """
+
+    name: str
+    size: int
+    keep: int
+    consumers: Tuple[str, ...]
+    unit_width: int = 1
+
+
+@dataclass(frozen=True)
+class WidthKnob:
+    """One width of the config that the budget allocator may shrink."""
+
+    name: str
+    full: int
+    minimum: int
+    multiple: int = 1
+
+
+class Family:
+    """Interface every model family implements.
+
+    An instance is bound to the source model's config, which also fixes the time convention (SiT
+    path, beta schedule). Architecture methods take a config argument because pruning produces
+    many configs of one family; time methods use the bound one, since all experts share it.
+    """
+
+    name: str = ""
+    #: name of the native time argument of ``forward`` (for documentation and the report)
+    native_time_name: str = "t"
+
+    def __init__(self, config: Dict[str, Any]):
+        self.config = config
+
+    # -- architecture -------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, state_dict: Dict[str, torch.Tensor]) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def config_from_state_dict(
+        cls, state_dict: Dict[str, torch.Tensor], hints: Dict[str, Any]
+    ) -> Tuple[Dict[str, Any], List[str]]:
+        """Read the architecture from tensor shapes; ``hints`` carry flags and checkpoint args."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, config: Dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def expected_shapes(cls, config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+        raise NotImplementedError
+
+    def param_count(self, config: Dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def forward_flops(self, config: Dict[str, Any]) -> int:
+        """Multiply-adds times two of one forward pass for one sample."""
+        raise NotImplementedError
+
+    def recipe_name(self, config: Dict[str, Any]) -> Optional[str]:
+        """Stem of the bundled recipe for a published architecture (``sit_xl_2``), else None."""
+        return None
+
+    def describe(self, config: Dict[str, Any]) -> str:
+        return self.name
+
+    def sample_shape(self, config: Dict[str, Any]) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def num_classes(self, config: Dict[str, Any]) -> int:
+        """Number of real classes; 0 for an unconditional model."""
+        raise NotImplementedError
+
+    def null_label(self, config: Dict[str, Any]) -> Optional[int]:
+        """Label that selects the unconditional branch, or None without one."""
+        raise NotImplementedError
+
+    # -- time and prediction --------------------------------------------------------------------
+    def schedule(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """alpha(t), sigma(t) of the forward process in canonical time; differentiable in t."""
+        raise NotImplementedError
+
+    def native_time(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def canonical_time(self, native: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity_from_native(
+        self, native_out: torch.Tensor, x: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]):
+        """Canonical velocity dx/dt of ``model`` at canonical time ``t`` (shape [B])."""
+        out = model(x, self.native_time(t), y)
+        return self.velocity_from_native(out, x, t)
+
+    def data_loss(
+        self, model: nn.Module, x0: torch.Tensor, y, t: torch.Tensor, noise: torch.Tensor, teacher_out=None
+    ) -> torch.Tensor:
+        """The family's own training loss on data ``x0`` at canonical times ``t`` (mean).
+
+        ``teacher_out`` is the teacher's native output on the same x_t, for output channels the data
+        cannot supervise (a learned variance)."""
+        raise NotImplementedError
+
+    def guided_forward(self, forward: Callable, x, native_t, y, cfg_scale: float):
+        """Classifier-free guidance the way the family's reference code does it."""
+        raise NotImplementedError
+
+    # -- surgery --------------------------------------------------------------------------------
+    def width_knobs(self, config: Dict[str, Any]) -> List[WidthKnob]:
+        """Knobs the allocator may shrink, coarsest first; the last one is used to fine-tune."""
+        raise NotImplementedError
+
+    def with_widths(self, config: Dict[str, Any], widths: Dict[str, int]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def unit_groups(self, source: Dict[str, Any], target: Dict[str, Any]) -> List[UnitGroup]:
+        raise NotImplementedError
+
+    def slice_state_dict(
+        self,
+        state_dict: Dict[str, torch.Tensor],
+        source: Dict[str, Any],
+        kept: Dict[str, torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        """Keep only the listed units of every group; returns a state dict for the target config."""
+        raise NotImplementedError
+
+    def attention_context(self):
+        """Context under which forward-mode autodiff works for this family's models."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared time machinery, used by the families' own conversions.
+
+
+class DiscreteVPSchedule:
+    """A DDPM schedule with ``T`` steps, extended to continuous canonical time.
+
+    Canonical ``t`` maps to the fractional step ``n = t * (T - 1)``; ``log(alpha_bar)`` is linearly
+    interpolated between integer steps, so integer steps are exact and the map stays differentiable
+    in ``t`` for the acceleration monitor.
+    """
+
+    def __init__(self, kind: str = "linear", steps: int = 1000):
+        if kind == "linear":
+            scale = 1000.0 / steps
+            betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
+        elif kind == "cosine":
+            def f(s):
+                return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = torch.tensor(
+                [min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)],
+                dtype=torch.float64,
+            )
+        else:
+            raise ValueError(f"unknown beta schedule {kind!r}")
+        self.kind = kind
+        self.steps = steps
+        self.log_alpha_bar = torch.cumsum(torch.log1p(-betas), 0)
+
+    def native_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t * (self.steps - 1)
+
+    def canonical_time(self, n: torch.Tensor) -> torch.Tensor:
+        return n.to(torch.get_default_dtype() if not n.is_floating_point() else n.dtype) / (self.steps - 1)
+
+    def __call__(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        table = self.log_alpha_bar.to(device=t.device, dtype=torch.float32)
+        # No clamp on n itself: a clamp has zero derivative at t = 0 and t = 1, which would zero the
+        # velocity exactly where sampling starts. The end intervals extrapolate linearly instead.
+        n = t.float() * (self.steps - 1)
+        lo = n.floor().clamp(0, self.steps - 2).long()
+        frac = n - lo.to(n.dtype)
+        log_ab = table[lo] * (1 - frac) + table[lo + 1] * frac
+        alpha = torch.exp(0.5 * log_ab)
+        sigma = torch.sqrt((-torch.expm1(log_ab)).clamp_min(1e-12))
+        return alpha.to(t.dtype), sigma.to(t.dtype)
+
+
+def broadcast_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def eps_to_velocity(schedule, eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """dx/dt for x = alpha x0 + sigma eps given a noise prediction.
+
+    Written as ``(alpha'/alpha) x + (sigma' - sigma alpha'/alpha) eps`` so that it stays finite
+    where alpha is tiny (t near 1), instead of dividing by alpha to recover x0.
+    """
+    alpha, sigma, d_alpha, d_sigma = schedule_and_derivative(schedule, t)
+    ratio = broadcast_to(d_alpha / alpha, x)
+    return ratio * x + (broadcast_to(d_sigma, x) - broadcast_to(sigma, x) * ratio) * eps
+
+
+def schedule_and_derivative(schedule, t: torch.Tensor):
+    """alpha, sigma and their t-derivatives, by forward-mode AD so any schedule works.
+
+    Forward-mode duals nest correctly inside an outer ``torch.func.jvp`` in t, which is what the
+    acceleration monitor needs.
+    """
+    ones = torch.ones_like(t)
+    (alpha, sigma), (d_alpha, d_sigma) = torch.func.jvp(schedule, (t,), (ones,))
+    return alpha, sigma, d_alpha, d_sigma
+
+
+def rademacher(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    bits = torch.randint(0, 2, shape, generator=generator, device="cpu")
+    return (bits.to(dtype) * 2 - 1).to(device)
+
+
+def check_keys(
+    state_dict: Dict[str, torch.Tensor], expected: Dict[str, Sequence[int]], what: str
+) -> None:
+    """Refuse a state dict that does not match ``expected`` exactly, naming the first offenders."""
+    from ..errors import CheckpointError
+
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(expected[k])})"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k])
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    if extra:
+        problems.append(f"unexpected keys {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
+    if wrong:
+        problems.append(f"wrong shapes {', '.join(wrong[:3])}" + (" ..." if len(wrong) > 3 else ""))
+    if problems:
+        raise CheckpointError(f"{what}: " + "; ".join(problems))

@@ -1,0 +1,235 @@
+"""Fine-tuning one pruned expert on its own time segment.
+
+Times are drawn uniformly from the segment widened by a small margin, so the expert also sees the
+neighbourhood of its boundaries. Losses: ``distill`` (match the teacher's native output, data-free),
+``data`` (the family's own training loss on real latents) or ``both``. Labels are dropped to the null
+class with the teacher's probability, so classifier-free guidance keeps working.
+
+Every random draw of step ``s`` comes from a generator seeded by (seed, s): a run resumed from a
+checkpoint follows exactly the path of an uninterrupted one. Models stay in eval mode because label
+dropout is done here, with that generator, rather than by the label embedder's own global RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .families.base import Family, broadcast_to
+
+LOSSES = ("distill", "data", "both")
+
+
+@dataclass
+class FinetuneSettings:
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1
+    loss: str = "distill"
+    margin: float = 0.02
+    checkpoint_every: int = 50
+    bf16: bool = True  # autocast on CUDA only
+    seed: int = 0
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # the EMA weights
+    losses: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps_run: int = 0
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def draw_batch(
+    family: Family,
+    x0_pool: torch.Tensor,
+    labels_pool: Optional[torch.Tensor],
+    segment: Tuple[float, float],
+    batch_size: int,
+    generator: torch.Generator,
+    margin: float = 0.0,
+    label_dropout: float = 0.0,
+):
+    """x0, labels, canonical t and noise for one step; t uniform on the widened segment."""
+    lo, hi = max(0.0, segment[0] - margin), min(1.0, segment[1] + margin)
+    index = torch.randint(0, x0_pool.shape[0], (batch_size,), generator=generator)
+    t = lo + (hi - lo) * torch.rand(batch_size, generator=generator)
+    noise = torch.randn((batch_size, *x0_pool.shape[1:]), generator=generator)
+    drop = torch.rand(batch_size, generator=generator) < label_dropout
+    device = x0_pool.device
+    x0 = x0_pool[index.to(device)]
+    y = None
+    if labels_pool is not None:
+        y = labels_pool[index.to(device)]
+        null = family.null_label(family.config)
+        if null is not None and label_dropout > 0:
+            y = torch.where(drop.to(device), torch.full_like(y, null), y)
+    return x0, y, t.to(device), noise.to(device)
+
+
+def _save_state(path: Path, state: Dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def finetune_expert(
+    family: Family,
+    teacher: nn.Module,
+    student: nn.Module,
+    segment: Tuple[float, float],
+    x0_pool: torch.Tensor,
+    labels_pool: Optional[torch.Tensor],
+    settings: FinetuneSettings,
+    state_path=None,
+    progress: bool = True,
+    description: str = "fine-tune",
+    stop_after: Optional[int] = None,
+) -> FinetuneResult:
+    """Train ``student`` on ``segment``; returns its EMA copy.
+
+    ``state_path`` enables periodic checkpoints and resume from them. ``stop_after`` ends the run
+    early after that many steps of this call (to test interruption), leaving the checkpoint behind.
+    """
+    if settings.loss not in LOSSES:
+        raise ValueError(f"unknown loss {settings.loss!r}; choose from {', '.join(LOSSES)}")
+    device = x0_pool.device
+    teacher = teacher.to(device).eval()
+    student = student.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    ema = copy.deepcopy(student).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    losses: List[float] = []
+    start = 0
+    state_path = Path(state_path) if state_path else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        losses = list(state["losses"])
+    use_bf16 = settings.bf16 and device.type == "cuda"
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=settings.steps, initial=start, desc=description, unit="step", dynamic_ncols=True, leave=False)
+    began = time.time()
+    ran = 0
+    for step in range(start, settings.steps):
+        generator = _step_generator(settings.seed, step)
+        x0, y, t, noise = draw_batch(
+            family, x0_pool, labels_pool, segment, settings.batch_size, generator, settings.margin, settings.label_dropout
+        )
+        alpha, sigma = family.schedule(t)
+        x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+        native_t = family.native_time(t)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.no_grad():
+                teacher_out = teacher(x_t, native_t, y)
+            loss = 0.0
+            if settings.loss in ("distill", "both"):
+                loss = loss + F.mse_loss(student(x_t, native_t, y).float(), teacher_out.float())
+            if settings.loss in ("data", "both"):
+                loss = loss + family.data_loss(student, x0, y, t, noise, teacher_out=teacher_out.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+        optimizer.step()
+        decay = min(settings.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, s in zip(ema.parameters(), student.parameters()):
+                e.lerp_(s, 1 - decay)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{description}: loss became {value} at step {step}; lower --lr")
+        losses.append(value)
+        ran += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}")
+        done = step + 1
+        if state_path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
+            _save_state(
+                state_path,
+                {
+                    "student": student.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": done,
+                    "losses": losses,
+                },
+            )
+        if stop_after is not None and ran >= stop_after:
+            break
+    if bar is not None:
+        bar.close()
+    return FinetuneResult(model=ema, losses=losses, seconds=time.time() - began, steps_run=ran)
+
+
+@torch.no_grad()
+def relative_error(
+    family: Family,
+    model: nn.Module,
+    teacher: nn.Module,
+    segment: Tuple[float, float],
+    x0_pool: torch.Tensor,
+    labels_pool: Optional[torch.Tensor],
+    samples: int = 64,
+    seed: int = 12345,
+) -> float:
+    """||v_model - v_teacher|| / ||v_teacher|| of canonical velocities on x_t from ``segment``."""
+    generator = torch.Generator().manual_seed(seed)
+    x0, y, t, noise = draw_batch(family, x0_pool, labels_pool, segment, samples, generator)
+    alpha, sigma = family.schedule(t)
+    x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+    v_model = family.velocity(model.eval(), x_t, t, y)
+    v_teacher = family.velocity(teacher.eval(), x_t, t, y)
+    return float((v_model - v_teacher).norm() / v_teacher.norm().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def seam_gap(
+    family: Family,
+    left: nn.Module,
+    right: nn.Module,
+    boundary: float,
+    x0_pool: torch.Tensor,
+    labels_pool: Optional[torch.Tensor],
+    samples: int = 64,
+    seed: int = 54321,
+) -> float:
+    """Relative difference of two neighbouring experts at their shared boundary, same x_t."""
+    generator = torch.Generator().manual_seed(seed)
+    x0, y, t, noise = draw_batch(family, x0_pool, labels_pool, (boundary, boundary), samples, generator)
+    alpha, sigma = family.schedule(t)
+    x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+    a = family.velocity(left.eval(), x_t, t, y)
+    b = family.velocity(right.eval(), x_t, t, y)
+    return float(2 * (a - b).norm() / (a.norm() + b.norm()).clamp_min(1e-12))

@@ -1,0 +1,448 @@
+"""The conversion, stage by stage, with every stage's result kept in a work directory.
+
+    load -> pool (teacher samples or data) -> profile -> split + allocate -> prune -> fine-tune -> write
+
+A stage whose artifact is already in the work directory is not run again, so an interrupted run
+continues with ``resume=True``; the recipe is stored there and a resumed run must match it.
+Experts are independent: under ``torchrun`` each rank fine-tunes the experts ``k`` with
+``k % world_size == rank`` and rank 0 writes the routed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .checkpoint import hints_from_args, read_checkpoint
+from .errors import CheckpointError, RecipeError, WorkdirError
+from .families import detect
+from .finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
+from .profile import Profile, profile_model
+from .prune import calibration_batches, prune_state_dict
+from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
+from .routed import save_routed, save_safetensors_atomic
+from .sample import sample_ode
+from .split import Split, allocate_widths, budget_targets, parse_budget, plan_split
+
+
+@dataclass
+class ConversionResult:
+    output: Path
+    report: Dict[str, Any]
+    report_files: List[Path] = field(default_factory=list)
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def default_output(checkpoint: str, k: int) -> Path:
+    return Path.cwd() / f"{Path(checkpoint).stem}-cbs-k{k}.safetensors"
+
+
+def resolve_recipe(user_layers: List[Dict[str, Any]], source_config_stem=None) -> Recipe:
+    merged_user: Dict[str, Any] = {}
+    for layer in user_layers:
+        merged_user.update({k: v for k, v in layer.items() if v is not None})
+    layers: List[Dict[str, Any]] = []
+    bundled = bundled_recipe(source_config_stem, merged_user.get("k", Recipe.k))
+    if bundled is not None:
+        layers.append(read_recipe_file(bundled))
+    return build_recipe(*layers, merged_user)
+
+
+class Conversion:
+    """One conversion run. ``run()`` executes the stages; each is also a method of its own."""
+
+    def __init__(self, settings: Dict[str, Any], progress: bool = True, resume: bool = False, force: bool = False):
+        self.progress = progress
+        self.resume = resume
+        self.force = force
+        self.timings: Dict[str, float] = {}
+        # Validate the user's settings alone first, so a bad flag fails before the checkpoint loads.
+        build_recipe(settings)
+        self.user_settings = settings
+        if not settings.get("checkpoint"):
+            raise RecipeError("no checkpoint given: python -m cbs_convert CHECKPOINT --k K")
+        k = settings.get("k", Recipe.k)
+        self.output = Path(settings.get("out") or default_output(settings["checkpoint"], k))
+        self.workdir = Path(settings.get("workdir") or str(self.output) + ".work")
+        source_path = Path(settings["checkpoint"])
+        if source_path.exists() and self.output.exists() and self.output.resolve() == source_path.resolve():
+            raise WorkdirError(f"--out {self.output} is the source checkpoint; choose another output path")
+        if self.output.exists() and not force:
+            raise WorkdirError(f"{self.output} exists; pass --force to overwrite it or --out to choose another path")
+        if self.workdir.exists() and any(self.workdir.iterdir()) and not (resume or force):
+            raise WorkdirError(f"work directory {self.workdir} holds an earlier run; pass --resume to continue it or --force to start over")
+
+    # -- stages ---------------------------------------------------------------------------------
+    def load(self):
+        began = time.time()
+        self.source = read_checkpoint(self.user_settings["checkpoint"])
+        hints = hints_from_args(self.source.args)
+        for key in ("family", "path", "num_heads", "num_classes", "beta_schedule"):
+            if self.user_settings.get(key) is not None:
+                hints[key] = self.user_settings[key]
+        hints["source_name"] = str(self.source.path)
+        self.family, self.notes = detect(self.source.state_dict, hints)
+        self.config = self.family.config
+        self.recipe = resolve_recipe([self.user_settings], self.family.recipe_name(self.config))
+        self.device = _resolve_device(self.recipe.device)
+        self.teacher = self.family.build(self.config)
+        self.teacher.load_state_dict(self.source.state_dict, strict=True)
+        self.teacher.to(self.device).eval().requires_grad_(False)
+        self.source_params = self.family.param_count(self.config)
+        if self.recipe.label_dropout is None:
+            self.recipe.label_dropout = float(self.config.get("class_dropout_prob", 0.0))
+        self.timings["load"] = time.time() - began
+
+    def prepare_workdir(self):
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.force and not self.resume:
+            for child in self.workdir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        run_file = self.workdir / "run.json"
+        current = {k: v for k, v in self.recipe.to_dict().items() if k not in RUN_ONLY}
+        identity = {"source_sha256": self.source.sha256, "recipe": current}
+        if run_file.exists():
+            stored = _read_json(run_file)
+            if stored.get("source_sha256") != self.source.sha256:
+                raise WorkdirError(f"{self.workdir} belongs to another source checkpoint; use --force to start over")
+            changed = [k for k in current if stored["recipe"].get(k) != current[k]]
+            if changed:
+                raise WorkdirError(
+                    f"{self.workdir} was made with different settings ({', '.join(changed[:4])}); "
+                    "rerun with the same settings or --force to start over"
+                )
+        else:
+            _write_json(run_file, identity)
+
+    def pool(self):
+        began = time.time()
+        path = self.workdir / "pool.safetensors"
+        r = self.recipe
+        if r.data:
+            from .data import load_latents
+
+            x0, labels = load_latents(r.data, self.family.sample_shape(self.config), r.pool_size, r.seed)
+            if self.family.num_classes(self.config) and labels is None:
+                raise RecipeError(f"--data {r.data} has no labels but the model is class-conditional")
+            self.pool_source = f"data ({r.data}, {x0.shape[0]} latents)"
+        elif path.exists():
+            from safetensors.torch import load_file
+
+            stored = load_file(str(path))
+            x0, labels = stored["x0"], stored.get("labels")
+            self.pool_source = f"teacher ODE samples ({x0.shape[0]}, {r.ode_steps} Heun steps)"
+        else:
+            x0, labels = self._teacher_samples()
+            tensors = {"x0": x0}
+            if labels is not None:
+                tensors["labels"] = labels
+            save_safetensors_atomic(tensors, path)
+            self.pool_source = f"teacher ODE samples ({x0.shape[0]}, {r.ode_steps} Heun steps)"
+        self.x0_pool = x0.to(self.device)
+        self.labels_pool = None if labels is None else labels.to(self.device)
+        self.timings["pool"] = time.time() - began
+
+    def _teacher_samples(self):
+        r = self.recipe
+        generator = torch.Generator().manual_seed(r.seed)
+        classes = self.family.num_classes(self.config)
+        labels = torch.randint(0, classes, (r.pool_size,), generator=generator) if classes else None
+        shape = self.family.sample_shape(self.config)
+        chunks = []
+        chunk = 64
+        bar = _bar(self.progress, (r.pool_size + chunk - 1) // chunk, "teacher samples")
+        for start in range(0, r.pool_size, chunk):
+            n = min(chunk, r.pool_size - start)
+            noise = torch.randn((n, *shape), generator=generator)
+            y = None if labels is None else labels[start:start + n].to(self.device)
+            x = sample_ode(self.family, self.teacher, (n, *shape), y, steps=r.ode_steps, device=self.device, noise=noise.to(self.device))
+            chunks.append(x.cpu())
+            bar.update(1)
+        bar.close()
+        x0 = torch.cat(chunks)
+        if not torch.isfinite(x0).all():
+            raise CheckpointError("the teacher's ODE samples diverged (NaN/Inf); check --family/--path or pass --data")
+        return x0, labels
+
+    def profile(self):
+        began = time.time()
+        path = self.workdir / "profile.json"
+        r = self.recipe
+        if path.exists():
+            self.profile_result = Profile.from_dict(_read_json(path))
+        elif r.split != "cbs" and not r.monitors:
+            self.profile_result = None
+        else:
+            grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
+            bar = _bar(self.progress, r.grid * r.profile_batches, "profile")
+            self.profile_result = profile_model(
+                self.family, self.teacher, self.x0_pool, self.labels_pool, grid, r.monitors,
+                r.profile_batches, r.profile_batch_size, r.seed, self.pool_source, bar,
+            )
+            bar.close()
+            _write_json(path, self.profile_result.to_dict())
+        self.timings["profile"] = time.time() - began
+
+    def split(self):
+        path = self.workdir / "split.json"
+        r = self.recipe
+        if path.exists():
+            stored = _read_json(path)
+            self.split_result = Split.from_dict(stored["split"])
+            self.expert_configs = stored["configs"]
+            self.targets = stored["targets"]
+            return
+        prof = self.profile_result
+        self.split_result = plan_split(
+            r.k, r.split,
+            grid=prof.grid if prof else None,
+            phi=prof.curve(r.monitor) if prof else None,
+            monitor=r.monitor, boundaries=r.boundaries, min_width=r.min_width, gamma=r.gamma, floor=r.floor,
+        )
+        total = parse_budget(r.budget, self.source_params)
+        self.targets = budget_targets(total, self.split_result.shares, self.source_params)
+        self.expert_configs = [allocate_widths(self.family, self.config, t) for t in self.targets]
+        _write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
+
+    def prune(self):
+        began = time.time()
+        folder = self.workdir / "pruned"
+        folder.mkdir(exist_ok=True)
+        r = self.recipe
+        self.pruned: List[torch.nn.Module] = []
+        self.kept_summary = []
+        for k, (segment, config) in enumerate(zip(self.split_result.segments, self.expert_configs)):
+            path = folder / f"expert_{k}.safetensors"
+            if path.exists():
+                from safetensors.torch import load_file
+
+                sd = load_file(str(path))
+                kept = _read_json(folder / f"expert_{k}.kept.json")
+            else:
+                calibration = None
+                if r.prune == "segment":
+                    calibration = calibration_batches(
+                        self.family, self.x0_pool, self.labels_pool, segment, r.calib_batches, r.batch_size, r.seed + 17 * k
+                    )
+                sd, kept_tensors = prune_state_dict(
+                    self.family, self.teacher, self.source.state_dict, self.config, config, r.prune, calibration, seed=r.seed + k
+                )
+                kept = {name: index.tolist() for name, index in kept_tensors.items()}
+                _write_json(folder / f"expert_{k}.kept.json", kept)
+                save_safetensors_atomic(sd, path)
+            model = self.family.build(config)
+            model.load_state_dict(sd, strict=True)
+            self.pruned.append(model.to(self.device).eval())
+            self.kept_summary.append(kept)
+        self.timings["prune"] = time.time() - began
+
+    def finetune(self, rank: int = 0, world: int = 1):
+        began = time.time()
+        folder = self.workdir / "finetune"
+        folder.mkdir(exist_ok=True)
+        r = self.recipe
+        settings = FinetuneSettings(
+            steps=r.steps, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
+            grad_clip=r.grad_clip, label_dropout=r.label_dropout, loss=r.loss, margin=r.margin,
+            checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
+        )
+        for k, segment in enumerate(self.split_result.segments):
+            if k % world != rank:
+                continue
+            final = folder / f"expert_{k}.safetensors"
+            if final.exists():
+                continue
+            student = self.family.build(self.expert_configs[k])
+            student.load_state_dict(self.pruned[k].state_dict(), strict=True)
+            result = finetune_expert(
+                self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
+                settings, state_path=folder / f"expert_{k}.state.pt", progress=self.progress,
+                description=f"expert {k + 1}/{r.k} [{segment[0]:.3f}, {segment[1]:.3f}]",
+            )
+            _write_json(folder / f"expert_{k}.log.json", {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
+            save_safetensors_atomic(result.model.state_dict(), final)
+        self.timings["finetune"] = time.time() - began
+
+    def load_finetuned(self):
+        from safetensors.torch import load_file
+
+        self.finetuned = []
+        for k, config in enumerate(self.expert_configs):
+            model = self.family.build(config)
+            model.load_state_dict(load_file(str(self.workdir / "finetune" / f"expert_{k}.safetensors")), strict=True)
+            self.finetuned.append(model.to(self.device).eval())
+
+    def evaluate(self) -> Dict[str, Any]:
+        r = self.recipe
+        args = (self.x0_pool, self.labels_pool, r.eval_samples)
+        experts = []
+        for k, segment in enumerate(self.split_result.segments):
+            config = self.expert_configs[k]
+            params = self.family.param_count(config)
+            experts.append({
+                "segment": list(segment),
+                "share": self.split_result.shares[k],
+                "target_params": self.targets[k],
+                "params": params,
+                "params_vs_target": params / self.targets[k] - 1,
+                "flops": self.family.forward_flops(config),
+                "flops_vs_source": self.family.forward_flops(config) / self.family.forward_flops(self.config),
+                "widths": {knob.name: config[knob.name] for knob in self.family.width_knobs(config)},
+                "error_before": relative_error(self.family, self.pruned[k], self.teacher, segment, *args),
+                "error_after": relative_error(self.family, self.finetuned[k], self.teacher, segment, *args),
+            })
+        seams = []
+        for k, boundary in enumerate(self.split_result.boundaries[1:-1]):
+            seams.append({
+                "boundary": boundary,
+                "before": seam_gap(self.family, self.pruned[k], self.pruned[k + 1], boundary, *args),
+                "after": seam_gap(self.family, self.finetuned[k], self.finetuned[k + 1], boundary, *args),
+            })
+        return {"experts": experts, "seams": seams}
+
+    def write(self, evaluation: Dict[str, Any]) -> ConversionResult:
+        from .report import write_reports
+
+        r = self.recipe
+        report = {
+            "source": {
+                "path": str(self.source.path),
+                "sha256": self.source.sha256,
+                "container": self.source.container,
+                "dtype": self.source.dtype,
+                "family": self.family.name,
+                "architecture": self.family.describe(self.config),
+                "params": self.source_params,
+                "flops": self.family.forward_flops(self.config),
+                "assumptions": self.notes + self.source.notes,
+            },
+            "profile": self.profile_result.to_dict() if self.profile_result else None,
+            "split": self.split_result.to_dict(),
+            "budget": {"setting": r.budget, "total": parse_budget(r.budget, self.source_params),
+                       "achieved": sum(e["params"] for e in evaluation["experts"])},
+            "evaluation": evaluation,
+            "timings_s": self.timings,
+            "recipe": r.to_dict(),
+            "device": str(self.device),
+        }
+        extra = {
+            "profile": report["profile"],
+            "split": report["split"],
+            "source": {k: report["source"][k] for k in ("sha256", "params", "architecture", "container")},
+            "recipe": report["recipe"],
+        }
+        save_routed(
+            self.output, self.family, [m.state_dict() for m in self.finetuned], self.expert_configs,
+            self.split_result.boundaries, extra=extra, overwrite=True,
+        )
+        files = write_reports(report, self.output)
+        return ConversionResult(self.output, report, files)
+
+    def run(self) -> ConversionResult:
+        began = time.time()
+        rank, world = _distributed()
+        self.load()
+        if rank == 0:
+            self.prepare_workdir()
+        _barrier(world)
+        torch.manual_seed(self.recipe.seed)
+        if rank == 0:
+            self.pool()
+            self.profile()
+            self.split()
+        _barrier(world)
+        if rank != 0:
+            self.pool()
+            self.profile()
+            self.split()
+        if rank == 0:
+            self.prune()
+        _barrier(world)
+        if rank != 0:
+            self.prune()
+        self.finetune(rank, world)
+        _barrier(world)
+        if rank != 0:
+            return ConversionResult(self.output, {})
+        self.load_finetuned()
+        evaluation = self.evaluate()
+        self.timings["total"] = time.time() - began
+        return self.write(evaluation)
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(enabled: bool, total: int, description: str):
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def convert(checkpoint=None, recipe=None, progress: bool = False, resume: bool = False, force: bool = False, **settings) -> ConversionResult:
+    """Run every stage. ``recipe`` is a YAML path, a dict or a Recipe; keyword settings override it."""
+    layers: Dict[str, Any] = {}
+    if isinstance(recipe, (str, Path)):
+        layers.update(read_recipe_file(recipe))
+    elif isinstance(recipe, Recipe):
+        layers.update(recipe.to_dict())
+    elif isinstance(recipe, dict):
+        layers.update(recipe)
+    if checkpoint is not None:
+        settings["checkpoint"] = str(checkpoint)
+    layers.update({k: v for k, v in settings.items() if v is not None})
+    return Conversion(layers, progress=progress, resume=resume, force=force).run()

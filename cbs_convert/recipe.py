@@ -1,0 +1,226 @@
+"""The recipe: every setting of a conversion, one schema for YAML files, flags and library calls.
+
+Precedence, lowest first: built-in defaults (sized for tiny models), the bundled recipe of a
+recognised published architecture, the user's recipe file, command-line flags.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from .errors import RecipeError
+
+BUNDLED = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass
+class Recipe:
+    checkpoint: Optional[str] = field(default=None, metadata={"help": "source checkpoint (.pt, .pth or .safetensors)"})
+    k: int = field(default=2, metadata={"help": "number of time-segment experts"})
+    out: Optional[str] = field(default=None, metadata={"help": "routed checkpoint to write (default: <checkpoint stem>-cbs-k<K>.safetensors)"})
+    workdir: Optional[str] = field(default=None, metadata={"help": "stage artifacts for resume (default: <out>.work)"})
+    # what the source is
+    family: Optional[str] = field(default=None, metadata={"help": "model family, overrides detection: sit or dit"})
+    path: Optional[str] = field(default=None, metadata={"help": "SiT interpolant: linear (default) or gvp"})
+    beta_schedule: Optional[str] = field(default=None, metadata={"help": "DiT noise schedule: linear (default) or cosine"})
+    num_heads: Optional[int] = field(default=None, metadata={"help": "attention heads, needed for unpublished widths"})
+    num_classes: Optional[int] = field(default=None, metadata={"help": "real classes, if the label table has no null row"})
+    data: Optional[str] = field(default=None, metadata={"help": "latents: fast-DiT folder (features/, labels/) or one .npy/.npz; default: the teacher's own ODE samples"})
+    # samples of the teacher when no data is given
+    pool_size: int = field(default=128, metadata={"help": "teacher ODE samples drawn for data-free profiling and distillation"})
+    ode_steps: int = field(default=16, metadata={"help": "Heun steps per teacher sample"})
+    # profile
+    monitor: str = field(default="dirichlet", metadata={"help": "monitor that drives the cuts: dirichlet, acceleration or path_acceleration"})
+    monitors: List[str] = field(default_factory=lambda: ["dirichlet", "acceleration"], metadata={"help": "monitors to profile and report (comma separated)"})
+    grid: int = field(default=12, metadata={"help": "number of grid times between t_min and t_max"})
+    t_min: float = field(default=0.02, metadata={"help": "first grid time (canonical, 0 = data)"})
+    t_max: float = field(default=0.98, metadata={"help": "last grid time (canonical, 1 = noise)"})
+    profile_batches: int = field(default=2, metadata={"help": "batches averaged per grid time"})
+    profile_batch_size: int = field(default=16, metadata={"help": "samples per profiling batch"})
+    # split and budget
+    split: str = field(default="cbs", metadata={"help": "cbs (equidistribution), uniform, or explicit (with --boundaries)"})
+    boundaries: Optional[List[float]] = field(default=None, metadata={"help": "explicit inner boundaries, e.g. 0.4,0.7 (implies --split explicit)"})
+    gamma: float = field(default=0.5, metadata={"help": "tempering exponent: the cuts equidistribute phi**gamma"})
+    floor: float = field(default=0.0, metadata={"help": "uniform floor lambda in [0, 1): phi' = (1-lambda) phi/mean + lambda"})
+    min_width: float = field(default=0.05, metadata={"help": "minimum segment width in canonical time"})
+    budget: str = field(default="1x", metadata={"help": "total parameters of all experts: 1x, 2x (of the source) or a count like 300M"})
+    # pruning
+    prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
+    calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
+    # fine-tuning
+    steps: int = field(default=100, metadata={"help": "fine-tuning steps per expert"})
+    batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved expert weights"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 disables)"})
+    label_dropout: Optional[float] = field(default=None, metadata={"help": "label dropout probability (default: the teacher's, 0.1 with a null row)"})
+    loss: str = field(default="distill", metadata={"help": "distill (data-free), data (needs --data) or both"})
+    margin: float = field(default=0.02, metadata={"help": "overlap margin around each segment for training times"})
+    checkpoint_every: int = field(default=50, metadata={"help": "fine-tune checkpoint interval in steps"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast when fine-tuning on CUDA"})
+    eval_samples: int = field(default=64, metadata={"help": "samples for the before/after error and seam measurements"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+FIELDS = {f.name: f for f in fields(Recipe)}
+CHOICES = {
+    "split": ("cbs", "uniform", "explicit"),
+    "monitor": ("dirichlet", "acceleration", "path_acceleration"),
+    "prune": ("segment", "magnitude", "random"),
+    "loss": ("distill", "data", "both"),
+    "family": None,  # checked against the family registry at load time
+}
+#: settings that do not change what is computed, so they may differ on --resume
+RUN_ONLY = ("out", "workdir", "device", "checkpoint_every")
+
+
+def _base_type(name: str):
+    annotation = FIELDS[name].type
+    text = str(annotation)
+    if "List[float]" in text:
+        return "floats"
+    if "List[str]" in text:
+        return "strs"
+    for token, kind in (("int", int), ("float", float), ("bool", bool), ("str", str)):
+        if token in text:
+            return kind
+    raise AssertionError(f"unhandled type for {name}: {text}")
+
+
+def coerce(name: str, value: Any, origin: str) -> Any:
+    """Check and convert one value; ``origin`` names where it came from for the error."""
+    if name not in FIELDS:
+        close = difflib.get_close_matches(name, FIELDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(FIELDS)}"
+        raise RecipeError(f"{origin}: unknown key '{name}'{hint}")
+    if value is None:
+        return None
+    kind = _base_type(name)
+    bad = RecipeError(f"{origin}: '{name}' must be {_kind_name(kind)}, got {value!r}")
+    if kind in ("floats", "strs"):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad
+        try:
+            if kind == "floats":
+                if any(isinstance(v, bool) for v in items):
+                    raise bad
+                return [float(v) for v in items]
+            return [str(v).strip() for v in items if str(v).strip()]
+        except (TypeError, ValueError):
+            raise bad from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if name == "budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise bad
+    choices = CHOICES.get(name)
+    if choices and value not in choices:
+        raise RecipeError(f"{origin}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            "floats": "a list of numbers", "strs": "a list of names"}[kind]
+
+
+def read_recipe_file(path) -> Dict[str, Any]:
+    """Parse and validate a YAML recipe into a dict of its (coerced) values."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of key: value, got {type(data).__name__}")
+    return {str(key): coerce(str(key), value, str(path)) for key, value in data.items()}
+
+
+def bundled_recipe(stem: Optional[str], k: int) -> Optional[Path]:
+    if not stem:
+        return None
+    candidate = BUNDLED / f"{stem}_k{k}.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def build_recipe(*layers: Dict[str, Any], origin: str = "settings") -> Recipe:
+    """Merge layers of settings (later wins; None means unset) and validate the whole."""
+    merged: Dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if value is not None:
+                merged[key] = coerce(key, value, origin)
+    recipe = Recipe(**merged)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Refuse impossible requests before any heavy work starts."""
+    def need(condition, message):
+        if not condition:
+            raise RecipeError(message)
+
+    need(r.k >= 1, f"k={r.k}: need at least one expert (--k 1 or more)")
+    need(0 < r.min_width and r.k * r.min_width <= 1 + 1e-12,
+         f"k={r.k} segments of minimum width {r.min_width} do not fit in [0, 1]; lower --k or --min-width")
+    for name in ("steps", "batch_size", "grid", "profile_batches", "profile_batch_size", "pool_size", "ode_steps",
+                 "calib_batches", "checkpoint_every", "eval_samples"):
+        need(getattr(r, name) > 0, f"{name}={getattr(r, name)} must be positive")
+    need(r.grid >= 2, f"grid={r.grid}: need at least 2 grid times")
+    need(0.0 <= r.t_min < r.t_max <= 1.0, f"need 0 <= t_min < t_max <= 1, got t_min={r.t_min}, t_max={r.t_max}")
+    need(r.gamma > 0, f"gamma={r.gamma} must be positive")
+    need(0.0 <= r.floor < 1.0, f"floor={r.floor} must be in [0, 1)")
+    need(r.lr > 0, f"lr={r.lr} must be positive")
+    need(0.0 <= r.ema_decay < 1.0, f"ema_decay={r.ema_decay} must be in [0, 1)")
+    need(r.grad_clip >= 0, f"grad_clip={r.grad_clip} must be >= 0")
+    need(r.margin >= 0, f"margin={r.margin} must be >= 0")
+    need(r.label_dropout is None or 0.0 <= r.label_dropout < 1.0, f"label_dropout={r.label_dropout} must be in [0, 1)")
+    need(r.monitor in r.monitors or r.split != "cbs",
+         f"monitor {r.monitor!r} drives the cuts, so it must be among monitors {r.monitors}")
+    for m in r.monitors:
+        need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
+    if r.boundaries is not None:
+        from .split import validate_boundaries
+
+        need(r.split in ("cbs", "explicit"), "--boundaries cannot be combined with --split uniform")
+        r.split = "explicit"
+        validate_boundaries(r.boundaries, r.k)
+    need(r.split != "explicit" or r.boundaries is not None, "split 'explicit' needs --boundaries, e.g. --boundaries 0.4,0.7")
+    need(r.loss == "distill" or r.data, f"loss {r.loss!r} needs real latents: pass --data")
+    from .split import parse_budget
+
+    parse_budget(r.budget, 1)

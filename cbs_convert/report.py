@@ -1,0 +1,125 @@
+"""The conversion report: JSON for machines, Markdown for people, a PNG of the profile when
+matplotlib is installed (an optional extra)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    src, split, ev = report["source"], report["split"], report["evaluation"]
+    lines = [
+        "# cbs_convert report",
+        "",
+        f"Source: `{src['path']}` ({src['container']}, {src['dtype']}), sha256 `{src['sha256'][:16]}…`",
+        f"Architecture: {src['architecture']}; {_fmt_int(src['params'])} parameters, "
+        f"{src['flops'] / 1e9:.3f} GFLOPs per forward step (2 x multiply-adds).",
+        "",
+        "Assumed or read from the checkpoint:",
+        *[f"- {note}" for note in src["assumptions"]],
+        "",
+        "## Profile and split",
+        "",
+    ]
+    prof = report.get("profile")
+    if prof:
+        lines.append(
+            f"Monitor driving the cuts: **{split['monitor']}**; grid {len(prof['grid'])} times in "
+            f"[{prof['grid'][0]:.3f}, {prof['grid'][-1]:.3f}], {prof['samples_per_point']} samples each, x_t from {prof['source']}."
+        )
+        lines.append("")
+        monitors = list(prof["mean"])
+        lines.append("| t | " + " | ".join(f"{m} (± s.e.)" for m in monitors) + " |")
+        lines.append("|---|" + "---|" * len(monitors))
+        for i, t in enumerate(prof["grid"]):
+            cells = [f"{prof['mean'][m][i]:.4g} ± {prof['stderr'][m][i]:.2g}" for m in monitors]
+            lines.append(f"| {t:.3f} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.extend(f"- {note}" for note in prof.get("notes", []))
+    lines.append(f"Split method: **{split['method']}**; boundaries {', '.join(f'{b:.4f}' for b in split['boundaries'])}.")
+    guards = split.get("guards") or {}
+    if len(guards) > 1:
+        lines.append("")
+        lines.append("Inner cuts after each guard: " + "; ".join(
+            f"{name}: {', '.join(f'{b:.4f}' for b in cuts)}" for name, cuts in guards.items()))
+    lines.extend(f"- {note}" for note in split.get("notes", []))
+    budget = report["budget"]
+    lines += [
+        "",
+        "## Experts",
+        "",
+        f"Budget {budget['setting']}: {_fmt_int(budget['total'])} parameters in total, achieved {_fmt_int(budget['achieved'])}.",
+        "",
+        "| expert | segment | share | target params | params | deviation | FLOPs vs source | widths | rel. error before | after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, e in enumerate(ev["experts"]):
+        widths = ", ".join(f"{n} {v}" for n, v in e["widths"].items())
+        lines.append(
+            f"| {k} | [{e['segment'][0]:.3f}, {e['segment'][1]:.3f}] | {e['share']:.3f} | {_fmt_int(e['target_params'])} | "
+            f"{_fmt_int(e['params'])} | {e['params_vs_target']:+.2%} | {e['flops_vs_source']:.3f} | {widths} | "
+            f"{e['error_before']:.4f} | {e['error_after']:.4f} |"
+        )
+    if ev["seams"]:
+        lines += ["", "Seams (relative gap between neighbouring experts at their boundary):", ""]
+        lines += [f"- t = {s['boundary']:.4f}: {s['before']:.4f} before fine-tuning, {s['after']:.4f} after" for s in ev["seams"]]
+    lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot_profile(report: Dict[str, Any], path: Path) -> bool:
+    """Draw phi(t) with its standard error, the cuts and the shares; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    prof, split = report.get("profile"), report["split"]
+    if not prof:
+        return False
+    import numpy as np
+
+    monitors = list(prof["mean"])
+    fig, axes = plt.subplots(1, len(monitors), figsize=(4.5 * len(monitors), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], monitors):
+        grid = np.asarray(prof["grid"])
+        mean, err = np.asarray(prof["mean"][m]), np.asarray(prof["stderr"][m])
+        ax.plot(grid, mean, color="C0", lw=1.8)
+        ax.fill_between(grid, mean - 2 * err, mean + 2 * err, color="C0", alpha=0.25, lw=0)
+        for b in split["boundaries"][1:-1]:
+            ax.axvline(b, color="C3", ls="--", lw=1.2)
+        if m == split.get("monitor"):
+            for (lo, hi), share in zip(zip(split["boundaries"][:-1], split["boundaries"][1:]), split["shares"]):
+                ax.text((lo + hi) / 2, 0.95, f"{share:.2f}", transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
+        ax.set_title(m + (" (drives cuts)" if m == split.get("monitor") else ""), fontsize=10)
+        ax.set_xlabel("t  (0 = data, 1 = noise)")
+        ax.set_yscale("log" if mean.min() > 0 and mean.max() / max(mean.min(), 1e-30) > 30 else "linear")
+        ax.set_xlim(0, 1)
+    fig.suptitle(f"{report['source']['architecture'].split(':')[0]}: phi(t) ± 2 s.e., cuts and budget shares", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_reports(report: Dict[str, Any], output: Path) -> List[Path]:
+    stem = Path(str(output).removesuffix(".safetensors"))
+    files = []
+    json_path = stem.with_name(stem.name + ".report.json")
+    json_path.write_text(json.dumps(report, indent=2))
+    files.append(json_path)
+    md_path = stem.with_name(stem.name + ".report.md")
+    md_path.write_text(markdown(report))
+    files.append(md_path)
+    png_path = stem.with_name(stem.name + ".profile.png")
+    if plot_profile(report, png_path):
+        files.append(png_path)
+    return files

@@ -1,0 +1,193 @@
+"""The routed checkpoint: K experts in one self-describing .safetensors file, and the model that
+routes each sample of a batch to the expert owning its time.
+
+File layout: tensors ``experts.{k}.{source key}``; metadata key ``cbs_convert`` holds JSON with the
+format version, family, time convention, boundaries (canonical and native), every expert's segment,
+config and parameter count, the profile, the source hash and parameter count, and the recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, WorkdirError
+from .families import family_from_config
+from .families.base import Family
+
+FORMAT_VERSION = 1
+METADATA_KEY = "cbs_convert"
+
+
+class RoutedModel(nn.Module):
+    """A drop-in for the source model: same ``forward`` arguments, native time in, native output out.
+
+    Each sample goes to the expert whose segment [lo, hi) holds its time (the last segment is closed),
+    so mixed-time training batches work; the loop runs over experts, never over samples.
+    """
+
+    def __init__(self, family: Family, experts: Sequence[nn.Module], boundaries: Sequence[float], metadata=None):
+        super().__init__()
+        if len(boundaries) != len(experts) + 1:
+            raise ValueError(f"{len(experts)} experts need {len(experts) + 1} boundaries, got {len(boundaries)}")
+        self.family = family
+        self.experts = nn.ModuleList(experts)
+        self.register_buffer("boundaries", torch.tensor(list(boundaries), dtype=torch.float64), persistent=False)
+        self.metadata = metadata or {}
+        first = experts[0]
+        for attribute in ("in_channels", "out_channels", "learn_sigma", "input_size", "patch_size", "num_classes"):
+            if hasattr(first, attribute):
+                setattr(self, attribute, getattr(first, attribute))
+
+    def expert_index(self, native_t: torch.Tensor) -> torch.Tensor:
+        t = self.family.canonical_time(native_t).to(torch.float64)
+        inner = self.boundaries[1:-1].to(t.device)
+        return torch.bucketize(t, inner, right=True)
+
+    def forward(self, x, t, y=None, **kwargs):
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        which = self.expert_index(t)
+        if len(self.experts) == 1:
+            return self.experts[0](x, t, y, **kwargs)
+        out = None
+        for k, expert in enumerate(self.experts):
+            index = torch.nonzero(which == k, as_tuple=True)[0]
+            if index.numel() == 0:
+                continue
+            part = expert(x[index], t[index], None if y is None else y[index], **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out.index_copy_(0, index, part)
+        return out
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
+        return self.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
+
+
+def _atomic_write(write, path: Path) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(lambda tmp: save_file(tensors, tmp, metadata=metadata), Path(path))
+
+
+def save_routed(
+    path,
+    family: Family,
+    expert_state_dicts: Sequence[Dict[str, torch.Tensor]],
+    expert_configs: Sequence[Dict[str, Any]],
+    boundaries: Sequence[float],
+    extra: Optional[Dict[str, Any]] = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write the routed checkpoint atomically; ``extra`` adds profile, source and recipe entries."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise WorkdirError(f"{path} exists; pass --force to overwrite it")
+    tensors = {}
+    experts_meta = []
+    native = family.native_time(torch.tensor(list(boundaries), dtype=torch.float32)).tolist()
+    for k, (sd, config) in enumerate(zip(expert_state_dicts, expert_configs)):
+        for key, value in sd.items():
+            tensors[f"experts.{k}.{key}"] = value
+        experts_meta.append(
+            {
+                "segment": [float(boundaries[k]), float(boundaries[k + 1])],
+                "config": config,
+                "params": int(family.param_count(config)),
+            }
+        )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "time_convention": {
+            "canonical": "t in [0, 1], t = 1 noise, t = 0 data",
+            "native_argument": family.native_time_name,
+            "native_boundaries": [float(v) for v in native],
+        },
+        "boundaries": [float(b) for b in boundaries],
+        "experts": experts_meta,
+        "family_config": family.config,
+    }
+    meta.update(extra or {})
+    save_safetensors_atomic(tensors, path, {METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+def read_metadata(path) -> Dict[str, Any]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such routed checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: has no '{METADATA_KEY}' metadata; it is not a routed checkpoint")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: routed metadata is not valid JSON ({exc})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: routed format version {meta.get('format_version')} is not supported (want {FORMAT_VERSION})")
+    return meta
+
+
+def load(path, device="cpu") -> RoutedModel:
+    """Rebuild the routed model of a checkpoint written by cbs_convert, in eval mode."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_metadata(path)
+    experts_meta = meta.get("experts") or []
+    boundaries = meta.get("boundaries") or []
+    if len(boundaries) != len(experts_meta) + 1:
+        raise CheckpointError(
+            f"{path}: metadata lists {len(experts_meta)} experts but {len(boundaries)} boundaries (need experts + 1)"
+        )
+    if any(b >= a for a, b in zip(boundaries[1:], boundaries[:-1])) or boundaries[0] != 0.0 or boundaries[-1] != 1.0:
+        raise CheckpointError(f"{path}: boundaries {boundaries} must increase from 0 to 1")
+    family = family_from_config(meta["family"], meta["family_config"])
+    tensors = load_file(str(path), device="cpu")
+    experts: List[nn.Module] = []
+    for k, entry in enumerate(experts_meta):
+        prefix = f"experts.{k}."
+        sd = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        config = entry["config"]
+        expected = family.expected_shapes(config)
+        from .families.base import check_keys
+
+        check_keys(sd, expected, f"{path}: expert {k} does not match its config")
+        model = family.build(config)
+        model.load_state_dict(sd, strict=True)
+        experts.append(model)
+    stray = [key for key in tensors if not key.startswith("experts.") or int(key.split(".")[1]) >= len(experts_meta)]
+    if stray:
+        raise CheckpointError(f"{path}: tensors {', '.join(stray[:3])} belong to no expert in the metadata")
+    routed = RoutedModel(family, experts, boundaries, meta)
+    return routed.to(device).eval()

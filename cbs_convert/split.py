@@ -1,0 +1,263 @@
+"""Cutting canonical time into K segments of equal complexity, and sharing the parameter budget.
+
+Equidistribution (de Boor): with Phi the cumulative trapezoid integral of the processed curve,
+boundary k is Phi^-1(k/K * Phi(1)). Guards applied in order, each one's effect reported:
+
+1. tempering phi^gamma (gamma = 1/2 makes Dirichlet cuts invariant to the time variable);
+2. a uniform floor, phi' = (1 - lambda) phi / mean(phi) + lambda, against endpoint-dominated curves;
+3. a minimum segment width, so that no expert starves for training times.
+
+The curve is known on [t_min, t_max]; outside it is held at its end values, so that the segments
+cover all of [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .errors import BudgetError, RecipeError
+
+
+@dataclass
+class Split:
+    boundaries: List[float]  # K + 1 values from 0 to 1
+    shares: List[float]  # each segment's share of the processed phi-mass
+    method: str
+    monitor: Optional[str]
+    guards: Dict[str, List[float]] = field(default_factory=dict)  # inner cuts after each stage
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return len(self.boundaries) - 1
+
+    @property
+    def segments(self):
+        return [(self.boundaries[i], self.boundaries[i + 1]) for i in range(self.k)]
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        return cls(**data)
+
+
+def extend_to_unit_interval(grid: Sequence[float], phi: Sequence[float]):
+    grid = np.asarray(grid, dtype=np.float64)
+    phi = np.asarray(phi, dtype=np.float64)
+    if grid[0] > 0:
+        grid, phi = np.concatenate([[0.0], grid]), np.concatenate([[phi[0]], phi])
+    if grid[-1] < 1:
+        grid, phi = np.concatenate([grid, [1.0]]), np.concatenate([phi, [phi[-1]]])
+    return grid, phi
+
+
+def cumulative(grid: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    steps = np.diff(grid) * 0.5 * (phi[1:] + phi[:-1])
+    return np.concatenate([[0.0], np.cumsum(steps)])
+
+
+def equidistribute(grid: Sequence[float], phi: Sequence[float], k: int) -> List[float]:
+    """Boundaries (0, b_1, ..., 1) giving each of k segments an equal share of the integral of phi."""
+    grid, phi = extend_to_unit_interval(grid, phi)
+    total_curve = cumulative(grid, phi)
+    total = total_curve[-1]
+    if not np.isfinite(total) or total <= 0:
+        return uniform_boundaries(k)
+    levels = np.arange(1, k) / k * total
+    # Phi is non-decreasing; where phi is zero it is flat, and interp picks the first crossing.
+    inner = np.interp(levels, total_curve, grid)
+    return [0.0, *[float(b) for b in inner], 1.0]
+
+
+def uniform_boundaries(k: int) -> List[float]:
+    return [i / k for i in range(k + 1)]
+
+
+def enforce_min_width(boundaries: Sequence[float], min_width: float) -> List[float]:
+    """Nearest feasible cuts: a forward sweep pushes cuts right, a backward sweep pulls them left."""
+    b = list(boundaries)
+    k = len(b) - 1
+    if k * min_width > 1 + 1e-12:
+        raise RecipeError(f"k={k} segments of minimum width {min_width} do not fit in [0, 1]; lower --k or --min-width")
+    for i in range(1, k):
+        b[i] = max(b[i], b[i - 1] + min_width)
+    for i in range(k - 1, 0, -1):
+        b[i] = min(b[i], b[i + 1] - min_width)
+    return b
+
+
+def temper(phi: np.ndarray, gamma: float, floor: float) -> np.ndarray:
+    phi = np.clip(np.asarray(phi, dtype=np.float64), 0.0, None) ** gamma
+    if floor > 0:
+        mean = phi.mean()
+        phi = (1 - floor) * (phi / mean if mean > 0 else phi) + floor
+    return phi
+
+
+def segment_masses(grid, phi, boundaries) -> List[float]:
+    grid, phi = extend_to_unit_interval(grid, phi)
+    total_curve = cumulative(grid, phi)
+    at = np.interp(np.asarray(boundaries), grid, total_curve)
+    masses = np.diff(at)
+    total = masses.sum()
+    if total <= 0:
+        return [1.0 / len(masses)] * len(masses)
+    return [float(m / total) for m in masses]
+
+
+def plan_split(
+    k: int,
+    method: str = "cbs",
+    grid: Optional[Sequence[float]] = None,
+    phi: Optional[Sequence[float]] = None,
+    monitor: Optional[str] = None,
+    boundaries: Optional[Sequence[float]] = None,
+    min_width: float = 0.05,
+    gamma: float = 0.5,
+    floor: float = 0.0,
+) -> Split:
+    """Boundaries and budget shares for ``method`` in {"cbs", "uniform", "explicit"}."""
+    if k < 1:
+        raise RecipeError(f"k={k}: need at least one expert")
+    notes: List[str] = []
+    guards: Dict[str, List[float]] = {}
+    have_curve = grid is not None and phi is not None
+    processed = temper(phi, gamma, floor) if have_curve else None
+    if method == "cbs":
+        if not have_curve:
+            raise RecipeError("split 'cbs' needs a profile; run the profile stage or use --split uniform")
+        guards["raw"] = equidistribute(grid, phi, k)[1:-1]
+        guards["tempered"] = equidistribute(grid, temper(phi, gamma, 0.0), k)[1:-1]
+        cuts = equidistribute(grid, processed, k)
+        guards["floored"] = cuts[1:-1]
+    elif method == "uniform":
+        cuts = uniform_boundaries(k)
+    elif method == "explicit":
+        cuts = validate_boundaries(boundaries, k)
+    else:
+        raise RecipeError(f"split {method!r} is unknown; choose cbs, uniform or explicit")
+    final = enforce_min_width(cuts, min_width) if method == "cbs" else cuts
+    guards["final"] = final[1:-1]
+    if method == "cbs":
+        moved = max((abs(a - b) for a, b in zip(guards["floored"], guards["final"])), default=0.0)
+        if moved > 1e-9:
+            notes.append(f"the minimum width {min_width} moved a cut by up to {moved:.3f}")
+    if have_curve:
+        shares = segment_masses(grid, processed, final)
+        if method == "cbs" and max(shares) - min(shares) < 1e-6:
+            notes.append("exact equidistribution: every segment carries 1/K of the mass, so budget shares are equal")
+    else:
+        shares = [1.0 / k] * k
+        notes.append("no profile: equal budget shares")
+    return Split(boundaries=[float(b) for b in final], shares=shares, method=method, monitor=monitor, guards=guards, notes=notes)
+
+
+def validate_boundaries(boundaries, k: int) -> List[float]:
+    if boundaries is None:
+        raise RecipeError("split 'explicit' needs --boundaries, e.g. --boundaries 0.4,0.7")
+    inner = [float(b) for b in boundaries]
+    if inner and (inner[0] == 0.0 and inner[-1] == 1.0):
+        inner = inner[1:-1]
+    if len(inner) != k - 1:
+        raise RecipeError(f"{len(inner)} inner boundaries given for k={k}; need exactly {k - 1}")
+    if any(not (0.0 < b < 1.0) for b in inner):
+        raise RecipeError(f"boundaries {inner} must lie strictly inside (0, 1)")
+    if any(b >= a for a, b in zip(inner[1:], inner[:-1])):
+        raise RecipeError(f"boundaries {inner} must be strictly increasing")
+    return [0.0, *inner, 1.0]
+
+
+def parse_budget(budget, source_params: int) -> int:
+    """'1x' (default, the source's own count), '2x', or an absolute count such as 300e6 or 300M."""
+    text = str(budget).strip().lower().replace("_", "")
+    try:
+        if text.endswith("x"):
+            value = float(text[:-1]) * source_params
+        elif text[-1:] in ("k", "m", "b"):
+            value = float(text[:-1]) * {"k": 1e3, "m": 1e6, "b": 1e9}[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise RecipeError(f"budget {budget!r} is not understood; use 1x, 2x, or a count like 300M") from None
+    if not np.isfinite(value) or value <= 0:
+        raise RecipeError(f"budget {budget!r} must be positive")
+    return int(round(value))
+
+
+def budget_targets(total: int, shares: Sequence[float], per_expert_cap: int) -> List[int]:
+    """Split ``total`` by ``shares``; an expert cannot grow past the source, so its excess is
+    redistributed to the others in proportion to their shares (water-filling)."""
+    shares = np.asarray(shares, dtype=np.float64)
+    targets = np.zeros(len(shares))
+    free = np.ones(len(shares), dtype=bool)
+    remaining = float(total)
+    while free.any():
+        proposal = remaining * shares[free] / shares[free].sum()
+        over = proposal > per_expert_cap
+        if not over.any():
+            targets[free] = proposal
+            break
+        idx = np.flatnonzero(free)[over]
+        targets[idx] = per_expert_cap
+        remaining -= per_expert_cap * len(idx)
+        free[idx] = False
+    return [int(round(t)) for t in targets]
+
+
+def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) -> Dict:
+    """The config of ``family`` whose parameter count is closest to ``target``.
+
+    All knobs shrink by one common factor (found by bisection); then the last, finest knob is
+    moved alone to land on the target. Raises BudgetError if no config gets within ``tolerance``.
+    """
+    knobs = family.width_knobs(config)
+    full = family.param_count(config)
+    if target >= full:
+        return dict(config)
+
+    def at(rho):
+        widths = {}
+        for knob in knobs:
+            value = int(round(knob.full * rho / knob.multiple)) * knob.multiple
+            widths[knob.name] = int(min(knob.full, max(knob.minimum, value)))
+        return family.with_widths(config, widths)
+
+    smallest = family.param_count(at(0.0))
+    if target < smallest * (1 - tolerance):
+        raise BudgetError(
+            f"a budget of {target:,} parameters per expert is below the smallest prunable model "
+            f"({smallest:,}); raise --budget or lower --k"
+        )
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        if family.param_count(at(mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+    best = at(lo)
+    fine = knobs[-1]
+    # The count is monotone in the finest knob: bisection on it, then pick the nearer neighbour.
+    low_w, high_w = fine.minimum, fine.full
+    while high_w - low_w > fine.multiple:
+        mid = (low_w + high_w) // 2 // fine.multiple * fine.multiple or fine.minimum
+        if mid <= low_w:
+            break
+        if family.param_count(family.with_widths(best, {fine.name: mid})) <= target:
+            low_w = mid
+        else:
+            high_w = mid
+    candidates = [family.with_widths(best, {fine.name: w}) for w in (low_w, high_w)] + [best]
+    chosen = min(candidates, key=lambda c: abs(family.param_count(c) - target))
+    achieved = family.param_count(chosen)
+    if abs(achieved - target) > tolerance * target:
+        raise BudgetError(
+            f"no width choice gets within {tolerance:.0%} of {target:,} parameters (closest {achieved:,}); "
+            "adjust --budget"
+        )
+    return chosen
