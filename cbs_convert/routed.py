@@ -46,7 +46,8 @@ class RoutedModel(nn.Module):
                 setattr(self, attribute, getattr(first, attribute))
 
     def expert_index(self, native_t: torch.Tensor) -> torch.Tensor:
-        t = self.family.canonical_time(native_t).to(torch.float64)
+        # float64 so that a native time equal to a stored boundary lands on the documented side.
+        t = self.family.canonical_time(native_t.to(torch.float64))
         inner = self.boundaries[1:-1].to(t.device)
         return torch.bucketize(t, inner, right=True)
 

@@ -212,52 +212,79 @@ def budget_targets(total: int, shares: Sequence[float], per_expert_cap: int) -> 
 def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) -> Dict:
     """The config of ``family`` whose parameter count is closest to ``target``.
 
-    All knobs shrink by one common factor (found by bisection); then the last, finest knob is
-    moved alone to land on the target. Raises BudgetError if no config gets within ``tolerance``.
+    Knobs come coarsest first (heads), finest last. For each value of the coarsest knob near the
+    common shrink factor, the middle knobs shrink together by bisection and the finest knob is then
+    moved alone to land on the target. Among the choices within ``tolerance`` the one closest to
+    uniform shrinking wins. Raises BudgetError if none gets within ``tolerance``.
     """
     knobs = family.width_knobs(config)
     full = family.param_count(config)
     if target >= full:
         return dict(config)
 
-    def at(rho):
+    def scaled(rho, fixed):
         widths = {}
         for knob in knobs:
+            if knob.name in fixed:
+                widths[knob.name] = fixed[knob.name]
+                continue
             value = int(round(knob.full * rho / knob.multiple)) * knob.multiple
             widths[knob.name] = int(min(knob.full, max(knob.minimum, value)))
         return family.with_widths(config, widths)
 
-    smallest = family.param_count(at(0.0))
+    def shrink_factor(fixed):
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if family.param_count(scaled(mid, fixed)) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    smallest = family.param_count(scaled(0.0, {}))
     if target < smallest * (1 - tolerance):
         raise BudgetError(
             f"a budget of {target:,} parameters per expert is below the smallest prunable model "
             f"({smallest:,}); raise --budget or lower --k"
         )
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = 0.5 * (lo + hi)
-        if family.param_count(at(mid)) <= target:
-            lo = mid
-        else:
-            hi = mid
-    best = at(lo)
-    fine = knobs[-1]
-    # The count is monotone in the finest knob: bisection on it, then pick the nearer neighbour.
-    low_w, high_w = fine.minimum, fine.full
-    while high_w - low_w > fine.multiple:
-        mid = (low_w + high_w) // 2 // fine.multiple * fine.multiple or fine.minimum
-        if mid <= low_w:
+    rho = shrink_factor({})
+    coarse, fine = knobs[0], knobs[-1]
+    values = list(range(coarse.minimum, coarse.full + 1))
+    if coarse.multiple > 1 or len(values) > 64:
+        centre = int(round(coarse.full * rho))
+        values = sorted({min(coarse.full, max(coarse.minimum, centre + d * coarse.multiple)) for d in range(-3, 4)})
+    candidates = []
+    for value in values:
+        fixed = {coarse.name: value}
+        base = scaled(shrink_factor(fixed), fixed)
+        candidates.extend(_fit_finest(family, base, fine, target))
+    def balance(c):
+        return abs(c[coarse.name] / coarse.full - rho)
+
+    within = [c for c in candidates if abs(family.param_count(c) - target) <= tolerance * target]
+    if within:
+        return min(within, key=lambda c: (balance(c), abs(family.param_count(c) - target)))
+    closest = min(candidates, key=lambda c: abs(family.param_count(c) - target))
+    raise BudgetError(
+        f"no width choice gets within {tolerance:.0%} of {target:,} parameters (closest "
+        f"{family.param_count(closest):,}); adjust --budget"
+    )
+
+
+def _fit_finest(family, base: Dict, fine, target: int) -> List[Dict]:
+    """Bisection on the finest knob alone (the count is monotone in it); both neighbours returned."""
+    low, high = fine.minimum, fine.full
+    if family.param_count(family.with_widths(base, {fine.name: low})) > target:
+        return [family.with_widths(base, {fine.name: low})]
+    if family.param_count(family.with_widths(base, {fine.name: high})) <= target:
+        return [family.with_widths(base, {fine.name: high})]
+    while high - low > fine.multiple:
+        mid = max(low + 1, (low + high) // 2 // fine.multiple * fine.multiple)
+        if mid >= high:
             break
-        if family.param_count(family.with_widths(best, {fine.name: mid})) <= target:
-            low_w = mid
+        if family.param_count(family.with_widths(base, {fine.name: mid})) <= target:
+            low = mid
         else:
-            high_w = mid
-    candidates = [family.with_widths(best, {fine.name: w}) for w in (low_w, high_w)] + [best]
-    chosen = min(candidates, key=lambda c: abs(family.param_count(c) - target))
-    achieved = family.param_count(chosen)
-    if abs(achieved - target) > tolerance * target:
-        raise BudgetError(
-            f"no width choice gets within {tolerance:.0%} of {target:,} parameters (closest {achieved:,}); "
-            "adjust --budget"
-        )
-    return chosen
+            high = mid
+    return [family.with_widths(base, {fine.name: w}) for w in (low, high)]

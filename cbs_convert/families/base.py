@@ -170,9 +170,7 @@ class Family:
 class DiscreteVPSchedule:
     """A DDPM schedule with ``T`` steps, extended to continuous canonical time.
 
-    Canonical ``t`` maps to the fractional step ``n = t * (T - 1)``; ``log(alpha_bar)`` is linearly
-    interpolated between integer steps, so integer steps are exact and the map stays differentiable
-    in ``t`` for the acceleration monitor.
+    Canonical ``t`` maps to the fractional step ``n = t * (T - 1)``; integer steps are exact.
     """
 
     def __init__(self, kind: str = "linear", steps: int = 1000):
@@ -192,6 +190,7 @@ class DiscreteVPSchedule:
         self.kind = kind
         self.steps = steps
         self.log_alpha_bar = torch.cumsum(torch.log1p(-betas), 0)
+        self.slopes = torch.gradient(self.log_alpha_bar)[0]
 
     def native_time(self, t: torch.Tensor) -> torch.Tensor:
         return t * (self.steps - 1)
@@ -200,13 +199,22 @@ class DiscreteVPSchedule:
         return n.to(torch.get_default_dtype() if not n.is_floating_point() else n.dtype) / (self.steps - 1)
 
     def __call__(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # Cubic Hermite interpolation of log(alpha_bar) between integer steps: exact at the steps
+        # and continuously differentiable, so the velocity is smooth in t and its t-derivative (the
+        # acceleration monitor) does not jump at every step. No clamp on n: a clamp has zero
+        # derivative at t = 0 and t = 1, which would zero the velocity where sampling starts.
         table = self.log_alpha_bar.to(device=t.device, dtype=torch.float32)
-        # No clamp on n itself: a clamp has zero derivative at t = 0 and t = 1, which would zero the
-        # velocity exactly where sampling starts. The end intervals extrapolate linearly instead.
+        slopes = self.slopes.to(device=t.device, dtype=torch.float32)
         n = t.float() * (self.steps - 1)
         lo = n.floor().clamp(0, self.steps - 2).long()
-        frac = n - lo.to(n.dtype)
-        log_ab = table[lo] * (1 - frac) + table[lo + 1] * frac
+        s = n - lo.to(n.dtype)
+        s2, s3 = s * s, s * s * s
+        log_ab = (
+            (2 * s3 - 3 * s2 + 1) * table[lo]
+            + (s3 - 2 * s2 + s) * slopes[lo]
+            + (-2 * s3 + 3 * s2) * table[lo + 1]
+            + (s3 - s2) * slopes[lo + 1]
+        )
         alpha = torch.exp(0.5 * log_ab)
         sigma = torch.sqrt((-torch.expm1(log_ab)).clamp_min(1e-12))
         return alpha.to(t.dtype), sigma.to(t.dtype)

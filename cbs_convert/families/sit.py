@@ -466,7 +466,7 @@ class SiTFamily(TransformerFamily):
         return 1 - t
 
     def canonical_time(self, native):
-        return 1 - native.float()
+        return 1 - (native if native.is_floating_point() else native.float())
 
     def velocity_from_native(self, native_out, x, t):
         # SiT's velocity is d/dtau with tau = 1 - t, so the canonical one is its negative.

@@ -1,0 +1,71 @@
+"""Fine-tuning: it learns, and an interrupted run resumes onto the uninterrupted path."""
+
+import torch
+
+from cbs_convert.finetune import FinetuneSettings, finetune_expert, relative_error
+from cbs_convert.prune import prune_state_dict
+from cbs_convert.split import allocate_widths
+from helpers import tiny_model
+
+
+def setup(name="sit"):
+    family, teacher = tiny_model(name)
+    config = allocate_widths(family, family.config, family.param_count(family.config) // 2)
+    sd, _ = prune_state_dict(family, teacher, teacher.state_dict(), family.config, config, "magnitude")
+
+    def student():
+        model = family.build(config)
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    torch.manual_seed(0)
+    pool = torch.randn(64, 4, 8, 8)
+    labels = torch.randint(0, 10, (64,))
+    return family, teacher, student, pool, labels
+
+
+def test_distillation_reduces_the_error_on_the_segment():
+    family, teacher, student, pool, labels = setup()
+    segment = (0.5, 1.0)
+    before = relative_error(family, student(), teacher, segment, pool, labels)
+    settings = FinetuneSettings(steps=60, batch_size=16, lr=1e-3, ema_decay=0.9, seed=1)
+    result = finetune_expert(family, teacher, student(), segment, pool, labels, settings, progress=False)
+    after = relative_error(family, result.model, teacher, segment, pool, labels)
+    assert after < 0.8 * before, (before, after)
+    assert result.steps_run == 60 and len(result.losses) == 60
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    family, teacher, student, pool, labels = setup("dit")
+    settings = FinetuneSettings(steps=10, batch_size=8, lr=1e-3, checkpoint_every=3, seed=7)
+    straight = finetune_expert(family, teacher, student(), (0.0, 0.6), pool, labels, settings, progress=False)
+    state = tmp_path / "state.pt"
+    first = finetune_expert(family, teacher, student(), (0.0, 0.6), pool, labels, settings, state_path=state,
+                            progress=False, stop_after=5)
+    assert first.steps_run == 5
+    assert torch.load(state, weights_only=True)["step"] == 3  # the last periodic checkpoint
+    resumed = finetune_expert(family, teacher, student(), (0.0, 0.6), pool, labels, settings, state_path=state,
+                              progress=False)
+    assert resumed.steps_run == 7
+    assert resumed.losses == straight.losses
+    for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_label_dropout_feeds_the_null_class():
+    from cbs_convert.finetune import draw_batch
+
+    family, _, _, pool, labels = setup()
+    generator = torch.Generator().manual_seed(0)
+    _, y, t, _ = draw_batch(family, pool, labels, (0.2, 0.4), 2000, generator, margin=0.05, label_dropout=0.1)
+    null_share = (y == family.null_label(family.config)).float().mean().item()
+    assert 0.07 < null_share < 0.13
+    assert t.min() >= 0.15 - 1e-6 and t.max() <= 0.45 + 1e-6
+
+
+def test_data_loss_runs_for_both_families():
+    for name in ("sit", "dit"):
+        family, teacher, student, pool, labels = setup(name)
+        settings = FinetuneSettings(steps=3, batch_size=4, loss="both", seed=0)
+        result = finetune_expert(family, teacher, student(), (0.2, 0.7), pool, labels, settings, progress=False)
+        assert all(torch.isfinite(torch.tensor(result.losses)))

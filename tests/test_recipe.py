@@ -1,0 +1,78 @@
+"""Recipe schema: bundled recipes are valid, mistakes are named."""
+
+from pathlib import Path
+
+import pytest
+
+from cbs_convert.errors import RecipeError
+from cbs_convert.recipe import BUNDLED, Recipe, build_recipe, bundled_recipe, read_recipe_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["sit_xl_2_k2", "sit_xl_2_k4", "dit_xl_2_k2"])
+def test_bundled_recipes_are_valid_and_reachable(name):
+    path = ROOT / "recipes" / f"{name}.yaml"
+    values = read_recipe_file(path)
+    recipe = build_recipe(values)
+    assert recipe.k == int(name[-1])
+    stem = name.rsplit("_k", 1)[0]
+    assert bundled_recipe(stem, recipe.k) == BUNDLED / f"{name}.yaml"
+    # sized for a real run, unlike the tiny defaults
+    assert recipe.steps >= 1000 and recipe.pool_size >= 512
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(RecipeError, match="unknown key 'setps'; did you mean 'steps'"):
+        read_recipe_file(write(tmp_path, "k: 2\nsetps: 10\n"))
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("k: two\n", "'k' must be an integer"),
+    ("lr: fast\n", "'lr' must be a number"),
+    ("bf16: 3\n", "'bf16' must be true or false"),
+    ("monitors: 5\n", "'monitors' must be a list"),
+    ("split: random\n", "'split' must be one of"),
+])
+def test_wrong_types_are_named(tmp_path, text, needle):
+    with pytest.raises(RecipeError, match=needle):
+        read_recipe_file(write(tmp_path, text))
+
+
+def test_yaml_syntax_error_has_a_line_number(tmp_path):
+    with pytest.raises(RecipeError, match="line 3"):
+        read_recipe_file(write(tmp_path, "k: 2\nsteps: 10\n  lr: [1\n"))
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"k": 0}, "at least one expert"),
+    ({"k": 30}, "do not fit"),
+    ({"steps": 0}, "steps=0 must be positive"),
+    ({"steps": -5}, "must be positive"),
+    ({"k": 3, "boundaries": [0.6, 0.4]}, "strictly increasing"),
+    ({"k": 2, "boundaries": [1.5]}, "inside"),
+    ({"k": 3, "boundaries": [0.5]}, "need exactly 2"),
+    ({"loss": "data"}, "--data"),
+    ({"budget": "-1x"}, "positive"),
+    ({"t_min": 0.9, "t_max": 0.1}, "t_min < t_max"),
+    ({"monitor": "acceleration", "monitors": ["dirichlet"]}, "must be among monitors"),
+])
+def test_impossible_requests_are_refused(settings, needle):
+    with pytest.raises(RecipeError, match=needle):
+        build_recipe(settings)
+
+
+def test_boundaries_imply_an_explicit_split():
+    assert build_recipe({"k": 3, "boundaries": "0.2,0.6"}).split == "explicit"
+
+
+def test_later_layers_win():
+    assert build_recipe({"steps": 5, "lr": 0.1}, {"steps": 7}).steps == 7
+    assert build_recipe({"steps": 5}, {"steps": None}).steps == 5
+    assert Recipe().k == 2
