@@ -30,7 +30,7 @@ from .prune import calibration_batches, prune_state_dict
 from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
 from .routed import save_routed, save_safetensors_atomic
 from .sample import sample_ode
-from .split import Split, allocate_widths, budget_targets, parse_budget, plan_split
+from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
 
 
 @dataclass
@@ -116,6 +116,9 @@ class Conversion:
             raise WorkdirError(f"--out {self.output} is the source checkpoint; choose another output path")
         if self.output.exists() and not force:
             raise WorkdirError(f"{self.output} exists; pass --force to overwrite it or --out to choose another path")
+        # A run killed while writing leaves only a hidden temporary beside the output; clear it.
+        for stale in self.output.parent.glob(f".{self.output.name}.*.partial"):
+            stale.unlink()
         if self.workdir.exists() and any(self.workdir.iterdir()) and not (resume or force):
             raise WorkdirError(f"work directory {self.workdir} holds an earlier run; pass --resume to continue it or --force to start over")
 
@@ -136,6 +139,7 @@ class Conversion:
         self.teacher.load_state_dict(self.source.state_dict, strict=True)
         self.teacher.to(self.device).eval().requires_grad_(False)
         self.source_params = self.family.param_count(self.config)
+        check_budget_feasible(self.family, self.config, parse_budget(self.recipe.budget, self.source_params), self.recipe.k)
         if self.recipe.label_dropout is None:
             self.recipe.label_dropout = float(self.config.get("class_dropout_prob", 0.0))
         self.timings["load"] = time.time() - began

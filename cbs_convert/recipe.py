@@ -7,6 +7,7 @@ recognised published architecture, the user's recipe file, command-line flags.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -194,6 +195,12 @@ def validate(r: Recipe) -> None:
         if not condition:
             raise RecipeError(message)
 
+    for name, f in FIELDS.items():
+        value = getattr(r, name)
+        if _base_type(name) is float and value is not None:
+            need(math.isfinite(value), f"{name}={value} must be a finite number")
+        if _base_type(name) == "floats" and value is not None:
+            need(all(math.isfinite(v) for v in value), f"{name}={value} must hold finite numbers")
     need(r.k >= 1, f"k={r.k}: need at least one expert (--k 1 or more)")
     need(0 < r.min_width and r.k * r.min_width <= 1 + 1e-12,
          f"k={r.k} segments of minimum width {r.min_width} do not fit in [0, 1]; lower --k or --min-width")

@@ -209,6 +209,21 @@ def budget_targets(total: int, shares: Sequence[float], per_expert_cap: int) -> 
     return [int(round(t)) for t in targets]
 
 
+def smallest_config(family, config: Dict) -> Dict:
+    """Every width knob at its minimum: the floor of what pruning can reach."""
+    return family.with_widths(config, {knob.name: knob.minimum for knob in family.width_knobs(config)})
+
+
+def check_budget_feasible(family, config: Dict, total: int, k: int) -> None:
+    """Refuse, before any heavy work, a budget that cannot hold k experts of the smallest width."""
+    floor = family.param_count(smallest_config(family, config))
+    if total < k * floor * 0.99:
+        raise BudgetError(
+            f"a total budget of {total:,} parameters cannot hold {k} experts of at least {floor:,} each "
+            f"(the narrowest prunable {family.name}); raise --budget to {k * floor:,} or more, or lower --k"
+        )
+
+
 def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) -> Dict:
     """The config of ``family`` whose parameter count is closest to ``target``.
 
@@ -242,7 +257,7 @@ def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) 
                 hi = mid
         return lo
 
-    smallest = family.param_count(scaled(0.0, {}))
+    smallest = family.param_count(smallest_config(family, config))
     if target < smallest * (1 - tolerance):
         raise BudgetError(
             f"a budget of {target:,} parameters per expert is below the smallest prunable model "
