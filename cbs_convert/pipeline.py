@@ -112,6 +112,8 @@ class Conversion:
         self.output = Path(settings.get("out") or default_output(settings["checkpoint"], k))
         self.workdir = Path(settings.get("workdir") or str(self.output) + ".work")
         source_path = Path(settings["checkpoint"])
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # rank 0 owns the output and the work directory; the others only read them
         if source_path.exists() and self.output.exists() and self.output.resolve() == source_path.resolve():
             raise WorkdirError(f"--out {self.output} is the source checkpoint; choose another output path")
         if self.output.exists() and not force:
@@ -413,6 +415,10 @@ class Conversion:
             self.prune()
         self.finetune(rank, world)
         _barrier(world)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
         if rank != 0:
             return ConversionResult(self.output, {})
         self.load_finetuned()

@@ -22,8 +22,8 @@ QUICK_KW = dict(steps=20, pool_size=32, ode_steps=6, grid=6, profile_batches=1, 
                 calib_batches=1, batch_size=8, eval_samples=16)
 
 
-def run_cli(args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_cli(args, cwd, **env_extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
     return subprocess.run([sys.executable, "-m", "cbs_convert", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -98,3 +98,26 @@ def test_fast_dit_folder_layout(tmp_path):
         np.save(tmp_path / "lat" / "labels" / f"{i}.npy", np.array([i % 10], dtype=np.int64))
     result = cbs_convert.convert(source, k=2, data=str(tmp_path / "lat"), out=str(tmp_path / "o.safetensors"), **QUICK_KW)
     assert "12 latents" in result.report["profile"]["source"]
+
+
+def test_torchrun_splits_experts_across_processes_with_the_same_result(tmp_path):
+    """Two gloo processes, one expert each, give the single-process file bit for bit."""
+    from safetensors.torch import load_file
+
+    _, model = tiny_model("sit")
+    source = tmp_path / "tiny.pt"
+    save_training_dict(source, model, num_heads=4)
+    # one thread in both runs: CPU reductions are bitwise reproducible only at a fixed thread count
+    single = run_cli([source.name, "--k", "2", "--quiet", "--out", "one.safetensors", *QUICK], tmp_path, OMP_NUM_THREADS="1")
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    multi = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "cbs_convert", source.name, "--k", "2", "--quiet", "--out", "two.safetensors", *QUICK],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = sorted((tmp_path / "two.safetensors.work" / "finetune").glob("expert_*.log.json"))
+    assert len(logs) == 2
