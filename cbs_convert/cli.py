@@ -29,7 +29,7 @@ def _default_text(f) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m cbs_convert",
-        description="Convert a SiT or DiT checkpoint into K complexity-balanced time-segment experts, "
+        description="Convert a SiT, DiT or ADM (guided-diffusion UNet) checkpoint into K complexity-balanced time-segment experts, "
         "written as one routed .safetensors checkpoint that loads back with cbs_convert.load().",
         epilog="Settings come from, lowest first: built-in defaults sized for tiny models, the bundled recipe "
         "of a recognised published architecture, --recipe FILE, then these flags.",

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families.base import Family, broadcast_to
+from .batches import draw_batch, noised, segment_inputs
+from .families.base import Family
 
 LOSSES = ("distill", "data", "both")
 
@@ -58,33 +59,6 @@ class FinetuneResult:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-
-
-def draw_batch(
-    family: Family,
-    x0_pool: torch.Tensor,
-    labels_pool: Optional[torch.Tensor],
-    segment: Tuple[float, float],
-    batch_size: int,
-    generator: torch.Generator,
-    margin: float = 0.0,
-    label_dropout: float = 0.0,
-):
-    """x0, labels, canonical t and noise for one step; t uniform on the widened segment."""
-    lo, hi = max(0.0, segment[0] - margin), min(1.0, segment[1] + margin)
-    index = torch.randint(0, x0_pool.shape[0], (batch_size,), generator=generator)
-    t = lo + (hi - lo) * torch.rand(batch_size, generator=generator)
-    noise = torch.randn((batch_size, *x0_pool.shape[1:]), generator=generator)
-    drop = torch.rand(batch_size, generator=generator) < label_dropout
-    device = x0_pool.device
-    x0 = x0_pool[index.to(device)]
-    y = None
-    if labels_pool is not None:
-        y = labels_pool[index.to(device)]
-        null = family.null_label(family.config)
-        if null is not None and label_dropout > 0:
-            y = torch.where(drop.to(device), torch.full_like(y, null), y)
-    return x0, y, t.to(device), noise.to(device)
 
 
 def _save_state(path: Path, state: Dict) -> None:
@@ -146,8 +120,7 @@ def finetune_expert(
         x0, y, t, noise = draw_batch(
             family, x0_pool, labels_pool, segment, settings.batch_size, generator, settings.margin, settings.label_dropout
         )
-        alpha, sigma = family.schedule(t)
-        x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+        x_t = noised(family, x0, t, noise)
         native_t = family.native_time(t)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
             with torch.no_grad():
@@ -205,10 +178,7 @@ def relative_error(
     seed: int = 12345,
 ) -> float:
     """||v_model - v_teacher|| / ||v_teacher|| of canonical velocities on x_t from ``segment``."""
-    generator = torch.Generator().manual_seed(seed)
-    x0, y, t, noise = draw_batch(family, x0_pool, labels_pool, segment, samples, generator)
-    alpha, sigma = family.schedule(t)
-    x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+    x_t, t, y = segment_inputs(family, x0_pool, labels_pool, segment, samples, torch.Generator().manual_seed(seed))
     v_model = family.velocity(model.eval(), x_t, t, y)
     v_teacher = family.velocity(teacher.eval(), x_t, t, y)
     return float((v_model - v_teacher).norm() / v_teacher.norm().clamp_min(1e-12))
@@ -227,9 +197,7 @@ def seam_gap(
 ) -> float:
     """Relative difference of two neighbouring experts at their shared boundary, same x_t."""
     generator = torch.Generator().manual_seed(seed)
-    x0, y, t, noise = draw_batch(family, x0_pool, labels_pool, (boundary, boundary), samples, generator)
-    alpha, sigma = family.schedule(t)
-    x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+    x_t, t, y = segment_inputs(family, x0_pool, labels_pool, (boundary, boundary), samples, generator)
     a = family.velocity(left.eval(), x_t, t, y)
     b = family.velocity(right.eval(), x_t, t, y)
     return float(2 * (a - b).norm() / (a.norm() + b.norm()).clamp_min(1e-12))

@@ -129,7 +129,8 @@ class Conversion:
         began = time.time()
         self.source = read_checkpoint(self.user_settings["checkpoint"])
         hints = hints_from_args(self.source.args)
-        for key in ("family", "path", "num_heads", "num_classes", "beta_schedule"):
+        for key in ("family", "path", "num_heads", "num_classes", "beta_schedule", "num_head_channels",
+                    "attention_order", "image_size", "use_checkpoint"):
             if self.user_settings.get(key) is not None:
                 hints[key] = self.user_settings[key]
         hints["source_name"] = str(self.source.path)

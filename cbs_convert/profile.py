@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .families.base import Family, broadcast_to, rademacher
+from .batches import noised
+from .families.base import Family, rademacher
 
 MONITORS = ("dirichlet", "acceleration", "path_acceleration")
 
@@ -118,8 +119,7 @@ def profile_model(
             y = labels_pool[index.to(device)] if labels_pool is not None else None
             noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.full((batch_size,), float(t_value), device=device)
-            alpha, sigma = family.schedule(t)
-            x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+            x_t = noised(family, x0, t, noise)
             result = per_sample_monitors(family, model, x_t, t, y, monitors, generator)
             for m in monitors:
                 collected[m].append(result[m].detach().cpu())

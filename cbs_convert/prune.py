@@ -14,7 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .families.base import Family, UnitGroup, broadcast_to
+from .batches import segment_inputs
+from .families.base import Family, UnitGroup
 
 CRITERIA = ("segment", "magnitude", "random")
 
@@ -113,18 +114,11 @@ def calibration_batches(
     batch_size: int,
     seed: int,
 ):
-    """x_t at times drawn uniformly from ``segment``, in the family's native time."""
+    """(x_t, native time, labels) batches at times drawn uniformly from ``segment``."""
     generator = torch.Generator().manual_seed(seed)
     out = []
-    lo, hi = segment
     for _ in range(batches):
-        index = torch.randint(0, x0_pool.shape[0], (batch_size,), generator=generator).to(x0_pool.device)
-        x0 = x0_pool[index]
-        t = (lo + (hi - lo) * torch.rand(batch_size, generator=generator)).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        alpha, sigma = family.schedule(t)
-        x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
-        y = labels_pool[index] if labels_pool is not None else None
+        x_t, t, y = segment_inputs(family, x0_pool, labels_pool, segment, batch_size, generator)
         out.append((x_t, family.native_time(t), y))
     return out
 

@@ -24,10 +24,14 @@ class Recipe:
     out: Optional[str] = field(default=None, metadata={"help": "routed checkpoint to write (default: <checkpoint stem>-cbs-k<K>.safetensors)"})
     workdir: Optional[str] = field(default=None, metadata={"help": "stage artifacts for resume (default: <out>.work)"})
     # what the source is
-    family: Optional[str] = field(default=None, metadata={"help": "model family, overrides detection: sit or dit"})
+    family: Optional[str] = field(default=None, metadata={"help": "model family, overrides detection: sit, dit or adm"})
     path: Optional[str] = field(default=None, metadata={"help": "SiT interpolant: linear (default) or gvp"})
-    beta_schedule: Optional[str] = field(default=None, metadata={"help": "DiT noise schedule: linear (default) or cosine"})
+    beta_schedule: Optional[str] = field(default=None, metadata={"help": "DiT/ADM noise schedule: linear or cosine (default: the published one, else linear)"})
     num_heads: Optional[int] = field(default=None, metadata={"help": "attention heads, needed for unpublished widths"})
+    num_head_channels: Optional[int] = field(default=None, metadata={"help": "ADM: channels per attention head (instead of --num-heads)"})
+    attention_order: Optional[str] = field(default=None, metadata={"help": "ADM qkv layout: legacy ([q,k,v] per head) or new ([q|k|v]); default: the published one, else legacy"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "ADM input resolution, if not a published layout"})
+    use_checkpoint: bool = field(default=False, metadata={"help": "ADM: activation checkpointing while fine-tuning (saves memory)"})
     num_classes: Optional[int] = field(default=None, metadata={"help": "real classes, if the label table has no null row"})
     data: Optional[str] = field(default=None, metadata={"help": "latents: fast-DiT folder (features/, labels/) or one .npy/.npz; default: the teacher's own ODE samples"})
     # samples of the teacher when no data is given
@@ -78,6 +82,7 @@ CHOICES = {
     "prune": ("segment", "magnitude", "random"),
     "loss": ("distill", "data", "both"),
     "family": None,  # checked against the family registry at load time
+    "attention_order": ("legacy", "new"),
 }
 #: settings that do not change what is computed, so they may differ on --resume
 RUN_ONLY = ("out", "workdir", "device", "checkpoint_every")

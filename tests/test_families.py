@@ -177,3 +177,28 @@ def test_detection_prefers_args_then_file_name(tiny_sit):
     assert detect(sd, {"num_heads": 4, "args_model": "DiT-XL/2"})[0].name == "dit"
     assert detect(sd, {"num_heads": 4, "source_name": "/x/SiT-XL-2-256.pt"})[0].name == "sit"
     assert detect(sd, {"num_heads": 4, "source_name": "/x/DiT-XL-2-256x256.pt"})[0].name == "dit"
+
+
+def test_pruning_heads_and_mlp_channels_equals_silencing_them(tiny_dit):
+    """With the residual width kept, removing units must equal zeroing what they write."""
+    family, model = tiny_dit
+    target = family.with_widths(family.config, {"num_heads": 2, "mlp_hidden": 40})
+    groups = family.unit_groups(family.config, target)
+    kept = select_units(groups, unit_scores(model, groups, "random", seed=5))
+    pruned = family.build(target)
+    pruned.load_state_dict(family.slice_state_dict(model.state_dict(), family.config, kept), strict=True)
+    silenced = family.build(family.config)
+    silenced.load_state_dict(model.state_dict())
+    hd = family.config["head_dim"]
+    with torch.no_grad():
+        for i, block in enumerate(silenced.blocks):
+            heads = set(kept[f"heads.{i}"].tolist())
+            for h in range(family.config["num_heads"]):
+                if h not in heads:
+                    block.attn.proj.weight[:, h * hd:(h + 1) * hd] = 0
+            mask = torch.ones(family.config["mlp_hidden"], dtype=torch.bool)
+            mask[kept[f"mlp.{i}"]] = False
+            block.mlp.fc2.weight[:, mask] = 0
+    x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4) * 999, torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        assert torch.allclose(pruned.eval()(x, t, y), silenced.eval()(x, t, y), atol=1e-5)

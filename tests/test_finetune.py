@@ -53,7 +53,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_label_dropout_feeds_the_null_class():
-    from cbs_convert.finetune import draw_batch
+    from cbs_convert.batches import draw_batch
 
     family, _, _, pool, labels = setup()
     generator = torch.Generator().manual_seed(0)

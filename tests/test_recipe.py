@@ -76,3 +76,13 @@ def test_later_layers_win():
     assert build_recipe({"steps": 5, "lr": 0.1}, {"steps": 7}).steps == 7
     assert build_recipe({"steps": 5}, {"steps": None}).steps == 5
     assert Recipe().k == 2
+
+
+def test_a_recognised_architecture_gets_its_bundled_recipe_under_the_users_settings():
+    from cbs_convert.pipeline import resolve_recipe
+
+    recipe = resolve_recipe([{"checkpoint": "x.pt", "k": 2, "lr": 0.001}], "sit_xl_2")
+    assert recipe.steps == 10000 and recipe.pool_size == 1024  # from recipes/sit_xl_2_k2.yaml
+    assert recipe.lr == 0.001  # the user's flag wins
+    assert resolve_recipe([{"checkpoint": "x.pt", "k": 3}], "sit_xl_2").steps == Recipe().steps  # no k3 recipe
+    assert resolve_recipe([{"checkpoint": "x.pt"}], None).steps == Recipe().steps

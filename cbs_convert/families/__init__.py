@@ -12,10 +12,11 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torch
 
 from ..errors import CheckpointError
+from .adm import ADMFamily
 from .base import Family
 from .sit import DiTFamily, SiTFamily
 
-FAMILIES: Dict[str, Type[Family]] = {"sit": SiTFamily, "dit": DiTFamily}
+FAMILIES: Dict[str, Type[Family]] = {"sit": SiTFamily, "dit": DiTFamily, "adm": ADMFamily}
 
 
 def family_from_config(name: str, config: Dict[str, Any]) -> Family:

@@ -220,6 +220,41 @@ class DiscreteVPSchedule:
         return alpha.to(t.dtype), sigma.to(t.dtype)
 
 
+class NoisePredictionDDPM:
+    """The border of a family trained as a discrete DDPM that predicts noise (DiT, ADM).
+
+    Native time is the step ``n = t (T - 1)``; the first C output channels are the noise and any
+    further ones a learned variance. Needs ``beta_schedule`` and ``diffusion_steps`` in the config.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._vp = DiscreteVPSchedule(self.config["beta_schedule"], self.config["diffusion_steps"])
+
+    def schedule(self, t):
+        return self._vp(t)
+
+    def native_time(self, t):
+        return self._vp.native_time(t)
+
+    def canonical_time(self, native):
+        return self._vp.canonical_time(native)
+
+    def velocity_from_native(self, native_out, x, t):
+        return eps_to_velocity(self.schedule, native_out[:, : x.shape[1]], x, t)
+
+    def data_loss(self, model, x0, y, t, noise, teacher_out=None):
+        alpha, sigma = self.schedule(t)
+        x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
+        out = model(x_t, self.native_time(t), y)
+        channels = x0.shape[1]
+        loss = torch.nn.functional.mse_loss(out[:, :channels], noise)
+        if teacher_out is not None and out.shape[1] > channels:
+            # The learned variance has no simple data target here; keep it by matching the teacher.
+            loss = loss + torch.nn.functional.mse_loss(out[:, channels:], teacher_out[:, channels:])
+        return loss
+
+
 def broadcast_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
 

@@ -26,8 +26,8 @@ from timm.models.vision_transformer import Attention
 
 from ..errors import CheckpointError
 from .base import (
-    DiscreteVPSchedule,
     Family,
+    NoisePredictionDDPM,
     UnitGroup,
     WidthKnob,
     broadcast_to,
@@ -479,7 +479,7 @@ class SiTFamily(TransformerFamily):
         return F.mse_loss(self.velocity(model, x_t, t, y), target)
 
 
-class DiTFamily(TransformerFamily):
+class DiTFamily(NoisePredictionDDPM, TransformerFamily):
     """DiT: noise (and variance) prediction on a 1000-step DDPM, linear betas by default."""
 
     name = "dit"
@@ -492,30 +492,3 @@ class DiTFamily(TransformerFamily):
             raise CheckpointError(f"beta schedule {schedule!r} is not supported; use linear or cosine")
         notes.append(f"DiT {schedule} beta schedule, 1000 steps, noise prediction")
         return {"beta_schedule": schedule, "diffusion_steps": 1000}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._vp = DiscreteVPSchedule(config["beta_schedule"], config["diffusion_steps"])
-
-    def schedule(self, t):
-        return self._vp(t)
-
-    def native_time(self, t):
-        return self._vp.native_time(t)
-
-    def canonical_time(self, native):
-        return self._vp.canonical_time(native)
-
-    def velocity_from_native(self, native_out, x, t):
-        return eps_to_velocity(self.schedule, native_out[:, : x.shape[1]], x, t)
-
-    def data_loss(self, model, x0, y, t, noise, teacher_out=None):
-        alpha, sigma = self.schedule(t)
-        x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
-        out = model(x_t, self.native_time(t), y)
-        channels = x0.shape[1]
-        loss = F.mse_loss(out[:, :channels], noise)
-        if teacher_out is not None and out.shape[1] > channels:
-            # The learned variance has no simple data target here; keep it by matching the teacher.
-            loss = loss + F.mse_loss(out[:, channels:], teacher_out[:, channels:])
-        return loss
