@@ -138,8 +138,8 @@ class Conversion:
         self.config = self.family.config
         self.recipe = resolve_recipe([self.user_settings], self.family.recipe_name(self.config))
         self.device = _resolve_device(self.recipe.device)
-        self.teacher = self.family.build(self.config)
-        self.teacher.load_state_dict(self.source.state_dict, strict=True)
+        # The teacher shares storage with the source tensors; neither is ever written to.
+        self.teacher = self.family.instantiate(self.config, self.source.state_dict)
         self.teacher.to(self.device).eval().requires_grad_(False)
         self.source_params = self.family.param_count(self.config)
         check_budget_feasible(self.family, self.config, parse_budget(self.recipe.budget, self.source_params), self.recipe.k)
@@ -284,9 +284,7 @@ class Conversion:
                 kept = {name: index.tolist() for name, index in kept_tensors.items()}
                 _write_json(folder / f"expert_{k}.kept.json", kept)
                 save_safetensors_atomic(sd, path)
-            model = self.family.build(config)
-            model.load_state_dict(sd, strict=True)
-            self.pruned.append(model.to(self.device).eval())
+            self.pruned.append(self.family.instantiate(config, sd).to(self.device))
             self.kept_summary.append(kept)
         self.timings["prune"] = time.time() - began
 
@@ -306,8 +304,9 @@ class Conversion:
             final = folder / f"expert_{k}.safetensors"
             if final.exists():
                 continue
-            student = self.family.build(self.expert_configs[k])
-            student.load_state_dict(self.pruned[k].state_dict(), strict=True)
+            # a copy: the pruned model stays as it was, for the before/after comparison
+            weights = {name: value.detach().clone() for name, value in self.pruned[k].state_dict().items()}
+            student = self.family.instantiate(self.expert_configs[k], weights)
             result = finetune_expert(
                 self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
                 settings, state_path=folder / f"expert_{k}.state.pt", progress=self.progress,
@@ -322,9 +321,8 @@ class Conversion:
 
         self.finetuned = []
         for k, config in enumerate(self.expert_configs):
-            model = self.family.build(config)
-            model.load_state_dict(load_file(str(self.workdir / "finetune" / f"expert_{k}.safetensors")), strict=True)
-            self.finetuned.append(model.to(self.device).eval())
+            weights = load_file(str(self.workdir / "finetune" / f"expert_{k}.safetensors"))
+            self.finetuned.append(self.family.instantiate(config, weights).to(self.device))
 
     def evaluate(self) -> Dict[str, Any]:
         r = self.recipe

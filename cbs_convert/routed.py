@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import CheckpointError, WorkdirError
 from .families import family_from_config
-from .families.base import Family
+from .families.base import Family, check_keys
 
 FORMAT_VERSION = 1
 METADATA_KEY = "cbs_convert"
@@ -178,16 +178,13 @@ def load(path, device="cpu") -> RoutedModel:
     experts: List[nn.Module] = []
     for k, entry in enumerate(experts_meta):
         prefix = f"experts.{k}."
-        sd = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        names = [key for key in tensors if key.startswith(prefix)]
+        # clone: freshly allocated (aligned) storage computes bit for bit like the model that was saved
+        sd = {key[len(prefix):]: tensors.pop(key).clone() for key in names}
         config = entry["config"]
-        expected = family.expected_shapes(config)
-        from .families.base import check_keys
-
-        check_keys(sd, expected, f"{path}: expert {k} does not match its config")
-        model = family.build(config)
-        model.load_state_dict(sd, strict=True)
-        experts.append(model)
-    stray = [key for key in tensors if not key.startswith("experts.") or int(key.split(".")[1]) >= len(experts_meta)]
+        check_keys(sd, family.expected_shapes(config), f"{path}: expert {k} does not match its config")
+        experts.append(family.instantiate(config, sd))
+    stray = list(tensors)
     if stray:
         raise CheckpointError(f"{path}: tensors {', '.join(stray[:3])} belong to no expert in the metadata")
     routed = RoutedModel(family, experts, boundaries, meta)

@@ -10,7 +10,21 @@ from typing import Optional
 
 import torch
 
-from .families.base import Family, broadcast_to
+from .families.base import Family, broadcast_to, schedule_and_derivative
+
+
+def split_velocity(family: Family, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor):
+    """The (x0, eps) pair that gives state x and velocity v at time t.
+
+    x = alpha x0 + sigma eps and v = alpha' x0 + sigma' eps are two equations in two unknowns;
+    their determinant alpha sigma' - sigma alpha' is 1 on the linear path and sigma'/alpha on a
+    variance-preserving one, never zero inside (0, 1].
+    """
+    alpha, sigma, d_alpha, d_sigma = schedule_and_derivative(family.schedule, t)
+    det = broadcast_to(alpha * d_sigma - sigma * d_alpha, x)
+    x0 = (broadcast_to(d_sigma, x) * x - broadcast_to(sigma, x) * v) / det
+    eps = (broadcast_to(alpha, x) * v - broadcast_to(d_alpha, x) * x) / det
+    return x0, eps
 
 
 @torch.no_grad()
@@ -26,10 +40,14 @@ def sample_ode(
     noise: Optional[torch.Tensor] = None,
     cfg_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Heun integration of dx/dt = v(x, t) from t = 1 to ``t_end`` on a uniform grid.
+    """Heun's method for dx/dt = v(x, t) from t = 1 to ``t_end`` on a uniform grid, in the
+    data-prediction form: with r = alpha/sigma and y = x/sigma the ODE is dy/dr = x0_hat(x, t).
 
-    ``cfg_scale`` > 1 guides with the family's null label (when it has one) by mixing the
-    canonical velocities of the conditional and unconditional branches.
+    Its Euler step is DDIM. Unlike Heun in x it stays stable where alpha'/alpha is huge (the cosine
+    schedule near t = 1), and it starts cleanly at t = 1 where alpha = 0 (SiT). The last step to
+    t = 0 returns the predicted data, as the reference DDPM samplers do. A family whose data has a
+    known range (``family.data_range``, pixels in [-1, 1]) has its predicted x0 clipped to it.
+    ``cfg_scale`` > 1 mixes the conditional and null-label velocities.
     """
     if noise is None:
         noise = torch.randn(shape, generator=generator).to(device)
@@ -37,24 +55,37 @@ def sample_ode(
     _, sigma_start = family.schedule(one)
     x = broadcast_to(sigma_start, noise) * noise
     null = family.null_label(family.config)
+    data_range = getattr(family, "data_range", None)
 
-    def velocity(x, t):
+    def predict(x, t):
         if cfg_scale == 1.0 or labels is None or null is None:
-            return family.velocity(model, x, t, labels)
-        both = family.velocity(
-            model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)])
-        )
-        cond, uncond = both.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+            v = family.velocity(model, x, t, labels)
+        else:
+            both = family.velocity(
+                model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)])
+            )
+            cond, uncond = both.chunk(2)
+            v = uncond + cfg_scale * (cond - uncond)
+        x0, eps = split_velocity(family, x, v, t)
+        if data_range is not None:
+            clipped = x0.clamp(*data_range)
+            # keep x consistent with the clipped prediction, as DDIM does
+            alpha, sigma = family.schedule(t)
+            eps = (x - broadcast_to(alpha, x) * clipped) / broadcast_to(sigma, x)
+            x0 = clipped
+        return x0, eps
 
     times = torch.linspace(1.0, t_end, steps + 1, device=device)
     for i in range(steps):
         t0, t1 = times[i] * one, times[i + 1] * one
-        dt = float(times[i + 1] - times[i])
-        v0 = velocity(x, t0)
-        x_euler = x + dt * v0
+        alpha0, sigma0 = (broadcast_to(v, x) for v in family.schedule(t0))
+        alpha1, sigma1 = (broadcast_to(v, x) for v in family.schedule(t1))
+        x0_a, eps_a = predict(x, t0)
         if i == steps - 1 and t_end == 0.0:
-            x = x_euler
-        else:
-            x = x + dt * 0.5 * (v0 + velocity(x_euler, t1))
+            x = x0_a
+            break
+        x_euler = alpha1 * x0_a + sigma1 * eps_a
+        x0_b, _ = predict(x_euler, t1)
+        # y1 = y0 + (r1 - r0) (x0_a + x0_b) / 2, written back in x = sigma * y
+        x = sigma1 / sigma0 * x + (alpha1 - sigma1 * alpha0 / sigma0) * 0.5 * (x0_a + x0_b)
     return x

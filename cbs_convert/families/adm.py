@@ -444,6 +444,7 @@ class ADMFamily(NoisePredictionDDPM, Family):
 
     name = "adm"
     native_time_name = "timesteps"
+    data_range = (-1.0, 1.0)  # pixels, as guided-diffusion's samplers clip them
 
     def __init__(self, config):
         super().__init__(complete_config(config))

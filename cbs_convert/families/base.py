@@ -53,6 +53,8 @@ class Family:
     name: str = ""
     #: name of the native time argument of ``forward`` (for documentation and the report)
     native_time_name: str = "t"
+    #: range of the data, when the model works on bounded pixels (samplers clip predictions to it)
+    data_range: Optional[Tuple[float, float]] = None
 
     def __init__(self, config: Dict[str, Any]):
         self.config = config
@@ -76,6 +78,23 @@ class Family:
     @classmethod
     def expected_shapes(cls, config: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
         raise NotImplementedError
+
+    @classmethod
+    def instantiate(cls, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+        """The model of ``config`` holding exactly ``state_dict`` (strict), in eval mode.
+
+        Built on the meta device and filled by assignment: no random init of hundreds of millions
+        of weights, and no second copy in memory. The module then shares storage with
+        ``state_dict``; pass clones if both will change.
+        """
+        with torch.device("meta"):
+            model = cls.build(config)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+            # a buffer made in __init__ and not saved: fall back to a real build
+            model = cls.build(config)
+            model.load_state_dict(state_dict, strict=True)
+        return model.eval()
 
     def param_count(self, config: Dict[str, Any]) -> int:
         raise NotImplementedError
@@ -276,6 +295,7 @@ def schedule_and_derivative(schedule, t: torch.Tensor):
     Forward-mode duals nest correctly inside an outer ``torch.func.jvp`` in t, which is what the
     acceleration monitor needs.
     """
+    t = t.contiguous()  # an expanded view cannot carry a forward-mode tangent
     ones = torch.ones_like(t)
     (alpha, sigma), (d_alpha, d_sigma) = torch.func.jvp(schedule, (t,), (ones,))
     return alpha, sigma, d_alpha, d_sigma
