@@ -17,7 +17,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -98,7 +98,7 @@ def _unsupported_global(text: str) -> str:
     return "a non-tensor object"
 
 
-def _unwrap(obj: Any, path: Path) -> (Dict[str, torch.Tensor], str, Dict[str, Any]):
+def _unwrap(obj: Any, path: Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[str, Any]]:
     args: Dict[str, Any] = {}
     container = "state dict"
     if isinstance(obj, dict) and "args" in obj:

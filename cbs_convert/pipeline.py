@@ -252,6 +252,7 @@ class Conversion:
             grid=prof.grid if prof else None,
             phi=prof.curve(r.monitor) if prof else None,
             monitor=r.monitor, boundaries=r.boundaries, min_width=r.min_width, gamma=r.gamma, floor=r.floor,
+            allocation=r.allocation,
         )
         total = parse_budget(r.budget, self.source_params)
         self.targets = budget_targets(total, self.split_result.shares, self.source_params)

@@ -51,6 +51,7 @@ class Recipe:
     gamma: float = field(default=0.5, metadata={"help": "tempering exponent: the cuts equidistribute phi**gamma"})
     floor: float = field(default=0.0, metadata={"help": "uniform floor lambda in [0, 1): phi' = (1-lambda) phi/mean + lambda"})
     min_width: float = field(default=0.05, metadata={"help": "minimum segment width in canonical time"})
+    allocation: str = field(default="auto", metadata={"help": "budget shares: mass (each segment's share of phi), equal, or auto (equal for --split uniform, mass otherwise)"})
     budget: str = field(default="1x", metadata={"help": "total parameters of all experts: 1x, 2x (of the source) or a count like 300M"})
     # pruning
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
@@ -81,6 +82,7 @@ CHOICES = {
     "monitor": ("dirichlet", "acceleration", "path_acceleration"),
     "prune": ("segment", "magnitude", "random"),
     "loss": ("distill", "data", "both"),
+    "allocation": ("auto", "mass", "equal"),
     "family": None,  # checked against the family registry at load time
     "attention_order": ("legacy", "new"),
 }

@@ -120,8 +120,18 @@ def plan_split(
     min_width: float = 0.05,
     gamma: float = 0.5,
     floor: float = 0.0,
+    allocation: str = "auto",
 ) -> Split:
-    """Boundaries and budget shares for ``method`` in {"cbs", "uniform", "explicit"}."""
+    """Boundaries and budget shares for ``method`` in {"cbs", "uniform", "explicit"}.
+
+    ``allocation`` sets the shares: "mass" (each segment's share of the processed curve), "equal",
+    or "auto" (equal for the uniform baseline, so that it is the plain equal split it claims to be;
+    mass otherwise).
+    """
+    if allocation not in ("auto", "mass", "equal"):
+        raise RecipeError(f"allocation {allocation!r} is unknown; choose auto, mass or equal")
+    if allocation == "auto":
+        allocation = "equal" if method == "uniform" else "mass"
     if k < 1:
         raise RecipeError(f"k={k}: need at least one expert")
     notes: List[str] = []
@@ -147,13 +157,15 @@ def plan_split(
         moved = max((abs(a - b) for a, b in zip(guards["floored"], guards["final"])), default=0.0)
         if moved > 1e-9:
             notes.append(f"the minimum width {min_width} moved a cut by up to {moved:.3f}")
-    if have_curve:
+    if have_curve and allocation == "mass":
         shares = segment_masses(grid, processed, final)
         if method == "cbs" and max(shares) - min(shares) < 1e-6:
             notes.append("exact equidistribution: every segment carries 1/K of the mass, so budget shares are equal")
+        else:
+            notes.append("budget shares are the segments' shares of the processed curve's mass")
     else:
         shares = [1.0 / k] * k
-        notes.append("no profile: equal budget shares")
+        notes.append("equal budget shares" + ("" if have_curve else " (no profile)"))
     return Split(boundaries=[float(b) for b in final], shares=shares, method=method, monitor=monitor, guards=guards, notes=notes)
 
 

@@ -115,3 +115,10 @@ def test_budget_below_the_smallest_model_is_refused():
     family, _ = tiny_model("sit")
     with pytest.raises(BudgetError, match="--budget"):
         allocate_widths(family, family.config, 100)
+
+
+def test_uniform_baseline_has_equal_shares_unless_asked_otherwise():
+    phi = np.where(GRID < 0.5, 3.0, 1.0)
+    assert plan_split(2, "uniform", GRID, phi, "dirichlet", gamma=1.0).shares == [0.5, 0.5]
+    weighted = plan_split(2, "uniform", GRID, phi, "dirichlet", gamma=1.0, allocation="mass")
+    assert np.allclose(weighted.shares, [0.75, 0.25], atol=1e-3)
