@@ -86,3 +86,20 @@ def test_a_recognised_architecture_gets_its_bundled_recipe_under_the_users_setti
     assert recipe.lr == 0.001  # the user's flag wins
     assert resolve_recipe([{"checkpoint": "x.pt", "k": 3}], "sit_xl_2").steps == Recipe().steps  # no k3 recipe
     assert resolve_recipe([{"checkpoint": "x.pt"}], None).steps == Recipe().steps
+
+
+def test_help_documents_every_setting(capsys):
+    from dataclasses import fields
+
+    from cbs_convert.cli import main
+
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    text = capsys.readouterr().out
+    for f in fields(Recipe):
+        if f.name != "checkpoint":
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    for flag in ("--recipe", "--resume", "--force", "--debug", "--quiet"):
+        assert flag in text
