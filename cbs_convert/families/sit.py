@@ -232,11 +232,10 @@ class TransformerFamily(Family):
 
     @classmethod
     def config_from_state_dict(cls, state_dict, hints):
-        self = cls
         notes: List[str] = []
         for key in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight", "t_embedder.mlp.0.weight"):
             if key not in state_dict:
-                raise CheckpointError(f"not a {self.name.upper()} state dict: missing key {key}")
+                raise CheckpointError(f"not a {cls.name.upper()} state dict: missing key {key}")
         hidden, in_channels, patch, patch_w = state_dict["x_embedder.proj.weight"].shape
         tokens = state_dict["pos_embed"].shape[1]
         grid = int(round(tokens ** 0.5))
@@ -297,8 +296,8 @@ class TransformerFamily(Family):
             "class_dropout_prob": 0.1 if rows == num_classes + 1 and rows else 0.0,
             "learn_sigma": learn_sigma,
         }
-        config.update(self.time_config(hints, notes))
-        check_keys(state_dict, self.expected_shapes(config), f"{self.name.upper()} checkpoint does not match its own widths")
+        config.update(cls.time_config(hints, notes))
+        check_keys(state_dict, cls.expected_shapes(config), f"{cls.name.upper()} checkpoint does not match its own widths")
         return config, notes
 
     @classmethod
