@@ -121,3 +121,25 @@ def test_torchrun_splits_experts_across_processes_with_the_same_result(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     logs = sorted((tmp_path / "two.safetensors.work" / "finetune").glob("expert_*.log.json"))
     assert len(logs) == 2
+
+
+DIGITS = ROOT / "cbs_convert" / "assets" / "digits_sit.pt"
+
+
+def test_the_bundled_digits_teacher_converts_without_flags(tmp_path):
+    result = run_cli([str(DIGITS), "--k", "2", "--quiet", *QUICK], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "digits_sit-cbs-k2.report.json").read_text())
+    assert report["source"]["params"] == 1_274_372
+    assert any("4 attention heads" in note for note in report["source"]["assumptions"])
+
+
+@pytest.mark.slow
+def test_readme_main_command_with_default_settings(tmp_path):
+    """The README's first command, as it is (about 15 s on 2 cores)."""
+    result = run_cli([str(DIGITS), "--k", "2", "--force"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "digits_sit-cbs-k2.report.json").read_text())
+    for expert in report["evaluation"]["experts"]:
+        assert expert["error_after"] < 0.5 * expert["error_before"]
+    assert (tmp_path / "digits_sit-cbs-k2.profile.png").is_file()
