@@ -69,3 +69,17 @@ def test_data_loss_runs_for_both_families():
         settings = FinetuneSettings(steps=3, batch_size=4, loss="both", seed=0)
         result = finetune_expert(family, teacher, student(), (0.2, 0.7), pool, labels, settings, progress=False)
         assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_data_loss_from_a_given_prediction_equals_running_the_model():
+    from cbs_convert.batches import noised
+
+    for name in ("sit", "dit"):
+        family, model = tiny_model(name)
+        x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+        t, y = torch.tensor([0.1, 0.4, 0.6, 0.9]), torch.randint(0, 10, (4,))
+        with torch.no_grad():
+            prediction = model(noised(family, x0, t, noise), family.native_time(t), y)
+            direct = family.data_loss(model, x0, y, t, noise, teacher_out=prediction)
+            given = family.data_loss(model, x0, y, t, noise, teacher_out=prediction, prediction=prediction)
+        assert torch.allclose(direct, given)

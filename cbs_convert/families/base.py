@@ -143,12 +143,14 @@ class Family:
         return self.velocity_from_native(out, x, t)
 
     def data_loss(
-        self, model: nn.Module, x0: torch.Tensor, y, t: torch.Tensor, noise: torch.Tensor, teacher_out=None
+        self, model: nn.Module, x0: torch.Tensor, y, t: torch.Tensor, noise: torch.Tensor, teacher_out=None,
+        prediction=None,
     ) -> torch.Tensor:
         """The family's own training loss on data ``x0`` at canonical times ``t`` (mean).
 
         ``teacher_out`` is the teacher's native output on the same x_t, for output channels the data
-        cannot supervise (a learned variance)."""
+        cannot supervise (a learned variance). ``prediction``, when given, is ``model``'s native
+        output on x_t = alpha(t) x0 + sigma(t) noise, already computed by the caller."""
         raise NotImplementedError
 
     def guided_forward(self, forward: Callable, x, native_t, y, cfg_scale: float):
@@ -262,10 +264,11 @@ class NoisePredictionDDPM:
     def velocity_from_native(self, native_out, x, t):
         return eps_to_velocity(self.schedule, native_out[:, : x.shape[1]], x, t)
 
-    def data_loss(self, model, x0, y, t, noise, teacher_out=None):
-        alpha, sigma = self.schedule(t)
-        x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
-        out = model(x_t, self.native_time(t), y)
+    def data_loss(self, model, x0, y, t, noise, teacher_out=None, prediction=None):
+        out = prediction
+        if out is None:
+            alpha, sigma = self.schedule(t)
+            out = model(broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise, self.native_time(t), y)
         channels = x0.shape[1]
         loss = torch.nn.functional.mse_loss(out[:, :channels], noise)
         if teacher_out is not None and out.shape[1] > channels:

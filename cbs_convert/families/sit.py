@@ -471,11 +471,13 @@ class SiTFamily(TransformerFamily):
         # SiT's velocity is d/dtau with tau = 1 - t, so the canonical one is its negative.
         return -native_out[:, : x.shape[1]]
 
-    def data_loss(self, model, x0, y, t, noise, teacher_out=None):
+    def data_loss(self, model, x0, y, t, noise, teacher_out=None, prediction=None):
         alpha, sigma, d_alpha, d_sigma = schedule_and_derivative(self.schedule, t)
         x_t = broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise
         target = broadcast_to(d_alpha, x0) * x0 + broadcast_to(d_sigma, x0) * noise
-        return F.mse_loss(self.velocity(model, x_t, t, y), target)
+        if prediction is None:
+            prediction = model(x_t, self.native_time(t), y)
+        return F.mse_loss(self.velocity_from_native(prediction, x_t, t), target)
 
 
 class DiTFamily(NoisePredictionDDPM, TransformerFamily):
