@@ -3,7 +3,7 @@
     python3 benchmarks/digits_benchmark.py            # full run, writes benchmarks/results/digits.{md,json}
     python3 benchmarks/digits_benchmark.py --quick    # smoke run, a few minutes
 
-Source: the bundled digits SiT (``cbs_convert/assets/digits_sit.pt``). Every conversion gets the same
+Source: the bundled digits SiT (``cbs_convert/assets/digits_sit.safetensors``). Every conversion gets the same
 total parameter budget (1x the teacher, summed over its experts), the same total number of
 fine-tuning steps (``--steps``, divided evenly over the K experts; K=1 is the dense teacher
 fine-tuned, so that extra training is not mistaken for the method), the same loss, learning rate and
@@ -57,7 +57,11 @@ METHODS = {
     "K=4 CBS dirichlet": dict(k=4, split="cbs", monitor="dirichlet"),
     "K=2 CBS dirichlet, magnitude pruning": dict(k=2, split="cbs", monitor="dirichlet", prune="magnitude"),
     "K=2 CBS dirichlet, random pruning": dict(k=2, split="cbs", monitor="dirichlet", prune="random"),
+    # the guards against a curve dominated by the data end (run with --methods, see the README)
+    "K=2 CBS dirichlet, gamma 0.25": dict(k=2, split="cbs", monitor="dirichlet", gamma=0.25),
+    "K=2 CBS dirichlet, floor 0.5": dict(k=2, split="cbs", monitor="dirichlet", floor=0.5),
 }
+DEFAULT_METHODS = [name for name in METHODS if "gamma 0.25" not in name and "floor 0.5" not in name]
 PROFILE_FOR_DOCS = "K=2 CBS dirichlet"
 # (row, baseline) pairs whose per-run FD differences the report lists.
 PAIRED = [
@@ -183,7 +187,7 @@ def summarise(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: few steps, few samples, one seed")
-    parser.add_argument("--checkpoint", default=str(ROOT / "cbs_convert" / "assets" / "digits_sit.pt"))
+    parser.add_argument("--checkpoint", default=str(ROOT / "cbs_convert" / "assets" / "digits_sit.safetensors"))
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per conversion, all experts together (default 1200; quick 40)")
     parser.add_argument("--loss", default="distill", choices=("distill", "data", "both"))
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -208,7 +212,7 @@ def main(argv=None):
     samples = args.samples or (200 if args.quick else 1000)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     train_seeds = [int(s) for s in (args.train_seeds or ("0" if args.quick else "0,1")).split(",")]
-    methods = dict(METHODS)
+    methods = {m: METHODS[m] for m in DEFAULT_METHODS}
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(";") if m.strip()]
         methods = {m: METHODS[m] for m in wanted}

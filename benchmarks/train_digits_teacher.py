@@ -4,15 +4,15 @@
 
 Linear path, velocity loss (``SiTFamily.data_loss``, the loss the conversion's ``--loss data``
 uses), label dropout 0.1 into a null row so guidance works, AdamW, EMA. Only the training split
-(``cbs_convert.metrics.load_digits_split``) is seen. Writes ``cbs_convert/assets/digits_sit.pt``,
-a training dict whose ``args`` name the head count and path (the width is unpublished, so the head
-count cannot be read from the weights), and the same EMA weights as a flat
-``digits_sit.safetensors`` for anyone who wants them without a pickle.
+(``cbs_convert.metrics.load_digits_split``) is seen. Writes the EMA weights to
+``cbs_convert/assets/digits_sit.safetensors`` with the training args (head count, path) as JSON in
+its metadata: the width is unpublished, so the head count cannot be read from the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -41,7 +41,7 @@ def main(argv=None):
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="1 avoids OpenMP stalls when the cores are shared")
-    parser.add_argument("--out", type=Path, default=ASSETS / "digits_sit.pt")
+    parser.add_argument("--out", type=Path, default=ASSETS / "digits_sit.safetensors")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -89,18 +89,14 @@ def main(argv=None):
 
     state = {k: v.detach().clone().contiguous() for k, v in ema.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # One dict object under both keys: pickle stores its tensors once, so the file stays small.
-    torch.save(
-        {"model": state, "ema": state,
-         "args": argparse.Namespace(model="SiT-digits", num_heads=CONFIG["num_heads"], path_type="Linear")},
-        args.out,
-    )
     from safetensors.torch import save_file
 
-    save_file(state, str(args.out.with_suffix(".safetensors")))
+    # The head count and path are not visible in the weights; the metadata carries them, so the file
+    # converts without flags and without a pickle.
+    described = {"model": "SiT-digits", "num_heads": CONFIG["num_heads"], "path_type": "Linear"}
+    save_file(state, str(args.out), metadata={"args": json.dumps(described)})
     minutes = (time.time() - began) / 60
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {args.out.with_suffix('.safetensors').name}; "
-          f"{minutes:.1f} min", flush=True)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); {minutes:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

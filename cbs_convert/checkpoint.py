@@ -2,7 +2,8 @@
 
 * a flat state dict in a ``.pt``/``.pth`` file (the released SiT, DiT and ADM weights);
 * a training dict ``{"model", "ema", "opt", "args"}`` (the EMA weights are the ones to convert);
-* a ``.safetensors`` file.
+* a ``.safetensors`` file, optionally with its training args as JSON under the metadata key
+  ``args`` (what a training dict keeps in an ``argparse.Namespace``, without a pickle).
 
 Pickles are read with ``torch.load(weights_only=True)`` and an explicit allow-list holding only
 ``argparse.Namespace`` (what the training dict stores its args in): a pickle that asks for anything
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -60,13 +62,30 @@ def _check_path(path: Path) -> None:
         raise CheckpointError(f"{path}: not readable; check its permissions")
 
 
-def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+#: safetensors metadata key holding JSON training args (model, num_heads, path_type, ...), the
+#: pickle-free counterpart of a training dict's argparse.Namespace
+ARGS_METADATA_KEY = "args"
+
+
+def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)}); it may be truncated") from None
+    args: Dict[str, Any] = {}
+    if ARGS_METADATA_KEY in metadata:
+        try:
+            args = json.loads(metadata[ARGS_METADATA_KEY])
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{path}: metadata '{ARGS_METADATA_KEY}' is not JSON; re-save the file") from None
+        if not isinstance(args, dict):
+            raise CheckpointError(f"{path}: metadata '{ARGS_METADATA_KEY}' must be a JSON object")
+    return tensors, args
 
 
 def _first_line(exc: BaseException) -> str:
@@ -133,8 +152,8 @@ def read_checkpoint(path) -> SourceCheckpoint:
     with open(path, "rb") as handle:
         magic = handle.read(8)
     if path.suffix == ".safetensors" or (len(magic) == 8 and int.from_bytes(magic, "little") < (1 << 27) and path.suffix not in (".pt", ".pth", ".ckpt", ".bin")):
-        state_dict = _load_safetensors(path)
-        container, args = "safetensors", {}
+        state_dict, args = _load_safetensors(path)
+        container = "safetensors"
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
         state_dict, container, args = _unwrap(_load_pickle(path), path)
     else:

@@ -26,7 +26,7 @@ from torch import nn
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
-TEACHER_PATH = ASSETS / "digits_sit.pt"
+TEACHER_PATH = ASSETS / "digits_sit.safetensors"
 SPLIT_SEED = 0
 HELD_OUT = 0.2
 

@@ -123,7 +123,7 @@ def test_torchrun_splits_experts_across_processes_with_the_same_result(tmp_path)
     assert len(logs) == 2
 
 
-DIGITS = ROOT / "cbs_convert" / "assets" / "digits_sit.pt"
+DIGITS = ROOT / "cbs_convert" / "assets" / "digits_sit.safetensors"
 
 
 def test_the_bundled_digits_teacher_converts_without_flags(tmp_path):

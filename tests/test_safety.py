@@ -310,3 +310,18 @@ def test_sigkill_while_writing_leaves_the_previous_output(tiny_pt, tmp_path):
                            env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert not list(tmp_path.glob(".tiny-cbs-k2.safetensors.*.partial"))
+
+
+def test_safetensors_args_metadata_is_read_and_checked(tmp_path, capsys, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    _, model = tiny_model("sit")
+    described = tmp_path / "described.safetensors"
+    save_file(model.state_dict(), str(described), metadata={"args": json.dumps({"num_heads": 4, "model": "SiT-tiny"})})
+    code, _, err = cli([described, "--k", "2", *QUICK], capsys)
+    assert code == 0, err
+    broken = tmp_path / "broken_meta.safetensors"
+    save_file(model.state_dict(), str(broken), metadata={"args": "{not json"})
+    code, _, err = cli([broken, "--k", "2"], capsys)
+    assert_one_line_error(code, err, "broken_meta.safetensors", "not JSON")
