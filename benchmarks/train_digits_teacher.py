@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cbs_convert.families.sit import SiTFamily, initialize_for_training  # noqa: E402
+from cbs_convert.finetune import ema_update  # noqa: E402
 from cbs_convert.metrics import ASSETS, load_digits_split  # noqa: E402
 
 CONFIG = dict(
@@ -78,10 +79,7 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         if (step + 1) % 500 == 0 or step + 1 == args.steps:

@@ -10,7 +10,6 @@ quality; the quality claims are measured on the digits teacher. On a GPU run the
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile

@@ -61,7 +61,7 @@ def _flag_values(namespace) -> Dict[str, object]:
         kind = _base_type(name)
         if isinstance(raw, str) and kind in (int, float):
             try:
-                raw = kind(float(raw)) if kind is int and raw.replace(".", "", 1).isdigit() and float(raw).is_integer() else kind(raw)
+                raw = float(raw) if kind is float else int(raw)
             except ValueError:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batches import draw_batch, noised, segment_inputs
+from .files import atomic_write
 from .families.base import Family
 
 LOSSES = ("distill", "data", "both")
@@ -61,10 +61,11 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
 
 
-def _save_state(path: Path, state: Dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
 
 
 def finetune_expert(
@@ -139,10 +140,7 @@ def finetune_expert(
         if settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
         optimizer.step()
-        decay = min(settings.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, s in zip(ema.parameters(), student.parameters()):
-                e.lerp_(s, 1 - decay)
+        ema_update(ema, student, min(settings.ema_decay, (1 + step) / (10 + step)))
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"{description}: loss became {value} at step {step}; lower --lr")
@@ -153,16 +151,14 @@ def finetune_expert(
             bar.set_postfix(loss=f"{value:.4g}")
         done = step + 1
         if state_path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
-            _save_state(
-                state_path,
-                {
-                    "student": student.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": done,
-                    "losses": losses,
-                },
-            )
+            state = {
+                "student": student.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": done,
+                "losses": losses,
+            }
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         if stop_after is not None and ran >= stop_after:
             break
     if bar is not None:

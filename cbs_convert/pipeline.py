@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from .checkpoint import hints_from_args, read_checkpoint
 from .errors import CheckpointError, RecipeError, WorkdirError
 from .families import detect
+from .files import atomic_write_json
 from .finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
@@ -38,12 +39,6 @@ class ConversionResult:
     output: Path
     report: Dict[str, Any]
     report_files: List[Path] = field(default_factory=list)
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path):
@@ -166,7 +161,7 @@ class Conversion:
                     "rerun with the same settings or --force to start over"
                 )
         else:
-            _write_json(run_file, identity)
+            atomic_write_json(run_file, identity)
 
     def pool(self):
         began = time.time()
@@ -234,7 +229,7 @@ class Conversion:
                 r.profile_batches, r.profile_batch_size, r.seed, self.pool_source, bar,
             )
             bar.close()
-            _write_json(path, self.profile_result.to_dict())
+            atomic_write_json(path, self.profile_result.to_dict())
         self.timings["profile"] = time.time() - began
 
     def split(self):
@@ -257,7 +252,7 @@ class Conversion:
         total = parse_budget(r.budget, self.source_params)
         self.targets = budget_targets(total, self.split_result.shares, self.source_params)
         self.expert_configs = [allocate_widths(self.family, self.config, t) for t in self.targets]
-        _write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
+        atomic_write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
 
     def prune(self):
         began = time.time()
@@ -283,7 +278,7 @@ class Conversion:
                     self.family, self.teacher, self.source.state_dict, self.config, config, r.prune, calibration, seed=r.seed + k
                 )
                 kept = {name: index.tolist() for name, index in kept_tensors.items()}
-                _write_json(folder / f"expert_{k}.kept.json", kept)
+                atomic_write_json(folder / f"expert_{k}.kept.json", kept)
                 save_safetensors_atomic(sd, path)
             self.pruned.append(self.family.instantiate(config, sd).to(self.device))
             self.kept_summary.append(kept)
@@ -313,7 +308,7 @@ class Conversion:
                 settings, state_path=folder / f"expert_{k}.state.pt", progress=self.progress,
                 description=f"expert {k + 1}/{r.k} [{segment[0]:.3f}, {segment[1]:.3f}]",
             )
-            _write_json(folder / f"expert_{k}.log.json", {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
+            atomic_write_json(folder / f"expert_{k}.log.json", {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
             save_safetensors_atomic(result.model.state_dict(), final)
         self.timings["finetune"] = time.time() - began
 

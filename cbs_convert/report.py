@@ -3,9 +3,10 @@ matplotlib is installed (an optional extra)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List
+
+from .files import atomic_write_json, atomic_write_text
 
 
 def _fmt_int(n: int) -> str:
@@ -114,10 +115,10 @@ def write_reports(report: Dict[str, Any], output: Path) -> List[Path]:
     stem = Path(str(output).removesuffix(".safetensors"))
     files = []
     json_path = stem.with_name(stem.name + ".report.json")
-    json_path.write_text(json.dumps(report, indent=2))
+    atomic_write_json(json_path, report)
     files.append(json_path)
     md_path = stem.with_name(stem.name + ".report.md")
-    md_path.write_text(markdown(report))
+    atomic_write_text(md_path, markdown(report))
     files.append(md_path)
     png_path = stem.with_name(stem.name + ".profile.png")
     if plot_profile(report, png_path):

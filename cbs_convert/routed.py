@@ -9,8 +9,6 @@ config and parameter count, the profile, the source hash and parameter count, an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, WorkdirError
+from .files import atomic_write
 from .families import family_from_config
 from .families.base import Family, check_keys
 
@@ -72,26 +71,11 @@ class RoutedModel(nn.Module):
         return self.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
 
 
-def _atomic_write(write, path: Path) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(lambda tmp: save_file(tensors, tmp, metadata=metadata), Path(path))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_routed(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,6 @@ from .base import (
     WidthKnob,
     broadcast_to,
     check_keys,
-    eps_to_velocity,
     schedule_and_derivative,
 )
 
