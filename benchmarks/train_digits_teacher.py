@@ -89,9 +89,11 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    # The head count and path are not visible in the weights; the metadata carries them, so the file
-    # converts without flags and without a pickle.
-    described = {"model": "SiT-digits", "num_heads": CONFIG["num_heads"], "path_type": "Linear"}
+    # The head count, path and class count are not visible in the weights (the label table's last
+    # row may or may not be a null class); the metadata carries them, so the file converts without
+    # flags and without a pickle.
+    described = {"model": "SiT-digits", "num_heads": CONFIG["num_heads"], "path_type": "Linear",
+                 "num_classes": CONFIG["num_classes"], "class_dropout_prob": CONFIG["class_dropout_prob"]}
     save_file(state, str(args.out), metadata={"args": json.dumps(described)})
     minutes = (time.time() - began) / 60
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); {minutes:.1f} min", flush=True)

@@ -140,9 +140,23 @@ def _unwrap(obj: Any, path: Path) -> Tuple[Dict[str, torch.Tensor], str, Dict[st
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is {type(value).__name__}, not a tensor")
-        # DataParallel / DDP prefixes are a saving accident, not part of the architecture.
-        tensors[key[7:] if key.startswith("module.") else key] = value
+        tensors[_strip_wrappers(key)] = value
     return tensors, container, args
+
+
+#: Prefixes that wrappers add to every key when their state dict is saved: DataParallel/DDP
+#: ("module.") and torch.compile ("_orig_mod."), in either order. A saving accident, not architecture.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrappers(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
 
 
 def read_checkpoint(path) -> SourceCheckpoint:
@@ -153,6 +167,7 @@ def read_checkpoint(path) -> SourceCheckpoint:
         magic = handle.read(8)
     if path.suffix == ".safetensors" or (len(magic) == 8 and int.from_bytes(magic, "little") < (1 << 27) and path.suffix not in (".pt", ".pth", ".ckpt", ".bin")):
         state_dict, args = _load_safetensors(path)
+        state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
         container = "safetensors"
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
         state_dict, container, args = _unwrap(_load_pickle(path), path)
@@ -180,14 +195,19 @@ def read_checkpoint(path) -> SourceCheckpoint:
 
 
 def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
-    """What a training dict's args tell about the architecture and time convention."""
+    """What a checkpoint's saved args say, each under ``args_<name>``.
+
+    Kept apart from the user's flags (plain names), so that a family can check the args against the
+    weights and say which of the two a setting came from. ``path`` is the exception: the weights
+    cannot contradict a SiT path, so the args' one is used like a flag.
+    """
     hints: Dict[str, Any] = {}
     if "model" in args:
         hints["args_model"] = str(args["model"])
     if "path_type" in args:
         hints["args_path_type"] = str(args["path_type"])
         hints["path"] = str(args["path_type"]).lower()
-    for key in ("num_heads", "num_classes"):
-        if key in args:
-            hints[key] = args[key]
+    for key in ("num_heads", "num_classes", "class_dropout_prob", "image_size", "learn_sigma"):
+        if args.get(key) is not None:
+            hints[f"args_{key}"] = args[key]
     return hints

@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
     parser.add_argument("--resume", action="store_true", help="continue the run kept in the work directory")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output and start the work directory over")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an existing output and start the work directory over (only files a run listed there are removed)")
+    parser.add_argument("--keep-workdir", action="store_true",
+                        help="keep the experts' weights and optimizer states in the work directory after success")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -77,11 +80,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings.update(_flag_values(args))
         from .pipeline import Conversion
 
-        result = Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force).run()
+        result = Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force,
+                            keep_workdir=args.keep_workdir, on_warning=_print_warning).run()
     except UserError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no outside the writers that name their file
+        if args.debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}; fix the path or its permissions, then rerun "
+              "(with --resume if a work directory was made)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
@@ -98,6 +109,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _print_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _summary(result) -> None:
     report = result.report
     split = report["split"]
@@ -112,3 +127,13 @@ def _summary(result) -> None:
         )
     for path in result.report_files:
         print(f"  report: {path}")
+    work = report.get("workdir")
+    if work:
+        kept = f"{work['path']} keeps the profile, split, pool and logs ({work['kept_bytes'] / 1e6:.1f} MB)"
+        if work["removed"]:
+            print(f"  work: {kept}; the experts' weights and optimizer states ({work['removable_bytes'] / 1e6:.1f} MB) "
+                  "were removed (--keep-workdir keeps them)")
+        else:
+            print(f"  work: {kept}, and the experts' weights and optimizer states ({work['removable_bytes'] / 1e6:.1f} MB)")
+    for warning in report.get("warnings", []):
+        print(f"  warning: {warning}")

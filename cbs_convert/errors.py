@@ -24,3 +24,16 @@ class BudgetError(UserError):
 
 class WorkdirError(UserError):
     """The work directory or output path conflicts with the request."""
+
+
+class WriteError(UserError):
+    """A file could not be written: no space, no permission, a read-only file system."""
+
+
+class WarningNote(str):
+    """A note about the source that the user should see at once, not only in the report: an
+    assumption the file does not confirm. It is a plain string everywhere else."""
+
+
+def is_warning(note) -> bool:
+    return isinstance(note, WarningNote)

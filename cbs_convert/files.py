@@ -8,25 +8,57 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import WorkdirError, WriteError
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
     """Write through ``write(tmp_path)`` to a hidden temporary beside ``path``, then rename it in.
 
     The temporary is named ``.{name}.*.partial``; a run killed mid-write leaves only that behind.
+    The file gets the mode ``open()`` would give it (0666 less the umask), not mkstemp's private
+    0600. A failed write (no space, no permission) raises WriteError naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=str(path.parent))
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=str(path.parent))
+        os.close(fd)
         write(tmp)
+        # after the write: some writers (safetensors) replace the file rather than fill it
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot write {path}: {reason}") from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _write_failure(exc: BaseException):
+    """The reason, when ``exc`` is the file system refusing a write; None for anything else.
+
+    torch.save and safetensors do not raise OSError for a full disk: torch's zip writer raises a
+    RuntimeError ("file write failed"), safetensors its own error carrying the OS error code.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if "write failed" in text or "PytorchStreamWriter" in text or "os error" in text.lower() or "Os { code" in text:
+        return text.splitlines()[0][:200]
+    return None
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -35,3 +67,26 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2))
+
+
+def check_writable(directory, flag: str) -> None:
+    """Refuse a folder the run could not write into, before any work is done.
+
+    The folder may not exist yet: then the nearest existing parent must take new entries. Probed by
+    creating and removing a file, which also catches read-only mounts that mode bits do not show.
+    """
+    directory = Path(directory)
+    probe_in = directory
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise WorkdirError(f"{flag} {directory}: {probe_in} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(prefix=".cbs_convert-probe-", dir=str(probe_in)):
+            pass
+    except OSError as exc:
+        raise WorkdirError(
+            f"{flag} {directory}: cannot write in {probe_in} ({exc.strerror or exc}); choose a writable location"
+        ) from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 
 from .checkpoint import hints_from_args, read_checkpoint
-from .errors import CheckpointError, RecipeError, WorkdirError
+from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
-from .files import atomic_write_json
+from .files import atomic_write_json, check_writable
 from .finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
@@ -32,6 +31,7 @@ from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_
 from .routed import save_routed, save_safetensors_atomic
 from .sample import sample_ode
 from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
+from .workdir import MARKER, WorkDir
 
 
 @dataclass
@@ -39,6 +39,20 @@ class ConversionResult:
     output: Path
     report: Dict[str, Any]
     report_files: List[Path] = field(default_factory=list)
+
+
+#: what a finished run keeps of its work directory: small, and what the report and a later
+#: --resume of the profile and split need. The weights and optimizer states go (GBs at XL size).
+KEPT_AFTER_SUCCESS = ("pool.safetensors", "profile.json", "split.json", "pruned/*.kept.json", "finetune/*.log.json")
+
+
+def work_files(k: int) -> List[str]:
+    """Every file a run of ``k`` experts may write into its work directory (the marker's list)."""
+    names = [MARKER, "pool.safetensors", "profile.json", "split.json"]
+    for e in range(k):
+        names += [f"pruned/expert_{e}.safetensors", f"pruned/expert_{e}.kept.json", f"finetune/expert_{e}.safetensors",
+                  f"finetune/expert_{e}.state.pt", f"finetune/expert_{e}.log.json"]
+    return names
 
 
 def _read_json(path: Path):
@@ -93,10 +107,14 @@ def resolve_recipe(user_layers: List[Dict[str, Any]], source_config_stem=None) -
 class Conversion:
     """One conversion run. ``run()`` executes the stages; each is also a method of its own."""
 
-    def __init__(self, settings: Dict[str, Any], progress: bool = True, resume: bool = False, force: bool = False):
+    def __init__(self, settings: Dict[str, Any], progress: bool = True, resume: bool = False, force: bool = False,
+                 keep_workdir: bool = False, on_warning=None):
         self.progress = progress
         self.resume = resume
         self.force = force
+        self.keep_workdir = keep_workdir
+        self.on_warning = on_warning
+        self.warnings: List[str] = []
         self.timings: Dict[str, float] = {}
         # Validate the user's settings alone first, so a bad flag fails before the checkpoint loads.
         build_recipe(settings)
@@ -106,18 +124,23 @@ class Conversion:
         k = settings.get("k", Recipe.k)
         self.output = Path(settings.get("out") or default_output(settings["checkpoint"], k))
         self.workdir = Path(settings.get("workdir") or str(self.output) + ".work")
+        self.work = WorkDir(self.workdir)
         source_path = Path(settings["checkpoint"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 owns the output and the work directory; the others only read them
         if source_path.exists() and self.output.exists() and self.output.resolve() == source_path.resolve():
             raise WorkdirError(f"--out {self.output} is the source checkpoint; choose another output path")
+        if self.output.is_dir():
+            raise WorkdirError(f"--out {self.output} is a directory; give a file name such as {self.output / 'model.safetensors'}")
         if self.output.exists() and not force:
             raise WorkdirError(f"{self.output} exists; pass --force to overwrite it or --out to choose another path")
+        self.work.check_usable(resume, force)
+        # Found now, not after hours of work: every file of the run goes into these two folders.
+        check_writable(self.output.parent, "--out")
+        check_writable(self.workdir, "--workdir")
         # A run killed while writing leaves only a hidden temporary beside the output; clear it.
         for stale in self.output.parent.glob(f".{self.output.name}.*.partial"):
             stale.unlink()
-        if self.workdir.exists() and any(self.workdir.iterdir()) and not (resume or force):
-            raise WorkdirError(f"work directory {self.workdir} holds an earlier run; pass --resume to continue it or --force to start over")
 
     # -- stages ---------------------------------------------------------------------------------
     def load(self):
@@ -130,6 +153,9 @@ class Conversion:
                 hints[key] = self.user_settings[key]
         hints["source_name"] = str(self.source.path)
         self.family, self.notes = detect(self.source.state_dict, hints)
+        for note in self.notes + self.source.notes:
+            if is_warning(note):
+                self.warn(note)
         self.config = self.family.config
         self.recipe = resolve_recipe([self.user_settings], self.family.recipe_name(self.config))
         self.device = _resolve_device(self.recipe.device)
@@ -137,35 +163,32 @@ class Conversion:
         self.teacher = self.family.instantiate(self.config, self.source.state_dict)
         self.teacher.to(self.device).eval().requires_grad_(False)
         self.source_params = self.family.param_count(self.config)
-        check_budget_feasible(self.family, self.config, parse_budget(self.recipe.budget, self.source_params), self.recipe.k)
+        total = parse_budget(self.recipe.budget, self.source_params)
+        check_budget_feasible(self.family, self.config, total, self.recipe.k)
+        if total > self.recipe.k * self.source_params:
+            self.warn(
+                f"budget {self.recipe.budget} ({total:,} parameters) is more than {self.recipe.k} full-width experts can use "
+                f"({self.recipe.k} x {self.source_params:,}); an expert never grows past the source, so the total is "
+                f"{self.recipe.k * self.source_params:,}"
+            )
         if self.recipe.label_dropout is None:
             self.recipe.label_dropout = float(self.config.get("class_dropout_prob", 0.0))
         self.timings["load"] = time.time() - began
 
     def prepare_workdir(self):
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.force and not self.resume:
-            for child in self.workdir.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        run_file = self.workdir / "run.json"
         current = {k: v for k, v in self.recipe.to_dict().items() if k not in RUN_ONLY}
-        identity = {"source_sha256": self.source.sha256, "recipe": current}
-        if run_file.exists():
-            stored = _read_json(run_file)
-            if stored.get("source_sha256") != self.source.sha256:
-                raise WorkdirError(f"{self.workdir} belongs to another source checkpoint; use --force to start over")
-            changed = [k for k in current if stored["recipe"].get(k) != current[k]]
-            if changed:
-                raise WorkdirError(
-                    f"{self.workdir} was made with different settings ({', '.join(changed[:4])}); "
-                    "rerun with the same settings or --force to start over"
-                )
-        else:
-            atomic_write_json(run_file, identity)
+        self.work.start({"source_sha256": self.source.sha256, "recipe": current}, work_files(self.recipe.k),
+                        resume=self.resume, force=self.force)
+
+    def warn(self, message: str) -> None:
+        """Something the user should know now, not only in the report: printed at once, reported."""
+        self.warnings.append(str(message))
+        if self.on_warning is not None:
+            self.on_warning(str(message))
 
     def pool(self):
         began = time.time()
-        path = self.workdir / "pool.safetensors"
+        path = self.work.path("pool.safetensors")
         r = self.recipe
         if r.data:
             from .data import load_latents
@@ -215,7 +238,7 @@ class Conversion:
 
     def profile(self):
         began = time.time()
-        path = self.workdir / "profile.json"
+        path = self.work.path("profile.json")
         r = self.recipe
         if path.exists():
             self.profile_result = Profile.from_dict(_read_json(path))
@@ -233,7 +256,7 @@ class Conversion:
         self.timings["profile"] = time.time() - began
 
     def split(self):
-        path = self.workdir / "split.json"
+        path = self.work.path("split.json")
         r = self.recipe
         if path.exists():
             stored = _read_json(path)
@@ -256,18 +279,17 @@ class Conversion:
 
     def prune(self):
         began = time.time()
-        folder = self.workdir / "pruned"
-        folder.mkdir(exist_ok=True)
         r = self.recipe
         self.pruned: List[torch.nn.Module] = []
         self.kept_summary = []
         for k, (segment, config) in enumerate(zip(self.split_result.segments, self.expert_configs)):
-            path = folder / f"expert_{k}.safetensors"
-            if path.exists():
+            path = self.work.path(f"pruned/expert_{k}.safetensors")
+            kept_path = self.work.path(f"pruned/expert_{k}.kept.json")
+            if path.exists() and kept_path.exists():
                 from safetensors.torch import load_file
 
                 sd = load_file(str(path))
-                kept = _read_json(folder / f"expert_{k}.kept.json")
+                kept = _read_json(kept_path)
             else:
                 calibration = None
                 if r.prune == "segment":
@@ -278,7 +300,7 @@ class Conversion:
                     self.family, self.teacher, self.source.state_dict, self.config, config, r.prune, calibration, seed=r.seed + k
                 )
                 kept = {name: index.tolist() for name, index in kept_tensors.items()}
-                atomic_write_json(folder / f"expert_{k}.kept.json", kept)
+                atomic_write_json(kept_path, kept)
                 save_safetensors_atomic(sd, path)
             self.pruned.append(self.family.instantiate(config, sd).to(self.device))
             self.kept_summary.append(kept)
@@ -286,8 +308,6 @@ class Conversion:
 
     def finetune(self, rank: int = 0, world: int = 1):
         began = time.time()
-        folder = self.workdir / "finetune"
-        folder.mkdir(exist_ok=True)
         r = self.recipe
         settings = FinetuneSettings(
             steps=r.steps, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
@@ -297,7 +317,7 @@ class Conversion:
         for k, segment in enumerate(self.split_result.segments):
             if k % world != rank:
                 continue
-            final = folder / f"expert_{k}.safetensors"
+            final = self.work.path(f"finetune/expert_{k}.safetensors")
             if final.exists():
                 continue
             # a copy: the pruned model stays as it was, for the before/after comparison
@@ -305,10 +325,10 @@ class Conversion:
             student = self.family.instantiate(self.expert_configs[k], weights)
             result = finetune_expert(
                 self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
-                settings, state_path=folder / f"expert_{k}.state.pt", progress=self.progress,
+                settings, state_path=self.work.path(f"finetune/expert_{k}.state.pt"), progress=self.progress,
                 description=f"expert {k + 1}/{r.k} [{segment[0]:.3f}, {segment[1]:.3f}]",
             )
-            atomic_write_json(folder / f"expert_{k}.log.json", {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
+            atomic_write_json(self.work.path(f"finetune/expert_{k}.log.json"), {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
             save_safetensors_atomic(result.model.state_dict(), final)
         self.timings["finetune"] = time.time() - began
 
@@ -317,7 +337,7 @@ class Conversion:
 
         self.finetuned = []
         for k, config in enumerate(self.expert_configs):
-            weights = load_file(str(self.workdir / "finetune" / f"expert_{k}.safetensors"))
+            weights = load_file(str(self.work.path(f"finetune/expert_{k}.safetensors")))
             self.finetuned.append(self.family.instantiate(config, weights).to(self.device))
 
     def evaluate(self) -> Dict[str, Any]:
@@ -369,6 +389,7 @@ class Conversion:
             "budget": {"setting": r.budget, "total": parse_budget(r.budget, self.source_params),
                        "achieved": sum(e["params"] for e in evaluation["experts"])},
             "evaluation": evaluation,
+            "warnings": self.warnings,
             "timings_s": self.timings,
             "recipe": r.to_dict(),
             "device": str(self.device),
@@ -383,10 +404,31 @@ class Conversion:
             self.output, self.family, [m.state_dict() for m in self.finetuned], self.expert_configs,
             self.split_result.boundaries, extra=extra, overwrite=True,
         )
+        report["workdir"] = self.tidy_workdir()
         files = write_reports(report, self.output)
         return ConversionResult(self.output, report, files)
 
+    def tidy_workdir(self) -> Dict[str, Any]:
+        """Once the routed file is written, drop the weights and optimizer states from the work dir."""
+        from fnmatch import fnmatch
+
+        listed = work_files(self.recipe.k)
+        present = [n for n in listed if (self.workdir / n).is_file()]
+        heavy = [n for n in present if n != MARKER and not any(fnmatch(n, pattern) for pattern in KEPT_AFTER_SUCCESS)]
+        kept = [n for n in present if n not in heavy]
+        summary = {"path": str(self.workdir), "kept": kept, "kept_bytes": self.work.size_of(kept),
+                   "removable": heavy, "removable_bytes": self.work.size_of(heavy), "removed": not self.keep_workdir}
+        if not self.keep_workdir:
+            self.work.remove(heavy)
+        return summary
+
     def run(self) -> ConversionResult:
+        try:
+            return self._run()
+        except WriteError as exc:
+            raise WriteError(f"{exc}; the work directory {self.workdir} is kept: fix that, then rerun with --resume") from None
+
+    def _run(self) -> ConversionResult:
         began = time.time()
         rank, world = _distributed()
         self.load()
@@ -438,7 +480,8 @@ def _bar(enabled: bool, total: int, description: str):
     return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
 
 
-def convert(checkpoint=None, recipe=None, progress: bool = False, resume: bool = False, force: bool = False, **settings) -> ConversionResult:
+def convert(checkpoint=None, recipe=None, progress: bool = False, resume: bool = False, force: bool = False,
+            keep_workdir: bool = False, **settings) -> ConversionResult:
     """Run every stage. ``recipe`` is a YAML path, a dict or a Recipe; keyword settings override it."""
     layers: Dict[str, Any] = {}
     if isinstance(recipe, (str, Path)):
@@ -450,4 +493,11 @@ def convert(checkpoint=None, recipe=None, progress: bool = False, resume: bool =
     if checkpoint is not None:
         settings["checkpoint"] = str(checkpoint)
     layers.update({k: v for k, v in settings.items() if v is not None})
-    return Conversion(layers, progress=progress, resume=resume, force=force).run()
+    return Conversion(layers, progress=progress, resume=resume, force=force, keep_workdir=keep_workdir,
+                      on_warning=_warn_python).run()
+
+
+def _warn_python(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -209,8 +209,9 @@ def validate(r: Recipe) -> None:
         if _base_type(name) == "floats" and value is not None:
             need(all(math.isfinite(v) for v in value), f"{name}={value} must hold finite numbers")
     need(r.k >= 1, f"k={r.k}: need at least one expert (--k 1 or more)")
-    need(0 < r.min_width and r.k * r.min_width <= 1 + 1e-12,
-         f"k={r.k} segments of minimum width {r.min_width} do not fit in [0, 1]; lower --k or --min-width")
+    need(r.min_width > 0, f"min_width={r.min_width} must be positive (a segment needs training times)")
+    need(r.k * r.min_width <= 1 + 1e-12,
+         f"k={r.k} segments of min_width={r.min_width} do not fit in [0, 1]; lower --k or --min-width")
     for name in ("steps", "batch_size", "grid", "profile_batches", "profile_batch_size", "pool_size", "ode_steps",
                  "calib_batches", "checkpoint_every", "eval_samples"):
         need(getattr(r, name) > 0, f"{name}={getattr(r, name)} must be positive")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_write, atomic_write_json, atomic_write_text
 
 
 def _fmt_int(n: int) -> str:
@@ -25,6 +25,8 @@ def markdown(report: Dict[str, Any]) -> str:
         "Assumed or read from the checkpoint:",
         *[f"- {note}" for note in src["assumptions"]],
         "",
+        *(["**Warnings** (also printed when the run started):", *[f"- {w}" for w in report["warnings"]], ""]
+          if report.get("warnings") else []),
         "## Profile and split",
         "",
     ]
@@ -70,6 +72,12 @@ def markdown(report: Dict[str, Any]) -> str:
     if ev["seams"]:
         lines += ["", "Seams (relative gap between neighbouring experts at their boundary):", ""]
         lines += [f"- t = {s['boundary']:.4f}: {s['before']:.4f} before fine-tuning, {s['after']:.4f} after" for s in ev["seams"]]
+    work = report.get("workdir")
+    if work:
+        lines += ["", f"Work directory `{work['path']}`: kept {', '.join(work['kept'])} ({work['kept_bytes'] / 1e6:.1f} MB); "
+                  + (f"removed the expert weights and optimizer states ({work['removable_bytes'] / 1e6:.1f} MB)"
+                     if work["removed"] else f"expert weights and optimizer states kept ({work['removable_bytes'] / 1e6:.1f} MB, --keep-workdir)")
+                  + "."]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)
 
@@ -106,7 +114,7 @@ def plot_profile(report: Dict[str, Any], path: Path) -> bool:
         ax.set_xlim(0, 1)
     fig.suptitle(f"{report['source']['architecture'].split(':')[0]}: phi(t) ± 2 s.e., cuts and budget shares", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return True
 

@@ -30,6 +30,7 @@ def save_training_dict(path, model, num_heads, model_name="SiT-tiny/2"):
     """The layout of the official training scripts: model, ema, opt, args (an argparse.Namespace)."""
     sd = model.state_dict()
     torch.save(
-        {"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model=model_name, num_heads=num_heads)},
+        # the official scripts save num_classes among the args; it settles whether the table has a null row
+        {"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model=model_name, num_heads=num_heads, num_classes=10)},
         path,
     )

@@ -296,3 +296,33 @@ def test_conversion_of_a_tiny_adm_end_to_end(tmp_path, capsys):
                      "--ode-steps", "2", "--grid", "2", "--profile-batches", "1", "--profile-batch-size", "2",
                      "--out", str(tmp_path / "too_small.safetensors")])
     assert code == 2 and "budget" in capsys.readouterr().err
+
+
+def test_the_512_layout_whose_first_multiplier_is_a_half():
+    """guided-diffusion sizes the input convolution by int(channel_mult[0] * model_channels), so
+    the 512x512 model's input conv has 128 channels for model_channels 256: both must be read right."""
+    facts = PUBLISHED["adm_512"]
+    config = {"in_channels": 3, "model_channels": 256, "channel_mult": facts["channel_mult"], "num_res_blocks": 2,
+              "attention_ds": facts["attention_ds"], "num_heads": 4, "num_head_channels": 64, "num_classes": 1000,
+              "learn_sigma": True, "image_size": 512, "attention_order": "legacy"}
+    with torch.device("meta"):
+        sd = ADM.build(dict(config)).state_dict()
+    assert tuple(sd["input_blocks.0.0.weight"].shape) == (128, 3, 3, 3)
+    assert tuple(sd["time_embed.0.weight"].shape) == (1024, 256)
+    assert tuple(sd["input_blocks.1.0.in_layers.2.weight"].shape) == (128, 128, 3, 3)
+    assert tuple(sd["out.2.weight"].shape) == (6, 128, 3, 3)
+    family, notes = detect(sd, {})
+    read = family.config
+    assert read["model_channels"] == 256 and read["channel_mult"] == [0.5, 1, 1, 2, 2, 4, 4]
+    assert any("ADM-512" in note for note in notes) and read["image_size"] == 512
+    assert family.param_count(read) == sum(v.numel() for v in sd.values())
+
+
+def test_a_tiny_unet_with_a_half_first_multiplier_round_trips():
+    family, model = tiny(model_channels=64, channel_mult=[0.5, 1])
+    read, _ = detect(model.state_dict(), HINTS)
+    assert read.config["model_channels"] == 64 and read.config["channel_mult"] == [0.5, 1]
+    rebuilt = read.instantiate(read.config, model.state_dict())
+    x, steps, y = inputs(read)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, steps, y), model(x, steps, y))

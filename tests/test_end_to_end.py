@@ -55,7 +55,9 @@ def test_cli_converts_a_tiny_checkpoint_and_the_result_samples(tmp_path, name):
     assert samples.shape == (4, 4, 8, 8) and torch.isfinite(samples).all()
     with torch.no_grad():
         native = routed.family.native_time(torch.tensor([0.1, 0.9, 0.4, 0.6]))
-        assert routed(torch.randn(4, 4, 8, 8), native, labels).shape[1] == model.out_channels if name == "dit" else 4
+        # SiT's forward drops the learned-variance half, DiT's keeps it, as in the reference code
+        channels = model.out_channels if name == "dit" else 4
+        assert routed(torch.randn(4, 4, 8, 8), native, labels).shape[1] == channels
 
 
 def test_library_call_with_data_uniform_split_and_magnitude_pruning(tmp_path):

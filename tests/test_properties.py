@@ -1,8 +1,15 @@
-"""Property-based: whatever the flags or recipe values, never a traceback; exit 0 or 2."""
+"""Property-based: whatever the flags or recipe values, either a conversion that did what the flags
+asked, or exit 2 with one line that names an offending flag or key."""
+
+import contextlib
+import io
+import json
+import re
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import pytest
 
 from cbs_convert.cli import main
 from cbs_convert.errors import RecipeError
@@ -37,7 +44,7 @@ FLAG_VALUES = {
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(sorted(FLAG_VALUES)), st.just(None), max_size=5).flatmap(
     lambda keys: st.fixed_dictionaries({k: FLAG_VALUES[k] for k in keys})))
-def test_cli_flags_never_traceback(tmp_path_factory, capsys_holder, flags):
+def test_cli_flags_do_what_they_say_or_name_the_bad_one(tmp_path_factory, flags):
     tmp = tmp_path_factory.mktemp("prop")
     _, model = tiny_model("sit")
     source = tmp / "tiny.pt"
@@ -51,13 +58,44 @@ def test_cli_flags_never_traceback(tmp_path_factory, capsys_holder, flags):
         argv += ["--steps", "2"]
     for flag, value in flags.items():
         argv += [flag, str(value)]
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys_holder.readouterr().err
-    assert code in (0, 2), (argv, err)
+    stderr = io.StringIO()
+    # redirected here, inside the example: pytest re-installs its own capture around each test
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    err = stderr.getvalue()
     assert "Traceback" not in err
+    if code == 2:
+        errors = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: "), (argv, err)
+        assert any(_names(errors[0], flag) for flag in flags) or "unrecognized" in errors[0], (flags, errors[0])
+        return
+    assert code == 0, (argv, err)
+    report = json.loads((tmp / "o.report.json").read_text())
+    recipe = report["recipe"]
+    for flag, value in flags.items():
+        name = flag[2:].replace("-", "_")
+        if name in ("k", "steps", "grid"):
+            assert recipe[name] == int(value), (flag, value, recipe[name])
+        elif name in ("split", "prune", "loss", "monitor"):
+            assert recipe[name] == value or (name == "split" and recipe[name] == "explicit")
+    assert len(report["evaluation"]["experts"]) == recipe["k"]
+
+
+#: words by which an error line may name each flag (its recipe key, the flag, or the thing it sets)
+ALIASES = {
+    "--k": ("k=", "--k", "k "), "--min-width": ("min_width", "minimum width", "--min-width"),
+    "--t-min": ("t_min",), "--t-max": ("t_max",), "--label-dropout": ("label_dropout",),
+    "--ema-decay": ("ema_decay",), "--budget": ("budget",), "--boundaries": ("boundaries",),
+    "--monitors": ("monitors",), "--monitor": ("monitor",), "--split": ("split",),
+}
+
+
+def _names(line, flag):
+    words = ALIASES.get(flag, ()) + (flag, flag[2:].replace("-", "_"))
+    return any(re.search(rf"(^|[^a-z_]){re.escape(w)}", line) for w in words)
 
 
 @settings(max_examples=150, deadline=None)
@@ -68,6 +106,15 @@ def test_recipe_values_are_validated_or_rejected_cleanly(tmp_path_factory, value
     path = tmp_path_factory.mktemp("recipe") / "r.yaml"
     path.write_text(yaml.safe_dump(values))
     try:
-        build_recipe(read_recipe_file(path))
+        recipe = build_recipe(read_recipe_file(path))
     except RecipeError as exc:
-        assert str(exc)
+        # the message names a key of the file that is at fault (or the file, for a bad key name)
+        assert any(re.search(rf"(^|[^a-z_]){key}([^a-z_]|$)", str(exc)) for key in values), (values, str(exc))
+        return
+    for key, value in values.items():
+        if value is None or key in ("boundaries", "split"):
+            continue  # unset, or rewritten together (boundaries imply the explicit split)
+        expected = value if key != "budget" else str(value)
+        if key == "monitors":
+            expected = [str(v).strip() for v in value if str(v).strip()]
+        assert getattr(recipe, key) == expected or getattr(recipe, key) == pytest.approx(expected), (key, value)

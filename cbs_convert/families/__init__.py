@@ -77,12 +77,14 @@ def detect(state_dict: Dict[str, torch.Tensor], hints: Dict[str, Any]) -> Tuple[
 
 def _probe_noise_echo(state_dict, hints, candidates) -> Tuple[str, str]:
     scores = {}
+    unreadable: List[CheckpointError] = []
     generator = torch.Generator().manual_seed(0)
     for name in candidates:
         cls = FAMILIES[name]
         try:
             config, _ = cls.config_from_state_dict(state_dict, hints)
-        except CheckpointError:
+        except CheckpointError as exc:
+            unreadable.append(exc)
             continue
         family = cls(config)
         model = cls.build(config)
@@ -103,5 +105,11 @@ def _probe_noise_echo(state_dict, hints, candidates) -> Tuple[str, str]:
         if scores[best] > 0.5:
             detail = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(scores.items()))
             return best, f"family {best} (behavioural probe at pure noise: {detail}; --family to override)"
-    fallback = candidates[0]
-    return fallback, f"family {fallback} ASSUMED: shapes, args, file name and probe were all inconclusive; pass --family"
+    if not scores and unreadable:
+        raise unreadable[0]  # the weights fit no candidate: that, not the family, is the problem
+    detail = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(scores.items()))
+    raise CheckpointError(
+        f"cannot tell which of {', '.join(candidates)} this checkpoint is: they share one key layout, and neither "
+        f"training args nor the file name say, and the behavioural probe was inconclusive ({detail}); "
+        f"pass --family {' or --family '.join(candidates)}"
+    )

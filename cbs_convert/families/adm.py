@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointError
-from .base import Family, NoisePredictionDDPM, UnitGroup, WidthKnob, check_keys
+from ..errors import CheckpointError, WarningNote
+from .base import Family, NoisePredictionDDPM, UnitGroup, WidthKnob, check_keys, setting
 from .sit import timestep_embedding
 
 NORM_GROUPS = 32
@@ -96,6 +96,14 @@ class Layout:
         return [l for l in self.layers() if l.kind == "attn"]
 
 
+def _unconfirmed(what: str, origin: str) -> str:
+    """A head split from the checkpoint's args is a claim the weights cannot check: warn about it."""
+    if origin == "checkpoint args":
+        return WarningNote(f"{what} taken from the checkpoint's args, which the weights cannot confirm; "
+                           "--num-heads / --num-head-channels override")
+    return f"{what} ({origin})"
+
+
 def _level_widths(c) -> List[int]:
     return [int(m * c["model_channels"]) for m in c["channel_mult"]]
 
@@ -132,8 +140,11 @@ def _layout(key: Tuple) -> Layout:
         counts["attn"] += 1
         return Layer(path, "attn", ch, ch, ds, index=counts["attn"] - 1, heads=heads, head_dim=head_dim)
 
-    inputs = [(Layer("input_blocks.0.0", "conv_in", c["in_channels"], c["model_channels"], 1),)]
-    ch, ds, skips = c["model_channels"], 1, [c["model_channels"]]
+    # guided-diffusion sizes the input convolution by the first level, int(channel_mult[0] * model_channels),
+    # which is not model_channels when that multiplier is not 1 (the 512x512 model's is 0.5)
+    first = widths[0]
+    inputs = [(Layer("input_blocks.0.0", "conv_in", c["in_channels"], first, 1),)]
+    ch, ds, skips = first, 1, [first]
     for level, width in enumerate(widths):
         for _ in range(nrb):
             prefix = f"input_blocks.{len(inputs)}"
@@ -462,7 +473,9 @@ class ADMFamily(NoisePredictionDDPM, Family):
             if key not in sd:
                 raise CheckpointError(f"not a guided-diffusion UNet state dict: missing key {key}")
         notes: List[str] = []
-        model_channels, in_channels = sd["input_blocks.0.0.weight"].shape[:2]
+        # The time embedding reads model_channels sinusoid features whatever the channel multipliers.
+        model_channels = sd["time_embed.0.weight"].shape[1]
+        in_channels = sd["input_blocks.0.0.weight"].shape[1]
         out_channels = sd["out.2.weight"].shape[0]
         if out_channels not in (in_channels, 2 * in_channels):
             raise CheckpointError(
@@ -471,8 +484,10 @@ class ADMFamily(NoisePredictionDDPM, Family):
             )
         table = sd.get("label_emb.weight")
         num_classes = 0 if table is None else int(table.shape[0])
-        if hints.get("num_classes") is not None and int(hints["num_classes"]) != num_classes:
-            raise CheckpointError(f"--num-classes {hints['num_classes']} does not fit label_emb with {num_classes} rows")
+        given_classes, origin = setting(hints, "num_classes")
+        if given_classes is not None and int(given_classes) != num_classes:
+            flag = "--num-classes" if origin == "given" else "the checkpoint's args (num_classes)"
+            raise CheckpointError(f"{flag} says {given_classes} classes, but label_emb has {num_classes} rows (ADM keeps no null row)")
         inner = sd["input_blocks.1.0.in_layers.2.weight"].shape[0]
         emb_rows = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
         if emb_rows not in (inner, 2 * inner):
@@ -564,12 +579,14 @@ class ADMFamily(NoisePredictionDDPM, Family):
     @classmethod
     def _hidden_facts(cls, hints, facts, tag, notes) -> Dict[str, Any]:
         out = {}
-        if hints.get("num_head_channels"):
-            out.update(num_head_channels=int(hints["num_head_channels"]), num_heads=-1)
-            notes.append(f"{out['num_head_channels']} channels per attention head (given)")
-        elif hints.get("num_heads"):
-            out.update(num_heads=int(hints["num_heads"]), num_head_channels=-1)
-            notes.append(f"{out['num_heads']} attention heads per block (given)")
+        head_channels, head_channels_origin = setting(hints, "num_head_channels")
+        heads, heads_origin = setting(hints, "num_heads")
+        if head_channels:
+            out.update(num_head_channels=int(head_channels), num_heads=-1)
+            notes.append(_unconfirmed(f"{out['num_head_channels']} channels per attention head", head_channels_origin))
+        elif heads:
+            out.update(num_heads=int(heads), num_head_channels=-1)
+            notes.append(_unconfirmed(f"{out['num_heads']} attention heads per block", heads_origin))
         elif facts:
             out.update(num_heads=facts["num_heads"], num_head_channels=facts["num_head_channels"])
             split = (f"{facts['num_head_channels']} channels per head" if facts["num_head_channels"] > 0

@@ -304,6 +304,17 @@ def schedule_and_derivative(schedule, t: torch.Tensor):
     return alpha, sigma, d_alpha, d_sigma
 
 
+def setting(hints: Dict[str, Any], name: str) -> Tuple[Any, Optional[str]]:
+    """A setting the weights do not show: the user's flag first, then the checkpoint's saved args.
+
+    Returns (value, origin) with origin "given" or "checkpoint args", or (None, None)."""
+    if hints.get(name) is not None:
+        return hints[name], "given"
+    if hints.get(f"args_{name}") is not None:
+        return hints[f"args_{name}"], "checkpoint args"
+    return None, None
+
+
 def rademacher(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
     bits = torch.randint(0, 2, shape, generator=generator, device="cpu")
     return (bits.to(dtype) * 2 - 1).to(device)

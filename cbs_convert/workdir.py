@@ -1,0 +1,139 @@
+"""The work directory of a run: its stage artifacts, and the only files the tool may ever delete.
+
+A directory is a work directory when it holds the marker file ``MARKER``. The marker names every
+file the run may write there, and it is written before any of them, so the list is complete even
+after a crash. ``--force`` and the clean-up after success remove listed files only (and the hidden
+temporaries ``files.atomic_write`` makes beside them), then the listed folders if they are empty:
+whatever else is in the directory, a user's file included, stays where it is. A directory that is
+not empty and has no marker is never used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, Iterable, List, Optional
+
+from .errors import WorkdirError
+from .files import atomic_write_json
+
+MARKER = "cbs_convert_run.json"
+FORMAT = 1
+
+
+class WorkDir:
+    def __init__(self, root):
+        self.root = Path(root)
+        self.marker_path = self.root / MARKER
+        self._marker: Optional[Dict[str, Any]] = None
+
+    # -- what is there ----------------------------------------------------------------------------
+    def read_marker(self) -> Optional[Dict[str, Any]]:
+        """The marker's content, or None when the directory carries no (readable) marker."""
+        if not self.marker_path.is_file():
+            return None
+        try:
+            data = json.loads(self.marker_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("cbs_convert_workdir") != FORMAT or not isinstance(data.get("files"), list):
+            return None
+        return data
+
+    def check_usable(self, resume: bool, force: bool) -> None:
+        """Refuse, before any work, a directory this run must not use. Reads only."""
+        if not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise WorkdirError(f"work directory {self.root} is a file; choose another --workdir")
+        if not any(self.root.iterdir()):
+            return
+        if self.read_marker() is None:
+            raise WorkdirError(
+                f"work directory {self.root} is not empty and holds no cbs_convert run (no {MARKER}); "
+                "nothing in it is touched: choose another --workdir or an empty folder"
+            )
+        if not (resume or force):
+            raise WorkdirError(
+                f"work directory {self.root} holds an earlier run; pass --resume to continue it or --force "
+                "to start over (only that run's own files are removed)"
+            )
+
+    # -- starting a run ---------------------------------------------------------------------------
+    def start(self, identity: Dict[str, Any], files: Iterable[str], resume: bool, force: bool) -> None:
+        """Make the directory this run's: check a resumed run's identity, or clear an earlier one.
+
+        ``identity`` is what a resumed run must match (source hash, recipe); ``files`` are the
+        relative paths the run may write.
+        """
+        self.check_usable(resume, force)
+        self.root.mkdir(parents=True, exist_ok=True)
+        planned = sorted({_relative(name) for name in files})
+        stored = self.read_marker()
+        if stored is not None and resume:
+            if stored.get("source_sha256") != identity.get("source_sha256"):
+                raise WorkdirError(f"{self.root} belongs to another source checkpoint; use --force to start over")
+            changed = [k for k in identity.get("recipe", {}) if stored.get("recipe", {}).get(k) != identity["recipe"][k]]
+            if changed:
+                raise WorkdirError(
+                    f"{self.root} was made with different settings ({', '.join(changed[:4])}); "
+                    "rerun with the same settings or --force to start over"
+                )
+            planned = sorted(set(planned) | set(stored["files"]))
+        elif stored is not None:  # --force: the earlier run's own files go, nothing else
+            self.remove(stored["files"])
+        self._write_marker({**identity, "cbs_convert_workdir": FORMAT, "files": planned})
+
+    def _write_marker(self, data: Dict[str, Any]) -> None:
+        atomic_write_json(self.marker_path, data)
+        self._marker = data
+
+    # -- using it ---------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        """Where artifact ``name`` lives; it must be one the marker lists (so that it can be removed)."""
+        marker = self._marker if self._marker is not None else self.read_marker()
+        if marker is None or _relative(name) not in marker["files"]:
+            raise AssertionError(f"work file {name!r} is not listed in {self.marker_path}; add it to the run's plan")
+        return self.root / name
+
+    def remove(self, names: Iterable[str]) -> List[Path]:
+        """Delete the listed files and their temporaries, then their folders if nothing else is in them."""
+        removed: List[Path] = []
+        folders = set()
+        for name in names:
+            relative = _relative(name)
+            target = self.root / relative
+            if not _inside(target.parent, self.root):
+                continue  # a listed folder that is now a link to elsewhere: not ours to empty
+            for candidate in [target, *target.parent.glob(f".{target.name}.*.partial")]:
+                if candidate.is_symlink() or candidate.is_file():
+                    candidate.unlink()
+                    removed.append(candidate)
+            parent = PurePosixPath(relative).parent
+            while str(parent) not in ("", "."):
+                folders.add(parent)
+                parent = parent.parent
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            path = self.root / folder
+            if path.is_dir() and not path.is_symlink() and _inside(path, self.root) and not any(path.iterdir()):
+                path.rmdir()
+        return removed
+
+    def size_of(self, names: Iterable[str]) -> int:
+        return sum((self.root / n).stat().st_size for n in names if (self.root / n).is_file())
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _relative(name: str) -> str:
+    """A marker entry: a relative path inside the directory, never one that climbs out of it."""
+    path = PurePosixPath(str(name))
+    if path.is_absolute() or ".." in path.parts or str(path) in ("", "."):
+        raise WorkdirError(f"work file name {name!r} must be a relative path inside the work directory")
+    return str(path)

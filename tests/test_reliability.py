@@ -1,0 +1,298 @@
+"""Lose nothing, misread nothing, fail early: the work directory, the reading of real checkpoints,
+and the file system saying no."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cbs_convert.errors import CheckpointError
+from cbs_convert.families import detect
+from cbs_convert.workdir import MARKER
+from helpers import save_training_dict, tiny_config, tiny_model
+from test_safety import QUICK, assert_one_line_error, cli
+
+
+@pytest.fixture
+def tiny_pt(tmp_path):
+    _, model = tiny_model("sit")
+    path = tmp_path / "tiny.pt"
+    save_training_dict(path, model, num_heads=4)
+    return path
+
+
+def _user_files(folder: Path):
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("\\section{years of work}")
+    (folder / "sub" / "notes.txt").write_text("keep me")
+
+
+def _assert_user_files(folder: Path):
+    assert (folder / "thesis.tex").read_text() == "\\section{years of work}"
+    assert (folder / "sub" / "notes.txt").read_text() == "keep me"
+
+
+# -- the work directory ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_of_user_files_is_never_used_as_work_directory(tiny_pt, tmp_path, capsys, force):
+    folder = tmp_path / "D"
+    _user_files(folder)
+    code, _, err = cli([tiny_pt, "--k", "2", "--workdir", folder, "--out", tmp_path / "o.safetensors",
+                        *(["--force"] if force else []), *QUICK], capsys)
+    assert_one_line_error(code, err, str(folder), "holds no cbs_convert run", "--workdir")
+    assert "earlier run" not in err
+    _assert_user_files(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["sub", "thesis.tex"]
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_force_removes_only_what_the_earlier_run_listed(tiny_pt, tmp_path, capsys):
+    folder = tmp_path / "D"
+    out = tmp_path / "o.safetensors"
+    args = [tiny_pt, "--k", "2", "--workdir", folder, "--out", out, "--keep-workdir", *QUICK]
+    code, _, err = cli(args, capsys)
+    assert code == 0, err
+    # a user later drops files into the run's folders
+    _user_files(folder)
+    (folder / "finetune" / "my_plot.png").write_bytes(b"png")
+    code, _, err = cli([*args, "--force", "--seed", "1"], capsys)
+    assert code == 0, err
+    _assert_user_files(folder)
+    assert (folder / "finetune" / "my_plot.png").read_bytes() == b"png"
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["recipe"]["seed"] == 1  # the new run's, not the old one's
+
+
+def test_a_marker_that_points_outside_is_refused_and_deletes_nothing(tiny_pt, tmp_path, capsys):
+    folder = tmp_path / "D"
+    folder.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("x")
+    (folder / MARKER).write_text(json.dumps({"cbs_convert_workdir": 1, "files": ["../precious.txt"]}))
+    code, _, err = cli([tiny_pt, "--k", "2", "--workdir", folder, "--out", tmp_path / "o.safetensors", "--force",
+                        *QUICK], capsys)
+    assert_one_line_error(code, err, "../precious.txt")
+    assert victim.read_text() == "x"
+
+
+def test_after_success_only_the_small_artifacts_stay_and_every_file_was_listed(tiny_pt, tmp_path, capsys):
+    for keep in (True, False):
+        folder = tmp_path / f"work_{keep}"
+        code, out, err = cli([tiny_pt, "--k", "2", "--workdir", folder, "--out", tmp_path / f"o_{keep}.safetensors",
+                              *(["--keep-workdir"] if keep else []), *QUICK], capsys)
+        assert code == 0, err
+        listed = set(json.loads((folder / MARKER).read_text())["files"])
+        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        assert present <= listed, present - listed  # nothing was written that --force could not remove
+        weights = {p for p in present if p.endswith(".safetensors") and p != "pool.safetensors"} | {
+            p for p in present if p.endswith(".state.pt")}
+        if keep:
+            assert len(weights) == 6  # two pruned, two fine-tuned experts, two optimizer states
+        else:
+            assert weights == set()
+            assert {"profile.json", "split.json", "pool.safetensors", MARKER} <= present
+        assert str(folder) in out and ("were removed" in out) == (not keep)
+        report = json.loads((tmp_path / f"o_{keep}.report.json").read_text())
+        assert report["workdir"]["removed"] == (not keep)
+
+
+# -- misreadings ---------------------------------------------------------------------------------------
+
+
+def _table_model(rows, num_classes):
+    config = tiny_config("sit", num_classes=num_classes, label_rows=rows)
+    from cbs_convert.families import FAMILIES
+
+    torch.manual_seed(0)
+    return FAMILIES["sit"].build(config).eval()
+
+
+def test_a_label_table_without_null_row_is_read_from_the_args(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _table_model(rows=10, num_classes=10)
+    for args, expected in (({"num_classes": 10}, 10), ({"class_dropout_prob": 0.0}, 10)):
+        family, notes = detect(model.state_dict(), {"family": "sit", "num_heads": 4, **{f"args_{k}": v for k, v in args.items()}})
+        assert family.num_classes(family.config) == expected and family.null_label(family.config) is None, notes
+    family, notes = detect(model.state_dict(), {"family": "sit", "num_heads": 4, "num_classes": 10})
+    assert family.null_label(family.config) is None
+    with pytest.raises(CheckpointError, match="--num-classes"):
+        detect(model.state_dict(), {"family": "sit", "num_heads": 4, "num_classes": 8})
+    # the published ImageNet table: 1000 classes and the null row, no doubt about it
+    big = {k: v for k, v in model.state_dict().items()}
+    big["y_embedder.embedding_table.weight"] = torch.zeros(1001, 32)
+    family, notes = detect(big, {"family": "sit", "num_heads": 4})
+    assert family.num_classes(family.config) == 1000 and family.null_label(family.config) == 1000
+
+
+def test_a_label_table_the_file_does_not_explain_is_a_warning_naming_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = _table_model(rows=10, num_classes=10)
+    source = tmp_path / "ten_rows.safetensors"
+    save_file(model.state_dict(), str(source))
+    code, out, err = cli([source, "--k", "2", "--family", "sit", "--num-heads", "4", *QUICK], capsys)
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("warning: ") and "label table" in line]
+    assert len(warning) == 1 and "--num-classes 10" in warning[0], err
+    report = json.loads((tmp_path / "ten_rows-cbs-k2.report.json").read_text())
+    assert any("--num-classes 10" in w for w in report["warnings"])
+    assert "--num-classes 10" in (tmp_path / "ten_rows-cbs-k2.report.md").read_text()
+    # told, it is no longer an assumption
+    code, out, err = cli([source, "--k", "2", "--family", "sit", "--num-heads", "4", "--num-classes", "10",
+                          "--force", *QUICK], capsys)
+    assert code == 0 and "label table" not in err, err
+
+
+def test_an_inconclusive_family_probe_refuses_and_names_the_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, model = tiny_model("sit")
+    state = model.state_dict()
+    # A zero output layer: the prediction says nothing about noise, so the probe cannot decide.
+    state["final_layer.linear.weight"] = torch.zeros_like(state["final_layer.linear.weight"])
+    state["final_layer.linear.bias"] = torch.zeros_like(state["final_layer.linear.bias"])
+    source = tmp_path / "model_final.safetensors"
+    save_file(state, str(source), metadata={"args": json.dumps({"num_heads": 4, "num_classes": 10})})
+    code, _, err = cli([source, "--k", "2", *QUICK], capsys)
+    assert_one_line_error(code, err, "--family sit", "--family dit")
+    assert not list(tmp_path.glob("*.work"))
+
+
+def test_args_that_contradict_the_weights_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, model = tiny_model("sit")
+    for args, needle in (({"model": "SiT-XL/2", "num_heads": 4}, "SiT-XL/2"),
+                         ({"num_heads": 4, "num_classes": 7}, "num_classes"),
+                         ({"num_heads": 4, "learn_sigma": False}, "learn_sigma"),
+                         ({"num_heads": 4, "image_size": 256}, "image size 256")):
+        source = tmp_path / "sit_contradicted.safetensors"
+        save_file(model.state_dict(), str(source), metadata={"args": json.dumps(args)})
+        code, _, err = cli([source, "--k", "2", *QUICK], capsys)
+        assert_one_line_error(code, err, needle)
+
+
+def test_a_head_count_the_weights_cannot_confirm_is_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, model = tiny_model("sit")  # 4 heads of width 8
+    source = tmp_path / "sit_heads.safetensors"
+    save_file(model.state_dict(), str(source), metadata={"args": json.dumps({"num_heads": 16, "num_classes": 10})})
+    code, _, err = cli([source, "--k", "2", *QUICK], capsys)
+    assert code == 0, err
+    assert any(line.startswith("warning: 16 attention heads") and "--num-heads" in line for line in err.splitlines()), err
+
+
+def test_args_naming_a_published_model_must_agree_on_heads():
+    from cbs_convert.families.sit import SiTFamily
+
+    config = dict(tiny_config("sit"), hidden_size=1152, depth=28, num_heads=16, head_dim=72, mlp_hidden=4608,
+                  input_size=32, num_classes=1000, label_rows=1001)
+    with torch.device("meta"):
+        state = SiTFamily.build(config).state_dict()
+    family, _ = detect(state, {"family": "sit", "args_model": "SiT-XL/2", "args_num_heads": 16})
+    assert family.config["num_heads"] == 16
+    with pytest.raises(CheckpointError, match="SiT-XL/2 has 16"):
+        detect(state, {"family": "sit", "args_model": "SiT-XL/2", "args_num_heads": 12})
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_compile_and_ddp_prefixes_are_stripped(tmp_path, prefix):
+    from cbs_convert.checkpoint import read_checkpoint
+
+    _, model = tiny_model("sit")
+    path = tmp_path / "compiled.pt"
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, path)
+    source = read_checkpoint(path)
+    assert set(source.state_dict) == set(model.state_dict())
+    family, _ = detect(source.state_dict, {"family": "sit", "num_heads": 4})
+    assert family.config["depth"] == 2
+
+
+# -- the file system says no -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """A real small or read-only file system (tmpfs), for ENOSPC and EROFS as they really happen."""
+    mounted = []
+
+    def mount(name, size="4m", read_only=False):
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.mark.parametrize("where", ["--out", "--workdir"])
+def test_a_read_only_destination_is_refused_before_any_work(tiny_pt, tmp_path, capsys, mount_tmpfs, where):
+    read_only = mount_tmpfs("ro", read_only=True)
+    out = read_only / "o.safetensors" if where == "--out" else tmp_path / "o.safetensors"
+    work = tmp_path / "w" if where == "--out" else read_only / "w"
+    code, _, err = cli([tiny_pt, "--k", "2", "--out", out, "--workdir", work, *QUICK], capsys)
+    assert_one_line_error(code, err, where, "Read-only file system")
+    assert not (tmp_path / "w").exists()  # refused before the work directory was even made
+
+
+def test_a_full_disk_is_one_line_keeps_the_work_and_resume_finishes(tiny_pt, tmp_path, capsys, mount_tmpfs):
+    small = mount_tmpfs("small", size="200k")
+    out, work = tmp_path / "o.safetensors", small / "w"
+    args = [tiny_pt, "--k", "2", "--out", out, "--workdir", work, *QUICK]
+    code, _, err = cli(args, capsys)
+    assert_one_line_error(code, err, "cannot write", "No space left on device", "--resume", str(work))
+    assert (work / MARKER).is_file() and (work / "profile.json").is_file()  # what was done is kept
+    assert not out.exists()
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True)
+    code, _, err = cli([*args, "--resume"], capsys)
+    assert code == 0, err
+    assert out.is_file()
+
+
+def test_outputs_get_the_users_file_mode(tiny_pt, tmp_path, capsys):
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "o.safetensors"
+        code, _, err = cli([tiny_pt, "--k", "2", "--out", out, *QUICK], capsys)
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    for path in [out, *tmp_path.glob("o.report.*"), *tmp_path.glob("o.profile.png")]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_the_profile_plot_is_written_atomically(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from cbs_convert import report as report_module
+
+    targets = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, fname, **kw: (targets.append(str(fname)), real(self, fname, **kw))[1])
+    report = {"profile": {"grid": [0.1, 0.5, 0.9], "mean": {"dirichlet": [3.0, 2.0, 1.0]}, "stderr": {"dirichlet": [0, 0, 0]}},
+              "split": {"boundaries": [0, 0.5, 1], "shares": [0.5, 0.5], "monitor": "dirichlet"},
+              "source": {"architecture": "tiny: test"}}
+    final = tmp_path / "x.profile.png"
+    assert report_module.plot_profile(report, final)
+    assert final.is_file() and targets and all(Path(t) != final and t.endswith(".partial") for t in targets)
+
+
+def test_a_budget_above_k_full_experts_is_said_to_be_capped(tiny_pt, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    code, _, err = cli([tiny_pt, "--k", "2", "--budget", "3x", "--out", out, *QUICK], capsys)
+    assert code == 0, err
+    capped = [line for line in err.splitlines() if line.startswith("warning: budget 3x")]
+    assert len(capped) == 1 and "2 full-width experts" in capped[0], err
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert any(w.startswith("budget 3x") for w in report["warnings"])
+    assert report["budget"]["achieved"] == 2 * report["source"]["params"]
