@@ -174,7 +174,7 @@ def test_detection_probe_tells_a_noise_predictor_from_a_velocity_model(sign, exp
 def test_detection_prefers_args_then_file_name(tiny_sit):
     _, model = tiny_sit
     sd = model.state_dict()
-    assert detect(sd, {"num_heads": 4, "args_model": "DiT-XL/2"})[0].name == "dit"
+    assert detect(sd, {"num_heads": 4, "args_model": "DiT-tiny/2"})[0].name == "dit"
     assert detect(sd, {"num_heads": 4, "source_name": "/x/SiT-XL-2-256.pt"})[0].name == "sit"
     assert detect(sd, {"num_heads": 4, "source_name": "/x/DiT-XL-2-256x256.pt"})[0].name == "dit"
 
