@@ -37,18 +37,38 @@ class RoutedModel(nn.Module):
             raise ValueError(f"{len(experts)} experts need {len(experts) + 1} boundaries, got {len(boundaries)}")
         self.family = family
         self.experts = nn.ModuleList(experts)
-        self.register_buffer("boundaries", torch.tensor(list(boundaries), dtype=torch.float64), persistent=False)
+        self.boundary_values = tuple(float(b) for b in boundaries)
+        # Routing compares native times with the boundaries in native time, so that a time given
+        # exactly at a stored native boundary (metadata's native_boundaries) lands on the documented
+        # side: canonical [lo, hi), the last segment closed. Converting it back to canonical time
+        # instead could move it one rounding step across the cut.
+        native = native_boundaries(family, self.boundary_values)
+        self.native_rises = native[-1] > native[0]
+        self.native_inner_values = tuple(native[1:-1] if self.native_rises else native[-2:0:-1])
+        self.register_buffer("native_inner", torch.tensor(self.native_inner_values, dtype=torch.float64), persistent=False)
         self.metadata = metadata or {}
         first = experts[0]
         for attribute in ("in_channels", "out_channels", "learn_sigma", "input_size", "patch_size", "num_classes"):
             if hasattr(first, attribute):
                 setattr(self, attribute, getattr(first, attribute))
 
+    @property
+    def boundaries(self) -> torch.Tensor:
+        return torch.tensor(self.boundary_values, dtype=torch.float64)
+
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16() and .to(dtype) cast every floating buffer: the cuts must stay float64
+        # (a bf16 cut at 0.4988 moves to 0.4980), so only the device is taken from the cast.
+        result = super()._apply(fn, recurse)
+        self.native_inner = torch.tensor(self.native_inner_values, dtype=torch.float64, device=self.native_inner.device)
+        return result
+
     def expert_index(self, native_t: torch.Tensor) -> torch.Tensor:
-        # float64 so that a native time equal to a stored boundary lands on the documented side.
-        t = self.family.canonical_time(native_t.to(torch.float64))
-        inner = self.boundaries[1:-1].to(t.device)
-        return torch.bucketize(t, inner, right=True)
+        n = native_t.to(device=self.native_inner.device, dtype=torch.float64)
+        if self.native_rises:  # a native time at a cut belongs to the segment above it
+            return torch.bucketize(n, self.native_inner, right=True)
+        # native time falls as canonical time rises (SiT): count the cuts at or above n
+        return len(self.native_inner) - torch.bucketize(n, self.native_inner, right=False)
 
     def forward(self, x, t, y=None, **kwargs):
         if t.dim() == 0:
@@ -69,6 +89,11 @@ class RoutedModel(nn.Module):
 
     def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
         return self.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
+
+
+def native_boundaries(family: Family, boundaries: Sequence[float]) -> List[float]:
+    """The cuts in the family's native time, in float64: what the metadata stores and the router uses."""
+    return family.native_time(torch.tensor([float(b) for b in boundaries], dtype=torch.float64)).tolist()
 
 
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
@@ -93,7 +118,7 @@ def save_routed(
         raise WorkdirError(f"{path} exists; pass --force to overwrite it")
     tensors = {}
     experts_meta = []
-    native = family.native_time(torch.tensor(list(boundaries), dtype=torch.float32)).tolist()
+    native = native_boundaries(family, boundaries)
     for k, (sd, config) in enumerate(zip(expert_state_dicts, expert_configs)):
         for key, value in sd.items():
             tensors[f"experts.{k}.{key}"] = value

@@ -105,3 +105,33 @@ def test_plain_safetensors_is_not_a_routed_checkpoint(tmp_path):
     save_file({"a": torch.zeros(2)}, str(path))
     with pytest.raises(CheckpointError, match="not a routed checkpoint"):
         cbs_convert.load(path)
+
+
+@pytest.mark.parametrize("name", ["sit", "dit"])
+def test_casting_the_model_does_not_move_the_cuts(name):
+    family, experts, _, _ = three_experts(name)
+    boundaries = [0.0, 0.4988, 0.7731, 1.0]  # cuts that bf16 cannot represent
+    reference = RoutedModel(family, experts, boundaries)
+    native = family.native_time(torch.linspace(0, 1, 100_001, dtype=torch.float64))
+    expected = reference.expert_index(native)
+    for cast in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float16), lambda m: m.double()):
+        routed = cast(RoutedModel(family, experts, boundaries))
+        assert routed.native_inner.dtype == torch.float64
+        assert torch.equal(routed.expert_index(native), expected)
+    # and the routing itself is right: canonical [lo, hi), up to the rounding of the time conversion
+    canonical = family.canonical_time(native)
+    cuts = torch.tensor(boundaries[1:-1], dtype=torch.float64)
+    wrong = expected != torch.bucketize(canonical, cuts, right=True)
+    assert ((canonical[wrong, None] - cuts).abs().min(dim=1).values < 1e-12).all()
+
+
+@pytest.mark.parametrize("name", ["sit", "dit"])
+def test_a_stored_native_boundary_routes_to_the_segment_that_starts_there(tmp_path, name):
+    family, experts, configs, _ = three_experts(name)
+    boundaries = [0.0, 0.4988, 0.7731, 1.0]
+    path = save_routed(tmp_path / "r.safetensors", family, [e.state_dict() for e in experts], configs, boundaries)
+    routed = cbs_convert.load(path)
+    native = routed.metadata["time_convention"]["native_boundaries"]
+    assert native == family.native_time(torch.tensor(boundaries, dtype=torch.float64)).tolist()  # float64, not float32
+    index = routed.expert_index(torch.tensor(native, dtype=torch.float64))
+    assert index.tolist() == [0, 1, 2, 2]
