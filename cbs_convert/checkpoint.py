@@ -39,6 +39,12 @@ class SourceCheckpoint:
     args: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
 
+    @property
+    def hints(self) -> Dict[str, Any]:
+        """What the file itself says about what its shapes cannot show, for ``detect``: its saved
+        args and its name. Add the user's settings (``family``, ``num_heads``, ...) on top."""
+        return {**hints_from_args(self.args), "source_name": str(self.path)}
+
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()

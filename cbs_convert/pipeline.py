@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from .checkpoint import hints_from_args, read_checkpoint
+from .checkpoint import read_checkpoint
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
@@ -146,12 +146,11 @@ class Conversion:
     def load(self):
         began = time.time()
         self.source = read_checkpoint(self.user_settings["checkpoint"])
-        hints = hints_from_args(self.source.args)
+        hints = self.source.hints
         for key in ("family", "path", "num_heads", "num_classes", "beta_schedule", "num_head_channels",
                     "attention_order", "image_size", "use_checkpoint"):
             if self.user_settings.get(key) is not None:
                 hints[key] = self.user_settings[key]
-        hints["source_name"] = str(self.source.path)
         self.family, self.notes = detect(self.source.state_dict, hints)
         for note in self.notes + self.source.notes:
             if is_warning(note):
