@@ -213,7 +213,10 @@ def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
     if "path_type" in args:
         hints["args_path_type"] = str(args["path_type"])
         hints["path"] = str(args["path_type"]).lower()
-    for key in ("num_heads", "num_classes", "class_dropout_prob", "image_size", "learn_sigma"):
+    for key in ("num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
+                "beta_schedule", "attention_order"):
         if args.get(key) is not None:
             hints[f"args_{key}"] = args[key]
+    if args.get("noise_schedule") is not None:  # guided-diffusion's name for it
+        hints.setdefault("args_beta_schedule", args["noise_schedule"])
     return hints

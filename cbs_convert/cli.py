@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a SiT, DiT or ADM (guided-diffusion UNet) checkpoint into K complexity-balanced time-segment experts, "
         "written as one routed .safetensors checkpoint that loads back with cbs_convert.load().",
         epilog="Settings come from, lowest first: built-in defaults sized for tiny models, the bundled recipe "
-        "of a recognised published architecture, --recipe FILE, then these flags.",
+        "of a recognised published architecture, --recipe FILE, then these flags. "
+        "Other commands: 'python -m cbs_convert info ROUTED' shows a routed checkpoint; "
+        "'python -m cbs_convert extract ROUTED --expert K --out FILE' writes one expert as a plain checkpoint.",
     )
     parser.add_argument("checkpoint", nargs="?", help=FIELDS["checkpoint"].metadata["help"])
     parser.add_argument("--recipe", help="YAML recipe with any of the settings below (snake_case keys)")
@@ -72,23 +74,54 @@ def _flag_values(namespace) -> Dict[str, object]:
     return values
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = read_recipe_file(args.recipe) if args.recipe else {}
-        settings.update(_flag_values(args))
-        from .pipeline import Conversion
+#: ``python -m cbs_convert NAME ...``: a first argument with one of these names is a command, not a checkpoint
+COMMANDS = ("info", "extract")
 
-        result = Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force,
-                            keep_workdir=args.keep_workdir, on_warning=_print_warning).run()
+
+def _command_parser(name: str) -> argparse.ArgumentParser:
+    if name == "info":
+        parser = _Parser(prog="python -m cbs_convert info",
+                         description="Show a routed checkpoint: segments in canonical and native time, each expert's "
+                         "parameters and FLOPs against the source, the source's hash and architecture, the recipe.")
+        parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
+    else:
+        parser = _Parser(prog="python -m cbs_convert extract",
+                         description="Write one expert alone as a plain checkpoint in the source's own key layout: "
+                         ".pt/.pth is a flat state dict (the official loaders' format), .safetensors carries the "
+                         "settings its shapes do not show as args metadata.")
+        parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
+        parser.add_argument("--expert", type=int, required=True, help="index of the expert, 0 = the one nearest the data")
+        parser.add_argument("--out", required=True, help="file to write (.pt, .pth or .safetensors)")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def _run_command(argv: List[str]) -> int:
+    from . import commands
+
+    args = _command_parser(argv[0]).parse_args(argv[1:])
+
+    def work():
+        if argv[0] == "info":
+            print(commands.info(args.routed))
+        else:
+            print("\n".join(commands.extract(args.routed, args.expert, args.out, force=args.force)))
+
+    return _guarded(work, args.debug)
+
+
+def _guarded(work, debug: bool) -> int:
+    """Run ``work``; a user's problem becomes one line and exit 2, a bug of ours exit 1."""
+    try:
+        work()
     except UserError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system said no outside the writers that name their file
-        if args.debug:
+        if debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
         print(f"error: cannot use{where}: {exc.strerror or exc}; fix the path or its permissions, then rerun "
@@ -98,11 +131,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug of ours, not the user's: say so, keep the details one flag away
-        if args.debug:
+        if debug:
             raise
         print(f"error: internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return _run_command(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    results = []
+
+    def work():
+        settings = read_recipe_file(args.recipe) if args.recipe else {}
+        settings.update(_flag_values(args))
+        from .pipeline import Conversion
+
+        results.append(Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force,
+                                  keep_workdir=args.keep_workdir, on_warning=_print_warning).run())
+
+    code = _guarded(work, args.debug)
+    if code != 0:
+        return code
+    result = results[0]
     if not result.report:
         return 0
     _summary(result)

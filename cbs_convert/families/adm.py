@@ -505,9 +505,10 @@ class ADMFamily(NoisePredictionDDPM, Family):
         tag = f"published layout {published.upper().replace('_', '-')}" if published else None
         base.update(cls._hidden_facts(hints, facts, tag, notes))
         levels = len(base["channel_mult"])
-        if hints.get("image_size"):
-            base["image_size"] = int(hints["image_size"])
-            notes.append(f"image size {base['image_size']} (given)")
+        image_size, origin = setting(hints, "image_size")
+        if image_size:
+            base["image_size"] = int(image_size)
+            notes.append(f"image size {base['image_size']} ({origin})")
         elif facts:
             base["image_size"] = facts["image_size"]
             notes.append(f"image size {base['image_size']} ({tag})")
@@ -597,23 +598,23 @@ class ADMFamily(NoisePredictionDDPM, Family):
                 "cannot infer the attention head split of this ADM UNet from the weights; pass --num-heads N "
                 "(or the num_head_channels hint)"
             )
-        order = hints.get("attention_order")
+        order, order_origin = setting(hints, "attention_order")
         if order is not None:
             order = str(order).lower()
             if order not in ATTENTION_ORDERS:
                 raise CheckpointError(f"attention_order {order!r} is unknown; use legacy or new")
             out["attention_order"] = order
-            notes.append(f"{order} qkv order (given)")
+            notes.append(f"{order} qkv order ({order_origin})")
         elif facts:
             out["attention_order"] = facts["attention_order"]
             notes.append(f"{facts['attention_order']} qkv order ({tag}'s flags)")
         else:
             out["attention_order"] = "legacy"
             notes.append("legacy qkv order ASSUMED (guided-diffusion's default; not visible in the weights)")
-        schedule = hints.get("beta_schedule")
+        schedule, origin = setting(hints, "beta_schedule")
         if schedule:
             schedule = str(schedule).lower()
-            source = "given"
+            source = origin
         else:
             schedule, source = facts.get("beta_schedule", "linear"), (f"{tag}'s flags" if facts else "default; --beta-schedule to change")
         if schedule not in ("linear", "cosine"):
@@ -645,6 +646,12 @@ class ADMFamily(NoisePredictionDDPM, Family):
             f"attention at 1/{', 1/'.join(map(str, c['attention_ds']))} with {heads} ({c['attention_order']} qkv), "
             f"{c['image_size']}px, {c['num_classes'] or 'no'} classes"
         )
+
+    def saved_args(self, config):
+        c = complete_config(config)
+        heads = {"num_head_channels": c["num_head_channels"]} if c["num_head_channels"] > 0 else {"num_heads": c["num_heads"]}
+        return {"model": "ADM-pruned", **heads, "attention_order": c["attention_order"],
+                "beta_schedule": c["beta_schedule"], "image_size": c["image_size"]}
 
     def recipe_name(self, config):
         name = _published_name(config)

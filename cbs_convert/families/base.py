@@ -110,6 +110,11 @@ class Family:
     def describe(self, config: Dict[str, Any]) -> str:
         return self.name
 
+    def saved_args(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """What a plain checkpoint of ``config`` must say beside its tensors (safetensors ``args``
+        metadata) for ``detect`` to read it back exactly: the settings shapes do not show."""
+        raise NotImplementedError
+
     def sample_shape(self, config: Dict[str, Any]) -> Tuple[int, ...]:
         raise NotImplementedError
 

@@ -397,6 +397,16 @@ class TransformerFamily(Family):
             f"heads, mlp {config['mlp_hidden']}, {config['input_size']}px latents of {config['in_channels']} channels"
         )
 
+    def saved_args(self, config):
+        args = {"model": f"{self.name.upper()}-pruned", "num_heads": config["num_heads"]}
+        if config["label_rows"]:
+            args.update(num_classes=config["num_classes"], class_dropout_prob=config["class_dropout_prob"])
+        args.update(self._time_args())
+        return args
+
+    def _time_args(self):
+        return {}
+
     def recipe_name(self, config):
         size = PUBLISHED_SIZES.get((config["depth"], config["hidden_size"]))
         if size is None or config["num_heads"] != PUBLISHED_HEADS[config["hidden_size"]]:
@@ -530,6 +540,9 @@ class SiTFamily(TransformerFamily):
         notes.append(f"SiT {path} path, velocity prediction" + ("" if hints.get("path") else " (default; --path to change)"))
         return {"path": path}
 
+    def _time_args(self):
+        return {"path_type": self.config["path"].upper() if self.config["path"] == "gvp" else "Linear"}
+
     def schedule(self, t):
         if self.config["path"] == "linear":
             return 1 - t, t
@@ -563,8 +576,12 @@ class DiTFamily(NoisePredictionDDPM, TransformerFamily):
 
     @classmethod
     def time_config(cls, hints, notes):
-        schedule = (hints.get("beta_schedule") or "linear").lower()
+        schedule, origin = setting(hints, "beta_schedule")
+        schedule = str(schedule or "linear").lower()
         if schedule not in ("linear", "cosine"):
             raise CheckpointError(f"beta schedule {schedule!r} is not supported; use linear or cosine")
-        notes.append(f"DiT {schedule} beta schedule, 1000 steps, noise prediction")
+        notes.append(f"DiT {schedule} beta schedule, 1000 steps, noise prediction ({origin or 'default'})")
         return {"beta_schedule": schedule, "diffusion_steps": 1000}
+
+    def _time_args(self):
+        return {"beta_schedule": self.config["beta_schedule"]}
