@@ -102,7 +102,9 @@ def _first_line(exc: BaseException) -> str:
 def _load_pickle(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            # mmap: a training dict's unused entries (the raw weights, the optimizer: 3x the model)
+            # are never read into memory. Only the zip format can be mapped.
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:
         message = _first_line(exc)
         if "Unsupported global" in str(exc) or "weights_only" in str(exc):

@@ -150,7 +150,9 @@ def finetune_expert(
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}")
         done = step + 1
-        if state_path is not None and (done % settings.checkpoint_every == 0 or done == settings.steps):
+        # Not at the last step: the caller saves the final weights, and a full state there (student,
+        # EMA, optimizer: 4x the expert) would only be written to be deleted.
+        if state_path is not None and done % settings.checkpoint_every == 0 and done < settings.steps:
             state = {
                 "student": student.state_dict(),
                 "ema": ema.state_dict(),
@@ -185,6 +187,28 @@ def relative_error(
 
 
 @torch.no_grad()
+def boundary_velocity(
+    family: Family,
+    model: nn.Module,
+    boundary: float,
+    x0_pool: torch.Tensor,
+    labels_pool: Optional[torch.Tensor],
+    samples: int = 64,
+    seed: int = 54321,
+) -> torch.Tensor:
+    """``model``'s canonical velocity on a fixed set of x_t at time ``boundary`` (same inputs for
+    every model), so that two neighbours can be compared without holding both in memory."""
+    generator = torch.Generator().manual_seed(seed)
+    x_t, t, y = segment_inputs(family, x0_pool, labels_pool, (boundary, boundary), samples, generator)
+    return family.velocity(model.eval(), x_t, t, y)
+
+
+def seam_gap_of(left_velocity: torch.Tensor, right_velocity: torch.Tensor) -> float:
+    """Relative difference of two neighbours' velocities on the same inputs."""
+    a, b = left_velocity, right_velocity
+    return float(2 * (a - b).norm() / (a.norm() + b.norm()).clamp_min(1e-12))
+
+
 def seam_gap(
     family: Family,
     left: nn.Module,
@@ -196,8 +220,5 @@ def seam_gap(
     seed: int = 54321,
 ) -> float:
     """Relative difference of two neighbouring experts at their shared boundary, same x_t."""
-    generator = torch.Generator().manual_seed(seed)
-    x_t, t, y = segment_inputs(family, x0_pool, labels_pool, (boundary, boundary), samples, generator)
-    a = family.velocity(left.eval(), x_t, t, y)
-    b = family.velocity(right.eval(), x_t, t, y)
-    return float(2 * (a - b).norm() / (a.norm() + b.norm()).clamp_min(1e-12))
+    args = (boundary, x0_pool, labels_pool, samples, seed)
+    return seam_gap_of(boundary_velocity(family, left, *args), boundary_velocity(family, right, *args))

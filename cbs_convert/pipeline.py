@@ -24,11 +24,11 @@ from .checkpoint import read_checkpoint
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
-from .finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
+from .finetune import FinetuneSettings, boundary_velocity, finetune_expert, relative_error, seam_gap_of
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
 from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
-from .routed import save_routed, save_safetensors_atomic
+from .routed import save_routed_from_files, save_safetensors_atomic
 from .sample import sample_ode
 from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
 from .workdir import MARKER, WorkDir
@@ -276,11 +276,14 @@ class Conversion:
         self.expert_configs = [allocate_widths(self.family, self.config, t) for t in self.targets]
         atomic_write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
 
+    # At most the teacher and one expert (with its training state) are in memory at a time: each
+    # stage reads an expert from the work directory, measures it, and lets it go. What the report
+    # needs of an expert is kept as numbers and small velocity tensors (``self.measured``).
+
     def prune(self):
         began = time.time()
         r = self.recipe
-        self.pruned: List[torch.nn.Module] = []
-        self.kept_summary = []
+        self.measured = {"before": {}, "after": {}}
         for k, (segment, config) in enumerate(zip(self.split_result.segments, self.expert_configs)):
             path = self.work.path(f"pruned/expert_{k}.safetensors")
             kept_path = self.work.path(f"pruned/expert_{k}.kept.json")
@@ -288,7 +291,6 @@ class Conversion:
                 from safetensors.torch import load_file
 
                 sd = load_file(str(path))
-                kept = _read_json(kept_path)
             else:
                 calibration = None
                 if r.prune == "segment":
@@ -298,16 +300,23 @@ class Conversion:
                 sd, kept_tensors = prune_state_dict(
                     self.family, self.teacher, self.source.state_dict, self.config, config, r.prune, calibration, seed=r.seed + k
                 )
-                kept = {name: index.tolist() for name, index in kept_tensors.items()}
-                atomic_write_json(kept_path, kept)
+                atomic_write_json(kept_path, {name: index.tolist() for name, index in kept_tensors.items()})
                 save_safetensors_atomic(sd, path)
-            self.pruned.append(self.family.instantiate(config, sd).to(self.device))
-            self.kept_summary.append(kept)
+            self.measured["before"][k] = self._measure(k, self.family.instantiate(config, sd).to(self.device))
+            del sd
         self.timings["prune"] = time.time() - began
+
+    def expert_file(self, k: int) -> Path:
+        """Where expert k's final weights are: fine-tuned, or as pruned when there is no fine-tuning."""
+        return self.work.path(f"finetune/expert_{k}.safetensors" if self.recipe.steps > 0 else f"pruned/expert_{k}.safetensors")
 
     def finetune(self, rank: int = 0, world: int = 1):
         began = time.time()
         r = self.recipe
+        if r.steps == 0:
+            return
+        from safetensors.torch import load_file
+
         settings = FinetuneSettings(
             steps=r.steps, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
             grad_clip=r.grad_clip, label_dropout=r.label_dropout, loss=r.loss, margin=r.margin,
@@ -319,8 +328,8 @@ class Conversion:
             final = self.work.path(f"finetune/expert_{k}.safetensors")
             if final.exists():
                 continue
-            # a copy: the pruned model stays as it was, for the before/after comparison
-            weights = {name: value.detach().clone() for name, value in self.pruned[k].state_dict().items()}
+            # fresh tensors from the work directory: the pruned file stays as it was
+            weights = load_file(str(self.work.path(f"pruned/expert_{k}.safetensors")))
             student = self.family.instantiate(self.expert_configs[k], weights)
             result = finetune_expert(
                 self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
@@ -329,19 +338,31 @@ class Conversion:
             )
             atomic_write_json(self.work.path(f"finetune/expert_{k}.log.json"), {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
             save_safetensors_atomic(result.model.state_dict(), final)
+            self.work.remove([f"finetune/expert_{k}.state.pt"])  # the weights are saved: the state is spent
+            del student, result, weights
         self.timings["finetune"] = time.time() - began
 
-    def load_finetuned(self):
-        from safetensors.torch import load_file
-
-        self.finetuned = []
-        for k, config in enumerate(self.expert_configs):
-            weights = load_file(str(self.work.path(f"finetune/expert_{k}.safetensors")))
-            self.finetuned.append(self.family.instantiate(config, weights).to(self.device))
-
-    def evaluate(self) -> Dict[str, Any]:
+    def _measure(self, k: int, model) -> Dict[str, Any]:
+        """Expert k's error against the teacher on its segment, and its velocities at its cuts."""
         r = self.recipe
         args = (self.x0_pool, self.labels_pool, r.eval_samples)
+        inner = self.split_result.boundaries[1:-1]
+        edges = {j: boundary_velocity(self.family, model, inner[j], *args) for j in (k - 1, k) if 0 <= j < len(inner)}
+        return {"error": relative_error(self.family, model, self.teacher, self.split_result.segments[k], *args), "edges": edges}
+
+    def measure_final(self):
+        from safetensors.torch import load_file
+
+        for k, config in enumerate(self.expert_configs):
+            if self.recipe.steps == 0:
+                self.measured["after"][k] = self.measured["before"][k]
+                continue
+            model = self.family.instantiate(config, load_file(str(self.expert_file(k)))).to(self.device)
+            self.measured["after"][k] = self._measure(k, model)
+            del model
+
+    def evaluate(self) -> Dict[str, Any]:
+        before, after = self.measured["before"], self.measured["after"]
         experts = []
         for k, segment in enumerate(self.split_result.segments):
             config = self.expert_configs[k]
@@ -355,15 +376,15 @@ class Conversion:
                 "flops": self.family.forward_flops(config),
                 "flops_vs_source": self.family.forward_flops(config) / self.family.forward_flops(self.config),
                 "widths": {knob.name: config[knob.name] for knob in self.family.width_knobs(config)},
-                "error_before": relative_error(self.family, self.pruned[k], self.teacher, segment, *args),
-                "error_after": relative_error(self.family, self.finetuned[k], self.teacher, segment, *args),
+                "error_before": before[k]["error"],
+                "error_after": after[k]["error"],
             })
         seams = []
-        for k, boundary in enumerate(self.split_result.boundaries[1:-1]):
+        for j, boundary in enumerate(self.split_result.boundaries[1:-1]):
             seams.append({
                 "boundary": boundary,
-                "before": seam_gap(self.family, self.pruned[k], self.pruned[k + 1], boundary, *args),
-                "after": seam_gap(self.family, self.finetuned[k], self.finetuned[k + 1], boundary, *args),
+                "before": seam_gap_of(before[j]["edges"][j], before[j + 1]["edges"][j]),
+                "after": seam_gap_of(after[j]["edges"][j], after[j + 1]["edges"][j]),
             })
         return {"experts": experts, "seams": seams}
 
@@ -399,9 +420,9 @@ class Conversion:
             "source": {k: report["source"][k] for k in ("sha256", "params", "architecture", "container")},
             "recipe": report["recipe"],
         }
-        save_routed(
-            self.output, self.family, [m.state_dict() for m in self.finetuned], self.expert_configs,
-            self.split_result.boundaries, extra=extra, overwrite=True,
+        save_routed_from_files(
+            self.output, self.family, [self.expert_file(k) for k in range(r.k)], self.expert_configs,
+            self.split_result.boundaries, extra=extra,
         )
         report["workdir"] = self.tidy_workdir()
         files = write_reports(report, self.output)
@@ -446,9 +467,7 @@ class Conversion:
             self.split()
         if rank == 0:
             self.prune()
-        _barrier(world)
-        if rank != 0:
-            self.prune()
+        _barrier(world)  # every rank then reads its experts' pruned weights from the work directory
         self.finetune(rank, world)
         _barrier(world)
         if world > 1:
@@ -457,7 +476,7 @@ class Conversion:
             dist.destroy_process_group()
         if rank != 0:
             return ConversionResult(self.output, {})
-        self.load_finetuned()
+        self.measure_final()
         evaluation = self.evaluate()
         self.timings["total"] = time.time() - began
         return self.write(evaluation)

@@ -57,7 +57,7 @@ class Recipe:
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
     # fine-tuning
-    steps: int = field(default=100, metadata={"help": "fine-tuning steps per expert"})
+    steps: int = field(default=100, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
     batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -212,7 +212,8 @@ def validate(r: Recipe) -> None:
     need(r.min_width > 0, f"min_width={r.min_width} must be positive (a segment needs training times)")
     need(r.k * r.min_width <= 1 + 1e-12,
          f"k={r.k} segments of min_width={r.min_width} do not fit in [0, 1]; lower --k or --min-width")
-    for name in ("steps", "batch_size", "grid", "profile_batches", "profile_batch_size", "pool_size", "ode_steps",
+    need(r.steps >= 0, f"steps={r.steps} must be 0 (no fine-tuning: the pruned experts as they are) or more")
+    for name in ("batch_size", "grid", "profile_batches", "profile_batch_size", "pool_size", "ode_steps",
                  "calib_batches", "checkpoint_every", "eval_samples"):
         need(getattr(r, name) > 0, f"{name}={getattr(r, name)} must be positive")
     need(r.grid >= 2, f"grid={r.grid}: need at least 2 grid times")

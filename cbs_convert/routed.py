@@ -103,6 +103,34 @@ def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Op
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def routed_metadata(
+    family: Family,
+    expert_configs: Sequence[Dict[str, Any]],
+    boundaries: Sequence[float],
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The JSON description of a routed checkpoint (what ``load`` rebuilds it from)."""
+    experts_meta = [
+        {"segment": [float(boundaries[k]), float(boundaries[k + 1])], "config": config,
+         "params": int(family.param_count(config))}
+        for k, config in enumerate(expert_configs)
+    ]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "family": family.name,
+        "time_convention": {
+            "canonical": "t in [0, 1], t = 1 noise, t = 0 data",
+            "native_argument": family.native_time_name,
+            "native_boundaries": native_boundaries(family, boundaries),
+        },
+        "boundaries": [float(b) for b in boundaries],
+        "experts": experts_meta,
+        "family_config": family.config,
+    }
+    meta.update(extra or {})
+    return meta
+
+
 def save_routed(
     path,
     family: Family,
@@ -116,34 +144,78 @@ def save_routed(
     path = Path(path)
     if path.exists() and not overwrite:
         raise WorkdirError(f"{path} exists; pass --force to overwrite it")
-    tensors = {}
-    experts_meta = []
-    native = native_boundaries(family, boundaries)
-    for k, (sd, config) in enumerate(zip(expert_state_dicts, expert_configs)):
-        for key, value in sd.items():
-            tensors[f"experts.{k}.{key}"] = value
-        experts_meta.append(
-            {
-                "segment": [float(boundaries[k]), float(boundaries[k + 1])],
-                "config": config,
-                "params": int(family.param_count(config)),
-            }
-        )
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "family": family.name,
-        "time_convention": {
-            "canonical": "t in [0, 1], t = 1 noise, t = 0 data",
-            "native_argument": family.native_time_name,
-            "native_boundaries": [float(v) for v in native],
-        },
-        "boundaries": [float(b) for b in boundaries],
-        "experts": experts_meta,
-        "family_config": family.config,
-    }
-    meta.update(extra or {})
+    tensors = {f"experts.{k}.{key}": value for k, sd in enumerate(expert_state_dicts) for key, value in sd.items()}
+    meta = routed_metadata(family, expert_configs, boundaries, extra)
     save_safetensors_atomic(tensors, path, {METADATA_KEY: json.dumps(meta)})
     return path
+
+
+def save_routed_from_files(
+    path,
+    family: Family,
+    expert_files: Sequence,
+    expert_configs: Sequence[Dict[str, Any]],
+    boundaries: Sequence[float],
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """The same file as ``save_routed``, streamed from one .safetensors file per expert: one tensor
+    in memory at a time, however large the experts."""
+    from safetensors import safe_open
+
+    sources = []
+    for k, expert_file in enumerate(expert_files):
+        with safe_open(str(expert_file), framework="pt") as handle:
+            sources += [(f"experts.{k}.{key}", str(expert_file), key) for key in handle.keys()]
+    meta = routed_metadata(family, expert_configs, boundaries, extra)
+    stream_safetensors(path, sources, {METADATA_KEY: json.dumps(meta)})
+    return Path(path)
+
+
+#: bytes per element of the safetensors dtype names
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def stream_safetensors(path, sources: Sequence, metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write a .safetensors file whose tensor ``name`` is tensor ``key`` of file ``file``, for each
+    (name, file, key) of ``sources``, copying one tensor at a time (atomically, like every output).
+
+    The format: 8 bytes of little-endian header length, a JSON header of dtype, shape and byte
+    offsets per tensor (padded with spaces to a multiple of 8), then the tensors' bytes back to back.
+    """
+    from safetensors import safe_open
+
+    header: Dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for name, file, key in sources:
+        with safe_open(file, framework="pt") as handle:
+            view = handle.get_slice(key)
+            dtype, shape = view.get_dtype(), list(view.get_shape())
+        size = _DTYPE_BYTES[dtype]
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            opened: Dict[str, Any] = {}
+            try:
+                for name, file, key in sources:
+                    if file not in opened:
+                        opened.clear()  # sources come grouped by file: keep one open at a time
+                        opened[file] = safe_open(file, framework="pt")
+                    tensor = opened[file].get_tensor(key).contiguous()
+                    out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+                    del tensor
+            finally:
+                opened.clear()
+
+    atomic_write(path, write)
+    return Path(path)
 
 
 def read_metadata(path) -> Dict[str, Any]:

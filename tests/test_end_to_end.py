@@ -145,3 +145,18 @@ def test_readme_main_command_with_default_settings(tmp_path):
     for expert in report["evaluation"]["experts"]:
         assert expert["error_after"] < 0.5 * expert["error_before"]
     assert (tmp_path / "digits_sit-cbs-k2.profile.png").is_file()
+
+
+def test_no_fine_tuning_writes_the_pruned_experts(tmp_path):
+    family, model = tiny_model("dit")
+    source = tmp_path / "tiny.safetensors"
+    save_file(model.state_dict(), str(source))
+    settings = {**QUICK_KW, "steps": 0}
+    result = cbs_convert.convert(source, k=2, family="dit", num_heads=4, out=str(tmp_path / "o.safetensors"), **settings)
+    routed = cbs_convert.load(result.output)
+    kept = json.loads((tmp_path / "o.safetensors.work" / "pruned" / "expert_1.kept.json").read_text())
+    pruned = family.slice_state_dict(model.state_dict(), family.config, {k: torch.tensor(v) for k, v in kept.items()})
+    assert all(torch.equal(routed.experts[1].state_dict()[k], v) for k, v in pruned.items())
+    for e in result.report["evaluation"]["experts"]:
+        assert e["error_after"] == e["error_before"] > 0
+    assert not (tmp_path / "o.safetensors.work" / "finetune").exists()

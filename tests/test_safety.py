@@ -166,8 +166,8 @@ def test_nan_weights_are_detected(tmp_path, capsys, monkeypatch):
     (["--budget", "1000"], "cannot hold 2 experts"),
     (["--boundaries", "0.7,0.3", "--k", "3"], "strictly increasing"),
     (["--boundaries", "1.3"], "inside"),
-    (["--steps", "0"], "steps=0"),
-    (["--steps", "-3"], "must be positive"),
+    (["--steps", "-1"], "steps=-1"),
+    (["--steps", "-3"], "no fine-tuning"),
     (["--steps", "many"], "--steps must be an integer"),
     (["--lr", "x"], "--lr must be a number"),
     (["--split", "magic"], "'split' must be one of"),
@@ -278,16 +278,19 @@ def test_resume_with_other_settings_is_refused(tiny_pt, capsys, monkeypatch):
 WRITER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import safetensors.torch as st
-real = st.save_file
-def dying(tensors, filename, metadata=None):
-    real(tensors, filename, metadata=metadata)
-    if os.path.basename(filename).startswith({marker!r}):
-        # die half-way through writing the routed checkpoint
-        with open(filename, "r+b") as handle:
-            handle.truncate(os.path.getsize(filename) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-st.save_file = dying
+import cbs_convert.files as files
+real = files.os.replace
+class DyingOs:
+    def __getattr__(self, name):
+        return getattr(os, name)
+    def replace(self, src, dst):
+        if os.path.basename(dst) == {output!r}:
+            # die half-way through writing the routed checkpoint, before it takes its name
+            with open(src, "r+b") as handle:
+                handle.truncate(os.path.getsize(src) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(src, dst)
+files.os = DyingOs()
 from cbs_convert.cli import main
 main(sys.argv[1:])
 """
@@ -300,7 +303,7 @@ def test_sigkill_while_writing_leaves_the_previous_output(tiny_pt, tmp_path):
     output = tmp_path / "tiny-cbs-k2.safetensors"
     before = output.read_bytes()
     script = tmp_path / "dying.py"
-    script.write_text(WRITER.format(root=str(ROOT), marker=".tiny-cbs-k2.safetensors."))
+    script.write_text(WRITER.format(root=str(ROOT), output="tiny-cbs-k2.safetensors"))
     killed = subprocess.run([sys.executable, str(script), str(tiny_pt), "--k", "2", "--force", *QUICK], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL

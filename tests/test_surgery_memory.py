@@ -1,0 +1,19 @@
+"""benchmarks/surgery_memory.py --quick runs, so its README numbers stay reproducible."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_quick_surgery_benchmark_measures_both_children(capsys):
+    import surgery_memory
+
+    result = surgery_memory.main(["--quick"])
+    # a 1x budget at K=2: the routed file holds about the source's parameters once
+    assert abs(result["output_bytes"] / result["source_bytes"] - 1) < 0.05
+    for child in ("floor", "conversion"):
+        assert result[child]["wall_s"] > 0 and result[child]["peak_rss_bytes"] > result["source_bytes"]
+    out = capsys.readouterr().out
+    assert "x the file" in out and "x the floor" in out
