@@ -3,7 +3,14 @@
 Every stage is a plain function over plain objects; ``convert`` runs them all.
 """
 
-from .checkpoint import read_checkpoint
+import warnings as _warnings
+
+# torch's first forward-mode derivative loads its own JVP decompositions through torch.jit.script,
+# which then warns about its own deprecation: noise on every run, nothing the user can act on.
+_warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
+                         module=r"torch\.jit\._script")
+
+from .checkpoint import read_checkpoint  # noqa: E402  (after the filter)
 from .errors import BudgetError, CheckpointError, RecipeError, UserError, WorkdirError
 from .families import FAMILIES, detect, family_from_config
 from .finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
