@@ -26,15 +26,22 @@ def _default_text(f) -> str:
     return f" (default: {f.default_factory()})"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preview: bool = False) -> argparse.ArgumentParser:
+    description = (
+        "Profile a checkpoint and plan its split, with no pruning and no fine-tuning: the complexity curves, the "
+        "cuts of every split rule, the planned experts, a report and a plot. The work directory keeps the profile, "
+        "so the conversion with the same settings and --resume starts from it." if preview else
+        "Convert a SiT, DiT or ADM (guided-diffusion UNet) checkpoint into K complexity-balanced time-segment experts, "
+        "written as one routed .safetensors checkpoint that loads back with cbs_convert.load()."
+    )
     parser = _Parser(
-        prog="python -m cbs_convert",
-        description="Convert a SiT, DiT or ADM (guided-diffusion UNet) checkpoint into K complexity-balanced time-segment experts, "
-        "written as one routed .safetensors checkpoint that loads back with cbs_convert.load().",
+        prog="python -m cbs_convert" + (" profile" if preview else ""),
+        description=description,
         epilog="Settings come from, lowest first: built-in defaults sized for tiny models, the bundled recipe "
         "of a recognised published architecture, --recipe FILE, then these flags. "
         "Other commands: 'python -m cbs_convert info ROUTED' shows a routed checkpoint; "
-        "'python -m cbs_convert extract ROUTED --expert K --out FILE' writes one expert as a plain checkpoint.",
+        "'python -m cbs_convert extract ROUTED --expert K --out FILE' writes one expert as a plain checkpoint; "
+        "'python -m cbs_convert profile CHECKPOINT [settings]' profiles and plans the split only.",
     )
     parser.add_argument("checkpoint", nargs="?", help=FIELDS["checkpoint"].metadata["help"])
     parser.add_argument("--recipe", help="YAML recipe with any of the settings below (snake_case keys)")
@@ -75,7 +82,7 @@ def _flag_values(namespace) -> Dict[str, object]:
 
 
 #: ``python -m cbs_convert NAME ...``: a first argument with one of these names is a command, not a checkpoint
-COMMANDS = ("info", "extract")
+COMMANDS = ("info", "extract", "profile")
 
 
 def _command_parser(name: str) -> argparse.ArgumentParser:
@@ -100,6 +107,8 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
 def _run_command(argv: List[str]) -> int:
     from . import commands
 
+    if argv[0] == "profile":
+        return _convert(argv[1:], preview=True)
     args = _command_parser(argv[0]).parse_args(argv[1:])
 
     def work():
@@ -143,7 +152,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         return _run_command(argv)
-    parser = build_parser()
+    return _convert(argv, preview=False)
+
+
+def _convert(argv: List[str], preview: bool) -> int:
+    """The conversion, or with ``preview`` only its profile and split (the ``profile`` command)."""
+    parser = build_parser(preview)
     args = parser.parse_args(argv)
     results = []
 
@@ -153,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .pipeline import Conversion
 
         results.append(Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force,
-                                  keep_workdir=args.keep_workdir, on_warning=_print_warning).run())
+                                  keep_workdir=args.keep_workdir, on_warning=_print_warning, preview=preview).run())
 
     code = _guarded(work, args.debug)
     if code != 0:
@@ -172,14 +186,14 @@ def _print_warning(message: str) -> None:
 def _summary(result) -> None:
     report = result.report
     split = report["split"]
-    print(f"wrote {result.output}")
+    print(f"wrote {result.output}" if result.output else "profile and split only (nothing pruned or trained)")
     print(f"  {report['source']['architecture']}")
     print(f"  split {split['method']}: boundaries {', '.join(f'{b:.3f}' for b in split['boundaries'])}")
     for k, e in enumerate(report["evaluation"]["experts"]):
         print(
             f"  expert {k} [{e['segment'][0]:.3f}, {e['segment'][1]:.3f}]: {e['params']:,} params "
-            f"({e['params_vs_target']:+.2%} of target), FLOPs x{e['flops_vs_source']:.2f}, "
-            f"rel. error {e['error_before']:.4f} -> {e['error_after']:.4f}"
+            f"({e['params_vs_target']:+.2%} of target), FLOPs x{e['flops_vs_source']:.2f}"
+            + (f", rel. error {e['error_before']:.4f} -> {e['error_after']:.4f}" if "error_after" in e else "")
         )
     for path in result.report_files:
         print(f"  report: {path}")

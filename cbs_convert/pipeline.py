@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from .workdir import MARKER, WorkDir
 
 @dataclass
 class ConversionResult:
-    output: Path
+    output: Optional[Path]  # None for a profile-only preview
     report: Dict[str, Any]
     report_files: List[Path] = field(default_factory=list)
 
@@ -108,7 +108,8 @@ class Conversion:
     """One conversion run. ``run()`` executes the stages; each is also a method of its own."""
 
     def __init__(self, settings: Dict[str, Any], progress: bool = True, resume: bool = False, force: bool = False,
-                 keep_workdir: bool = False, on_warning=None):
+                 keep_workdir: bool = False, on_warning=None, preview: bool = False):
+        self.preview = preview
         self.progress = progress
         self.resume = resume
         self.force = force
@@ -132,7 +133,7 @@ class Conversion:
             raise WorkdirError(f"--out {self.output} is the source checkpoint; choose another output path")
         if self.output.is_dir():
             raise WorkdirError(f"--out {self.output} is a directory; give a file name such as {self.output / 'model.safetensors'}")
-        if self.output.exists() and not force:
+        if self.output.exists() and not force and not preview:
             raise WorkdirError(f"{self.output} exists; pass --force to overwrite it or --out to choose another path")
         self.work.check_usable(resume, force)
         # Found now, not after hours of work: every file of the run goes into these two folders.
@@ -363,6 +364,20 @@ class Conversion:
 
     def evaluate(self) -> Dict[str, Any]:
         before, after = self.measured["before"], self.measured["after"]
+        experts = self.planned_experts()
+        for k, expert in enumerate(experts):
+            expert.update(error_before=before[k]["error"], error_after=after[k]["error"])
+        seams = []
+        for j, boundary in enumerate(self.split_result.boundaries[1:-1]):
+            seams.append({
+                "boundary": boundary,
+                "before": seam_gap_of(before[j]["edges"][j], before[j + 1]["edges"][j]),
+                "after": seam_gap_of(after[j]["edges"][j], after[j + 1]["edges"][j]),
+            })
+        return {"experts": experts, "seams": seams}
+
+    def planned_experts(self) -> List[Dict[str, Any]]:
+        """What the split and the budget give each expert, before any pruning or training."""
         experts = []
         for k, segment in enumerate(self.split_result.segments):
             config = self.expert_configs[k]
@@ -376,23 +391,12 @@ class Conversion:
                 "flops": self.family.forward_flops(config),
                 "flops_vs_source": self.family.forward_flops(config) / self.family.forward_flops(self.config),
                 "widths": {knob.name: config[knob.name] for knob in self.family.width_knobs(config)},
-                "error_before": before[k]["error"],
-                "error_after": after[k]["error"],
             })
-        seams = []
-        for j, boundary in enumerate(self.split_result.boundaries[1:-1]):
-            seams.append({
-                "boundary": boundary,
-                "before": seam_gap_of(before[j]["edges"][j], before[j + 1]["edges"][j]),
-                "after": seam_gap_of(after[j]["edges"][j], after[j + 1]["edges"][j]),
-            })
-        return {"experts": experts, "seams": seams}
+        return experts
 
-    def write(self, evaluation: Dict[str, Any]) -> ConversionResult:
-        from .report import write_reports
-
+    def report(self, evaluation: Dict[str, Any]) -> Dict[str, Any]:
         r = self.recipe
-        report = {
+        return {
             "source": {
                 "path": str(self.source.path),
                 "sha256": self.source.sha256,
@@ -414,6 +418,21 @@ class Conversion:
             "recipe": r.to_dict(),
             "device": str(self.device),
         }
+
+    def write_preview(self) -> ConversionResult:
+        """The report of a profile-only run: the curves, every rule's cuts, the planned experts."""
+        from .report import write_reports
+
+        report = self.report({"experts": self.planned_experts(), "seams": []})
+        report["preview"] = True
+        stem = Path(str(self.output).removesuffix(".safetensors") + ".preview")
+        return ConversionResult(None, report, write_reports(report, stem))
+
+    def write(self, evaluation: Dict[str, Any]) -> ConversionResult:
+        from .report import write_reports
+
+        r = self.recipe
+        report = self.report(evaluation)
         extra = {
             "profile": report["profile"],
             "split": report["split"],
@@ -465,6 +484,8 @@ class Conversion:
             self.pool()
             self.profile()
             self.split()
+        if self.preview:
+            return self.write_preview() if rank == 0 else ConversionResult(None, {})
         if rank == 0:
             self.prune()
         _barrier(world)  # every rank then reads its experts' pruned weights from the work directory

@@ -13,6 +13,11 @@ def _fmt_int(n: int) -> str:
     return f"{n:,}"
 
 
+def _error(expert: Dict[str, Any], key: str) -> str:
+    """A measured error, or a dash in a profile-only preview where nothing was pruned yet."""
+    return f"{expert[key]:.4f}" if expert.get(key) is not None else "–"
+
+
 def markdown(report: Dict[str, Any]) -> str:
     src, split, ev = report["source"], report["split"], report["evaluation"]
     lines = [
@@ -67,7 +72,7 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append(
             f"| {k} | [{e['segment'][0]:.3f}, {e['segment'][1]:.3f}] | {e['share']:.3f} | {_fmt_int(e['target_params'])} | "
             f"{_fmt_int(e['params'])} | {e['params_vs_target']:+.2%} | {e['flops_vs_source']:.3f} | {widths} | "
-            f"{e['error_before']:.4f} | {e['error_after']:.4f} |"
+            f"{_error(e, 'error_before')} | {_error(e, 'error_after')} |"
         )
     if ev["seams"]:
         lines += ["", "Seams (relative gap between neighbouring experts at their boundary):", ""]

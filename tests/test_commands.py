@@ -76,3 +76,29 @@ def test_extract_refuses_bad_requests_in_one_line(tmp_path, capsys):
     code, _, err = cli(["extract", path, "--out", tmp_path / "e.pt"], capsys)
     assert_one_line_error(code, err, "--expert")
     assert cbs_convert.load(path)  # the routed file is untouched and still loads
+
+
+def test_profile_plans_the_split_without_pruning_and_the_conversion_resumes_from_it(tmp_path, capsys, monkeypatch):
+    import json
+
+    from helpers import save_training_dict, tiny_model
+    from test_safety import QUICK
+
+    monkeypatch.chdir(tmp_path)
+    _, model = tiny_model("sit")
+    source = tmp_path / "tiny.pt"
+    save_training_dict(source, model, num_heads=4)
+    code, out, err = cli(["profile", source, "--k", "2", *QUICK], capsys)
+    assert code == 0, err
+    assert "nothing pruned or trained" in out
+    report = json.loads((tmp_path / "tiny-cbs-k2.preview.report.json").read_text())
+    assert report["preview"] and len(report["evaluation"]["experts"]) == 2
+    assert all("error_after" not in e for e in report["evaluation"]["experts"])
+    work = tmp_path / "tiny-cbs-k2.safetensors.work"
+    assert not (tmp_path / "tiny-cbs-k2.safetensors").exists() and not (work / "pruned").exists()
+    profile_bytes = (work / "profile.json").read_bytes()
+    code, out, err = cli([source, "--k", "2", "--resume", *QUICK], capsys)
+    assert code == 0, err
+    final = json.loads((tmp_path / "tiny-cbs-k2.report.json").read_text())
+    assert final["split"] == report["split"] and final["profile"] == report["profile"]
+    assert (work / "profile.json").read_bytes() == profile_bytes  # reused, not measured again

@@ -54,7 +54,7 @@ def test_yaml_syntax_error_has_a_line_number(tmp_path):
     ({"k": 0}, "at least one expert"),
     ({"k": 30}, "do not fit"),
     ({"steps": -1}, "steps=-1 must be 0"),
-    ({"steps": -5}, "must be positive"),
+    ({"batch_size": 0}, "must be positive"),
     ({"k": 3, "boundaries": [0.6, 0.4]}, "strictly increasing"),
     ({"k": 2, "boundaries": [1.5]}, "inside"),
     ({"k": 3, "boundaries": [0.5]}, "need exactly 2"),
