@@ -61,7 +61,12 @@ def _read_json(path: Path):
 
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # under torchrun each process takes its own GPU, not all of them cuda:0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -78,7 +83,11 @@ def _distributed():
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        from datetime import timedelta
+
+        # The other ranks wait at a barrier while rank 0 samples, profiles and prunes: at XL size that
+        # takes longer than the default 10 minutes after which NCCL would abort the job.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
     return dist.get_rank(), dist.get_world_size()
 
 
