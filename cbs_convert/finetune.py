@@ -125,16 +125,18 @@ def finetune_expert(
         native_t = family.native_time(t)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
             student_out = student(x_t, native_t, y)
-            teacher_out = None
-            # the data loss alone needs the teacher only for channels the data cannot supervise
-            if settings.loss != "data" or student_out.shape[1] > x0.shape[1]:
-                with torch.no_grad():
-                    teacher_out = teacher(x_t, native_t, y).float()
-            loss = 0.0
-            if settings.loss in ("distill", "both"):
-                loss = loss + F.mse_loss(student_out.float(), teacher_out)
-            if settings.loss in ("data", "both"):
-                loss = loss + family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
+        # The teacher's targets in float32, outside the autocast: bf16 targets would round every
+        # target to 8 bits of mantissa, a floor under the error an expert can reach.
+        teacher_out = None
+        # the data loss alone needs the teacher only for channels the data cannot supervise
+        if settings.loss != "data" or student_out.shape[1] > x0.shape[1]:
+            with torch.no_grad():
+                teacher_out = teacher(x_t, native_t, y).float()
+        loss = 0.0
+        if settings.loss in ("distill", "both"):
+            loss = loss + F.mse_loss(student_out.float(), teacher_out)
+        if settings.loss in ("data", "both"):
+            loss = loss + family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip > 0:
