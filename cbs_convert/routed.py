@@ -70,14 +70,31 @@ class RoutedModel(nn.Module):
         # native time falls as canonical time rises (SiT): count the cuts at or above n
         return len(self.native_inner) - torch.bucketize(n, self.native_inner, right=False)
 
+    def expert_at(self, native_t: float) -> nn.Module:
+        """The expert owning native time ``native_t``, chosen on the host with no tensor op.
+
+        For a sampler that knows its step's time as a number: calling the bare expert keeps the step
+        free of routing, so ``torch.compile`` and CUDA graph capture see one static module."""
+        import bisect
+
+        n = float(native_t)
+        cuts = self.native_inner_values
+        k = bisect.bisect_right(cuts, n) if self.native_rises else len(cuts) - bisect.bisect_left(cuts, n)
+        return self.experts[k]
+
     def forward(self, x, t, y=None, **kwargs):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        which = self.expert_index(t)
         if len(self.experts) == 1:
             return self.experts[0](x, t, y, **kwargs)
+        which = self.expert_index(t)
+        lo, hi = which.aminmax()
+        lo, hi = int(lo), int(hi)  # one host sync, instead of a gather and scatter per expert
+        if lo == hi:  # the sampling case: one expert owns the whole batch
+            return self.experts[lo](x, t, y, **kwargs)
         out = None
-        for k, expert in enumerate(self.experts):
+        for k in range(lo, hi + 1):
+            expert = self.experts[k]
             index = torch.nonzero(which == k, as_tuple=True)[0]
             if index.numel() == 0:
                 continue

@@ -135,3 +135,18 @@ def test_a_stored_native_boundary_routes_to_the_segment_that_starts_there(tmp_pa
     assert native == family.native_time(torch.tensor(boundaries, dtype=torch.float64)).tolist()  # float64, not float32
     index = routed.expert_index(torch.tensor(native, dtype=torch.float64))
     assert index.tolist() == [0, 1, 2, 2]
+
+
+@pytest.mark.parametrize("name", ["sit", "dit"])
+def test_a_batch_owned_by_one_expert_calls_it_directly(name, monkeypatch):
+    family, experts, _, boundaries = three_experts(name)
+    routed = RoutedModel(family, experts, boundaries).eval()
+    x, y = torch.randn(5, 4, 8, 8), torch.randint(0, 10, (5,))
+    for t, k in ((0.1, 0), (0.5, 1), (0.9, 2), (0.3, 1), (1.0, 2), (0.0, 0)):
+        native = family.native_time(torch.full((5,), t))
+        assert routed.expert_at(float(native[0])) is experts[k]
+        with torch.no_grad():
+            expected = experts[k](x, native, y)
+            with monkeypatch.context() as patched:
+                patched.setattr(torch, "nonzero", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("gathered")))
+                assert torch.equal(routed(x, native, y), expected)

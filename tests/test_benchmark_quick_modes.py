@@ -1,4 +1,4 @@
-"""benchmarks/surgery_memory.py --quick runs, so its README numbers stay reproducible."""
+"""The --quick modes of the speed and memory benchmarks run, so their README numbers stay reproducible."""
 
 import sys
 from pathlib import Path
@@ -17,3 +17,11 @@ def test_quick_surgery_benchmark_measures_both_children(capsys):
         assert result[child]["wall_s"] > 0 and result[child]["peak_rss_bytes"] > result["source_bytes"]
     out = capsys.readouterr().out
     assert "x the file" in out and "x the floor" in out
+
+
+def test_quick_router_benchmark_times_the_same_computation(capsys):
+    import router_overhead
+
+    result = router_overhead.main(["--quick"])
+    assert result["bare_s"] > 0 and result["routed_s"] > 0 and result["ratio"] > 0
+    assert "router overhead" in capsys.readouterr().out
