@@ -1,0 +1,516 @@
+"""What the digits and Fashion-MNIST benchmarks share: rows as data, conversions and scores cached
+one small file each, paired differences, the cost estimate and the Markdown table.
+
+A row is a name and the settings of one ``cbs_convert.convert`` call, plus three keys read here:
+
+* ``steps_factor``: the row's total fine-tuning steps as a multiple of the benchmark's ``--steps``
+  (divided evenly over its K experts, so that every row of factor 1 trains equally long);
+* ``best_of``: a list of rows; the row takes the settings of whichever of them has the lowest mean
+  paired ΔFD so far, with its own other keys on top (``k``, ``budget``...). Such a row waits until
+  every one of those rows is scored;
+* ``label``: a short tag for the learning-curve table (``("K=2 uniform", 0.25)``).
+
+Every (row, training seed) conversion and every (model, sampling seed) score is written to the
+cache as JSON the moment it is done, under a name that carries a hash of everything it depends on
+(settings, teacher bytes, sample count...). A rerun loads what is there and computes only the
+rest, so one benchmark can span several sessions; changing a setting changes the hash and reruns
+exactly what it touches. The routed files themselves live in ``<cache>/models`` (not committed):
+a model whose scores are all cached is never needed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+#: keys of a row that the benchmark reads; everything else goes to ``convert``
+ROW_KEYS = ("steps_factor", "best_of", "label")
+#: bumped when what a cached conversion or score means changes (sampler, labels, pairing)
+CACHE_VERSION = 1
+REAL, TEACHER = "real training images", "teacher"
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")
+
+
+def digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def write_json(path: Path, data) -> None:
+    from cbs_convert.files import atomic_write_json
+
+    atomic_write_json(path, data)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def summarise(values) -> Tuple[float, float]:
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+# -- work done in worker processes ----------------------------------------------------------------
+
+
+def worker_init(threads: int):
+    import torch
+
+    # One thread per process: the cores are shared, and OpenMP barriers stall badly when oversubscribed.
+    torch.set_num_threads(threads)
+    # Zero-initialised gates and pruned weights make subnormal floats, which CPUs compute very slowly.
+    torch.set_flush_denormal(True)
+
+
+def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, Any]:
+    """One conversion; a setting this commit does not offer yet comes back as ``unavailable``."""
+    import cbs_convert
+    from cbs_convert.errors import RecipeError
+
+    began = time.time()
+    try:
+        # resume: a conversion killed mid-way (the session ended) continues from its work directory.
+        result = cbs_convert.convert(out=out, workdir=out + ".work", progress=False, force=True, resume=True, **settings)
+    except RecipeError as exc:
+        return {"name": name, "train_seed": settings["seed"], "unavailable": str(exc).splitlines()[0]}
+    report = result.report
+    experts = report["evaluation"]["experts"]
+    return {
+        "name": name,
+        "train_seed": settings["seed"],
+        "settings": settings,
+        "path": out,
+        "boundaries": report["split"]["boundaries"],
+        "shares": report["split"]["shares"],
+        "expert_params": [e["params"] for e in experts],
+        "expert_flops": [e["flops"] for e in experts],
+        "error_before": [e["error_before"] for e in experts],
+        "error_after": [e["error_after"] for e in experts],
+        "seams": report["evaluation"]["seams"],
+        "split_notes": [str(n) for n in report["split"].get("notes", [])],
+        "seconds": time.time() - began,
+        "timings": report["timings_s"],
+    }
+
+
+def balanced_labels(n: int, seed: int, classes: int = 10):
+    import torch
+
+    labels = torch.arange(n) % classes
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))]
+
+
+def evaluate(dataset: str, name: str, source: str, seed: int, samples: int, sample_steps: int,
+             train_seed: Optional[int] = None, chunk: int = 1000) -> Dict[str, Any]:
+    """Sample ``samples`` images from ``source`` (a checkpoint, a routed file, or "real") and score them.
+
+    Pairing: for one sampling seed every model gets the same labels and the same starting noise,
+    so the difference of two models' FD on one seed carries little of the sampling noise.
+    """
+    import torch
+
+    from cbs_convert.metrics import DATASETS
+
+    spec = DATASETS[dataset]
+    scorer = spec.scorer()
+    labels = balanced_labels(samples, seed)
+    began = time.time()
+    if source == "real":
+        data = spec.split()
+        pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:samples]
+        images, labels = data.train_x[pick], data.train_y[pick]
+    else:
+        from cbs_convert.loading import load_model
+        from cbs_convert.sample import sample_ode
+
+        family, model = load_model(source)
+        shape = family.sample_shape(family.config)
+        noise = torch.randn((samples, *shape), generator=torch.Generator().manual_seed(seed))
+        # Chunks bound the memory; each sample's trajectory depends on its own noise and label only.
+        images = torch.cat([
+            sample_ode(family, model, (len(n), *shape), y, steps=sample_steps, noise=n)
+            for n, y in zip(noise.split(chunk), labels.split(chunk))
+        ])
+        if not torch.isfinite(images).all():
+            return {"name": name, "seed": seed, "train_seed": train_seed, "fd": float("nan"),
+                    "class_match": float("nan"), "seconds": time.time() - began}
+    return {"name": name, "seed": seed, "train_seed": train_seed, **scorer.score(images, labels),
+            "seconds": time.time() - began}
+
+
+# -- the benchmark ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    dataset: str
+    checkpoint: str
+    rows: Dict[str, Dict[str, Any]]
+    common: Dict[str, Any]  # settings every conversion shares (pool, loss, lr, batch...)
+    steps: int
+    samples: int
+    seeds: List[int]
+    train_seeds: List[int]
+    sample_steps: int
+    cache: Path
+    jobs: int = 2
+    log: Any = print
+    conversions: Dict[Tuple[str, int], Dict[str, Any]] = field(default_factory=dict)
+    scores: List[Dict[str, Any]] = field(default_factory=list)
+    unavailable: Dict[str, str] = field(default_factory=dict)
+    resolved: Dict[str, str] = field(default_factory=dict)  # best_of row -> the row it copies
+    work: Dict[str, int] = field(default_factory=lambda: {"conversions": 0, "scores": 0})
+
+    def __post_init__(self):
+        self.cache = Path(self.cache)
+        self.models = self.cache / "models"
+        self.teacher_digest = file_digest(self.checkpoint)
+
+    # -- settings and cache names -------------------------------------------------------------
+    def settings_for(self, name: str, train_seed: int) -> Optional[Dict[str, Any]]:
+        """The convert() settings of a row, or None while a row it depends on is not scored."""
+        row = dict(self.rows[name])
+        if "best_of" in row:
+            winner = self.best_of(row.pop("best_of"))
+            if winner is None:
+                return None
+            self.resolved[name] = winner
+            row = {**{k: v for k, v in self.rows[winner].items() if k not in ROW_KEYS}, **row}
+        factor = row.get("steps_factor", 1.0)
+        settings = {**self.common, **{k: v for k, v in row.items() if k not in ROW_KEYS}}
+        settings["steps"] = max(1, int(round(self.steps * factor)) // settings.get("k", 2))
+        settings["seed"] = train_seed
+        settings["checkpoint"] = self.checkpoint
+        return settings
+
+    def stem(self, name: str, train_seed: int, settings: Dict[str, Any]) -> str:
+        key = {"v": CACHE_VERSION, "teacher": self.teacher_digest,
+               "settings": {k: v for k, v in settings.items() if k not in ("checkpoint", "data")}}
+        return f"{slug(name)}_t{train_seed}_{digest(key)}"
+
+    def score_path(self, model_key: str, seed: int) -> Path:
+        key = {"v": CACHE_VERSION, "samples": self.samples, "steps": self.sample_steps, "model": model_key}
+        return self.cache / "scores" / f"{model_key}_s{seed}_{digest(key)}.json"
+
+    def best_of(self, candidates: Sequence[str]) -> Optional[str]:
+        """The candidate with the lowest mean paired ΔFD; None until all available ones are scored.
+
+        Only candidates among this run's rows count, and none this commit cannot run.
+        """
+        gaps = {}
+        for name in candidates:
+            if name in self.unavailable or name not in self.rows:
+                continue
+            runs = self.paired_gaps(name)
+            if len(runs) < len(self.seeds) * len(self.train_seeds):
+                return None
+            gaps[name] = float(np.mean(runs))
+        return min(gaps, key=gaps.get) if gaps else None
+
+    def paired_gaps(self, name: str) -> List[float]:
+        teacher = {s["seed"]: s["fd"] for s in self.scores if s["name"] == TEACHER}
+        return [s["fd"] - teacher[s["seed"]] for s in self.scores if s["name"] == name and s["seed"] in teacher]
+
+    # -- running ----------------------------------------------------------------------------------
+    def run(self, names: Sequence[str]) -> None:
+        """Convert and score every wanted row for every seed, skipping whatever the cache holds."""
+        self.models.mkdir(parents=True, exist_ok=True)
+        context = get_context("spawn")
+        with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=worker_init, initargs=(1,)) as pool:
+            pending: Dict[Any, Tuple[str, Any]] = {}
+
+            def score(model_key, name, source, seed, train_seed):
+                path = self.score_path(model_key, seed)
+                if path.exists():
+                    self.scores.append(json.loads(path.read_text()))
+                    return
+                job = pool.submit(evaluate, self.dataset, name, source, seed, self.samples, self.sample_steps, train_seed)
+                pending[job] = ("score", path)
+
+            for seed in self.seeds:
+                score("real", REAL, "real", seed, None)
+                score(f"teacher_{self.teacher_digest}", TEACHER, self.checkpoint, seed, None)
+            waiting = list(names)
+            started = set()
+            while True:
+                for name in list(waiting):
+                    for train_seed in self.train_seeds:
+                        if (name, train_seed) in started:
+                            continue
+                        settings = self.settings_for(name, train_seed)
+                        if settings is None:
+                            continue
+                        if self._start_row(pool, pending, score, name, train_seed, settings):
+                            started.add((name, train_seed))
+                    if all((name, t) in started for t in self.train_seeds):
+                        waiting.remove(name)
+                if not pending:
+                    break
+                job = next(as_completed(pending))
+                kind, info = pending.pop(job)
+                try:
+                    result = job.result()
+                except Exception:
+                    self.log(f"  FAILED {kind} {info}:\n{traceback.format_exc()}")
+                    continue
+                if kind == "convert":
+                    self.work["conversions"] += 1
+                    if "unavailable" in result:
+                        self.unavailable[result["name"]] = result["unavailable"]
+                        self.log(f"  {result['name']}: not available at this commit ({result['unavailable']})")
+                        continue
+                    write_json(info, result)
+                    self._note_conversion(result)
+                    model_key = Path(info).stem
+                    for seed in self.seeds:
+                        score(model_key, result["name"], result["path"], seed, result["train_seed"])
+                else:
+                    self.work["scores"] += 1
+                    write_json(info, result)
+                    self.scores.append(result)
+                    self.log(f"  scored {result['name']} (training seed {result['train_seed']}) sampling seed "
+                             f"{result['seed']}: FD {result['fd']:.3f}, class match {result['class_match']:.3f} "
+                             f"({result['seconds']:.0f}s)")
+            for name in waiting:
+                self.log(f"  {name}: waits for {', '.join(self.rows[name].get('best_of', []))} to be scored")
+
+    def _start_row(self, pool, pending, score, name, train_seed, settings) -> bool:
+        """Serve a (row, training seed) from the cache, or submit its conversion; False: not now.
+
+        A conversion is submitted only while fewer than ``jobs`` jobs are in flight, so that the
+        scores of finished conversions run next instead of queueing behind every other conversion:
+        an interrupted run then leaves whole rows behind, not many conversions and no scores.
+        """
+        stem = self.stem(name, train_seed, settings)
+        record = self.cache / "conversions" / f"{stem}.json"
+        model_key = stem
+        if record.exists():
+            result = json.loads(record.read_text())
+            missing = [s for s in self.seeds if not self.score_path(model_key, s).exists()]
+            # with scores missing and the routed file gone (another machine), it is converted again
+            if not missing or Path(result["path"]).exists():
+                self._note_conversion(result, cached=True)
+                for seed in self.seeds:
+                    score(model_key, name, result["path"], seed, train_seed)
+                return True
+        if len(pending) >= self.jobs:
+            return False
+        out = str(self.models / f"{stem}.safetensors")
+        job = pool.submit(run_conversion, name, settings, out)
+        pending[job] = ("convert", record)
+        return True
+
+    def _note_conversion(self, result, cached=False):
+        self.conversions[(result["name"], result["train_seed"])] = result
+        cuts = [round(b, 3) for b in result["boundaries"]]
+        self.log(f"  {'cached' if cached else 'converted'} {result['name']} (training seed {result['train_seed']}): "
+                 f"boundaries {cuts}, {result['seconds']:.0f}s")
+
+    # -- results ----------------------------------------------------------------------------------
+    def table_rows(self, names: Sequence[str], teacher_flops: float, teacher_params: int) -> List[Dict[str, Any]]:
+        teacher_fd = {s["seed"]: s["fd"] for s in self.scores if s["name"] == TEACHER}
+        rows = []
+        for name in [REAL, TEACHER, *names]:
+            mine = sorted((s for s in self.scores if s["name"] == name), key=lambda s: (s["train_seed"] or 0, s["seed"]))
+            if not mine and name not in (REAL, TEACHER):
+                continue
+            converted = sorted((c for (n, _), c in self.conversions.items() if n == name), key=lambda c: c["train_seed"])
+            fd_mean, fd_std = summarise([s["fd"] for s in mine])
+            cm_mean, cm_std = summarise([s["class_match"] for s in mine])
+            gaps: Dict[Any, List[float]] = {}
+            for s in mine:
+                if s["seed"] in teacher_fd:
+                    gaps.setdefault(s["train_seed"], []).append(s["fd"] - teacher_fd[s["seed"]])
+            gap_mean, gap_std = summarise([g for values in gaps.values() for g in values])
+            first = converted[0] if converted else None
+            rows.append({
+                "name": name, "fd_mean": fd_mean, "fd_std": fd_std, "class_match_mean": cm_mean,
+                "class_match_std": cm_std, "gap_mean": gap_mean, "gap_std": gap_std,
+                "gap_n": sum(len(v) for v in gaps.values()),
+                "gap_by_train_seed": {str(k): float(np.mean(v)) for k, v in gaps.items() if k is not None},
+                "runs": mine,
+                "params": None if name == REAL else (sum(first["expert_params"]) if first else teacher_params),
+                "sampling_flops_vs_teacher": None if name == REAL else sampling_cost(first, teacher_flops, self.sample_steps),
+                "resolved_from": self.resolved.get(name),
+                "conversions": converted,
+            })
+        return rows
+
+
+def paired(rows: List[Dict[str, Any]], name: str, base: str) -> Optional[Dict[str, Any]]:
+    """FD(name) − FD(base) over the (training seed, sampling seed) pairs both have.
+
+    The teacher and the real images have no training seed: they pair with every training seed on
+    the same sampling seed.
+    """
+    runs = {r["name"]: {(s["train_seed"], s["seed"]): s["fd"] for s in r["runs"]} for r in rows}
+    if name not in runs or base not in runs:
+        return None
+    diffs = []
+    for (train_seed, seed), value in sorted(runs[name].items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+        other = runs[base].get((train_seed, seed), runs[base].get((None, seed)))
+        if other is not None and np.isfinite(value) and np.isfinite(other):
+            diffs.append(value - other)
+    if not diffs:
+        return None
+    mean, std = summarise(diffs)
+    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs), "worse": int(sum(d > 0 for d in diffs))}
+
+
+def sampler_times(steps: int) -> np.ndarray:
+    """Canonical times at which the Heun sampler of ``sample_ode`` evaluates the model."""
+    times = np.linspace(1.0, 0.0, steps + 1)
+    calls = []
+    for i in range(steps):
+        calls.append(times[i])
+        if i < steps - 1:
+            calls.append(times[i + 1])
+    return np.asarray(calls)
+
+
+def sampling_cost(conversion, teacher_flops, sample_steps) -> float:
+    """Forward FLOPs of one whole sample relative to the teacher, routing each call by its time."""
+    if conversion is None:
+        return 1.0
+    calls = sampler_times(sample_steps)
+    inner = np.asarray(conversion["boundaries"][1:-1])
+    which = np.searchsorted(inner, calls, side="right")  # the routed model's routing: [lo, hi)
+    flops = np.asarray(conversion["expert_flops"], dtype=np.float64)[which].sum()
+    return float(flops / (teacher_flops * len(calls)))
+
+
+# -- cost estimate ------------------------------------------------------------------------------------
+
+
+def measured_gflops(family, threads: int = 1, batch: int = 256) -> float:
+    """The teacher's forward throughput here, in GFLOP/s, on ``threads`` threads (a second or two)."""
+    import torch
+
+    model = family.build(family.config).eval()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(batch, *family.sample_shape(family.config))
+        t = torch.rand(batch)
+        y = torch.zeros(batch, dtype=torch.long) if family.num_classes(family.config) else None
+        with torch.no_grad():
+            model(x, t, y)
+            began = time.time()
+            model(x, t, y)
+            seconds = time.time() - began
+    finally:
+        torch.set_num_threads(previous)
+    return family.forward_flops(family.config) * batch / seconds / 1e9
+
+
+def estimate_flops(settings: Dict[str, Any], teacher_flops: float, samples: int, sample_steps: int, n_seeds: int) -> Dict[str, float]:
+    """FLOPs of one (row, training seed): fine-tuning, profiling and sampling, from the budget alone.
+
+    An expert's FLOPs are taken as the teacher's times its parameter share (budget / K, capped at
+    1): close for width pruning, where both scale alike. Training costs ~3 forwards per step (forward
+    and backward), plus one teacher forward per sample for the distillation target.
+    """
+    k = settings.get("k", 2)
+    budget = float(str(settings.get("budget", "1x")).rstrip("x"))
+    expert = teacher_flops * min(1.0, budget / k)
+    loss = settings.get("loss", "distill")
+    per_sample = 3 * expert + (teacher_flops if loss in ("distill", "both") else 0.0)
+    finetune = settings["steps"] * k * settings["batch_size"] * per_sample
+    profile = 0.0
+    if settings.get("split", "cbs") == "cbs" or settings.get("monitors"):
+        # a Jacobian monitor: a few JVP probes, each about three forwards, per grid time and batch
+        profile = settings.get("grid", 12) * settings.get("profile_batches", 2) * settings.get("profile_batch_size", 16) * 12 * teacher_flops
+    calls = 2 * sample_steps - 1
+    sampling = n_seeds * samples * calls * min(1.0, budget / k) * teacher_flops
+    return {"finetune": finetune, "profile": profile, "sampling": sampling}
+
+
+# -- the table ------------------------------------------------------------------------------------------
+
+
+def fmt(value, spec="+.3f"):
+    return "–" if value is None or not np.isfinite(value) else format(value, spec)
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> List[str]:
+    lines = [
+        "| model | boundaries (t) | params | sampling FLOPs vs teacher | FD ↓ | ΔFD vs teacher ↓ (n) | ΔFD per training seed | class match ↑ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        converted = row["conversions"]
+        baseline = row["name"] in (TEACHER, REAL)
+        cuts = sorted({", ".join(f"{b:.3f}" for b in c["boundaries"][1:-1]) for c in converted})
+        bounds = " / ".join(cuts) if cuts and any(cuts) else ("–" if baseline else "none")
+        params = f"{row['params']:,}" if row["params"] else "–"
+        if converted and len(converted[0]["expert_params"]) > 1:
+            params += " (" + " + ".join(f"{p:,}" for p in converted[0]["expert_params"]) + ")"
+        cost = fmt(row["sampling_flops_vs_teacher"], ".2f") if row["sampling_flops_vs_teacher"] is not None else "–"
+        gap = "–" if baseline else f"{fmt(row['gap_mean'])} ± {fmt(row['gap_std'], '.3f')} ({row['gap_n']})"
+        per_seed = "–" if baseline else " / ".join(fmt(v) for v in row["gap_by_train_seed"].values())
+        name = row["name"] + (f" (= {row['resolved_from']})" if row.get("resolved_from") else "")
+        lines.append(
+            f"| {name} | {bounds} | {params} | {cost} | {fmt(row['fd_mean'], '.3f')} ± {fmt(row['fd_std'], '.3f')} | "
+            f"{gap} | {per_seed} | {fmt(row['class_match_mean'], '.3f')} ± {fmt(row['class_match_std'], '.3f')} |"
+        )
+    return lines
+
+
+def markdown_pairs(rows, pairs: Sequence[Tuple[str, str]]) -> List[str]:
+    found = [p for p in (paired(rows, a, b) for a, b in pairs) if p is not None]
+    if not found:
+        return []
+    lines = ["", "Paired differences (same training seed, same sampling seed; positive: the first is worse):", ""]
+    for p in found:
+        lines.append(f"- {p['name']} − {p['base']}: FD {p['mean']:+.3f} ± {p['std']:.3f} (n = {p['n']}), "
+                     f"worse in {p['worse']} of {p['n']}")
+    return lines
+
+
+def markdown_errors(rows) -> List[str]:
+    lines = ["", "Velocity error against the teacher on each expert's segment (before → after fine-tuning), and seams:", ""]
+    for row in rows:
+        for c in row["conversions"]:
+            errors = ", ".join(f"{a:.3f} → {b:.3f}" for a, b in zip(c["error_before"], c["error_after"]))
+            seams = "; ".join(f"t={s['boundary']:.3f}: {s['before']:.3f} → {s['after']:.3f}" for s in c["seams"])
+            loss = c.get("settings", {}).get("loss", "?")
+            lines.append(f"- {row['name']}, training seed {c['train_seed']} (loss {loss}): {errors}"
+                         + (f"; seams {seams}" if seams else "") + f" ({c['seconds']:.0f} s)")
+    return lines
+
+
+def command_line(script: str, argv) -> str:
+    return f"python3 benchmarks/{script}" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
+
+
+def parse_seeds(text: Optional[str], default: str) -> List[int]:
+    return [int(s) for s in (text or default).split(",") if s.strip()]

@@ -1,0 +1,55 @@
+"""One loader for every model the tool reads: a routed checkpoint it wrote, or a source checkpoint.
+
+Both come as .safetensors, so the suffix cannot tell them apart; the routed file's own metadata key
+can. Anything without it is read as a source checkpoint, with its saved args as hints, exactly as
+a conversion reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from torch import nn
+
+from .families.base import Family
+
+__all__ = ["is_routed", "load_model"]
+
+
+def is_routed(path) -> bool:
+    """Whether ``path`` is a routed checkpoint written by cbs_convert (read from its header only)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    from .routed import METADATA_KEY
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return METADATA_KEY in (handle.metadata() or {})
+    except Exception:
+        return False  # not readable as safetensors: let the checkpoint reader say why
+
+
+def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None) -> Tuple[Family, nn.Module]:
+    """(family, model in eval mode) for a routed file or a source checkpoint.
+
+    ``hints`` are what flags would add for a source checkpoint (``num_heads``, ``path``...); a
+    routed file describes itself and ignores them.
+    """
+    if is_routed(path):
+        from .routed import load
+
+        model = load(path, device=device)
+        return model.family, model
+    from .checkpoint import hints_from_args, read_checkpoint
+    from .families import detect
+
+    checkpoint = read_checkpoint(path)
+    merged = hints_from_args(checkpoint.args)
+    merged.update({k: v for k, v in (hints or {}).items() if v is not None})
+    family, _ = detect(checkpoint.state_dict, merged)
+    model = family.instantiate(family.config, checkpoint.state_dict)
+    return family, model.to(device).eval().requires_grad_(False)

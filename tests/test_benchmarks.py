@@ -1,0 +1,183 @@
+"""The benchmarks run at HEAD, their cache makes a rerun free, and the Fashion-MNIST reader reads idx
+files and says what to install when they are missing."""
+
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cbs_convert.datasets import INSTALL_HINT, fashion_mnist_dir, load_fashion_mnist, read_idx
+from cbs_convert.errors import UserError
+from cbs_convert.metrics import DATASETS
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+HAVE_FMNIST = (fashion_mnist_dir() / "t10k-images-idx3-ubyte.gz").exists() or (fashion_mnist_dir() / "t10k-images-idx3-ubyte").exists()
+HAVE_FMNIST_ASSETS = DATASETS["fmnist"].teacher.exists() and DATASETS["fmnist"].classifier.exists()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    body = array.astype(array.dtype.newbyteorder(">")).tobytes()
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as handle:
+        handle.write(header + body)
+    return path
+
+
+# -- the idx reader ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_returns_the_array_written(tmp_path, compress):
+    images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    wide = np.array([[1, -70000], [2 ** 30, 5]], dtype=np.int32)  # big-endian, multi-byte, signed
+    assert np.array_equal(read_idx(write_idx(tmp_path / "a", images, compress)), images)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "b", wide, compress)), wide)
+
+
+def test_read_idx_refuses_a_file_that_is_not_idx_or_is_cut_short(tmp_path):
+    (tmp_path / "junk").write_bytes(b"PK\x03\x04 not idx at all")
+    with pytest.raises(UserError, match="not an idx file"):
+        read_idx(tmp_path / "junk")
+    good = write_idx(tmp_path / "good", np.zeros((4, 2, 2), dtype=np.uint8), compress=False)
+    (tmp_path / "cut").write_bytes(good.read_bytes()[:-3])
+    with pytest.raises(UserError, match="promises"):
+        read_idx(tmp_path / "cut")
+
+
+def test_load_fashion_mnist_scales_pixels_to_minus_one_one_and_pairs_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 6), ("t10k", 3)):
+        pixels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        pixels[0, 0, 0], pixels[0, 0, 1] = 0, 255
+        write_idx(tmp_path / f"{part}-images-idx3-ubyte.gz", pixels, compress=True)
+        # one file plain, one gzipped: the Debian package ships .gz, a manual download may not
+        write_idx(tmp_path / f"{part}-labels-idx1-ubyte", np.arange(n, dtype=np.uint8) % 10, compress=False)
+    data = load_fashion_mnist(tmp_path)
+    assert data.train_x.shape == (6, 1, 28, 28) and data.test_x.shape == (3, 1, 28, 28)
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    assert data.train_x[0, 0, 0, 0] == -1.0 and data.train_x[0, 0, 0, 1] == 1.0
+    assert data.train_x.min() >= -1.0 and data.train_x.max() <= 1.0
+    assert data.test_y.tolist() == [0, 1, 2]
+
+
+def test_missing_fashion_mnist_names_the_package_to_install(tmp_path, monkeypatch):
+    with pytest.raises(UserError) as caught:
+        load_fashion_mnist(tmp_path)
+    assert INSTALL_HINT in str(caught.value) and "train-images-idx3-ubyte" in str(caught.value)
+    # the default folder comes from the environment when set, so the message names the one looked in
+    monkeypatch.setenv("CBS_FASHION_MNIST", str(tmp_path / "elsewhere"))
+    with pytest.raises(UserError, match="elsewhere"):
+        load_fashion_mnist()
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason=INSTALL_HINT)
+def test_installed_fashion_mnist_is_the_official_split():
+    data = load_fashion_mnist()
+    assert data.train_x.shape == (60000, 1, 28, 28) and data.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.test_y).tolist() == [1000] * 10
+
+
+@pytest.mark.skipif(not (HAVE_FMNIST and DATASETS["fmnist"].classifier.exists()), reason="fmnist classifier or data missing")
+def test_fashion_scorer_separates_real_from_damaged_images():
+    data = load_fashion_mnist()
+    scorer = DATASETS["fmnist"].scorer()
+    real = data.train_x[:5000]
+    noised = real + 0.3 * torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+    floor, damaged = scorer.fd(real), scorer.fd(noised)
+    assert floor < 0.1 * damaged  # the finite-sample floor sits far below a visible damage
+    assert scorer.class_match(data.test_x, data.test_y) > 0.88
+
+
+# -- the one loader ------------------------------------------------------------------------------------
+
+
+def test_load_model_reads_a_source_checkpoint_with_args_in_metadata():
+    from cbs_convert.families.sit import DiffusionTransformer
+    from cbs_convert.loading import is_routed, load_model
+
+    family, model = load_model(DATASETS["digits"].teacher)
+    assert not is_routed(DATASETS["digits"].teacher)
+    assert family.name == "sit" and isinstance(model, DiffusionTransformer) and not model.training
+    assert family.config["num_heads"] == 4  # from the metadata's args: the weights cannot say it
+
+
+# -- the benchmarks ------------------------------------------------------------------------------------
+
+
+def _run_digits(tmp_path, *extra):
+    import digits_benchmark
+
+    out = tmp_path / "result"
+    digits_benchmark.main(["--jobs", "1", "--cache", str(tmp_path / "cache"), "--out", str(out), *extra])
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_digits_quick_scores_the_teacher_and_every_row(tmp_path):
+    result = _run_digits(tmp_path, "--quick")
+    rows = {r["name"]: r for r in result["rows"]}
+    import digits_benchmark
+
+    assert set(rows) == {"real training images", "teacher", *digits_benchmark.QUICK_METHODS}
+    # the teacher row is the one that broke when the teacher became a .safetensors source file
+    assert np.isfinite(rows["teacher"]["fd_mean"]) and rows["teacher"]["runs"]
+    for name in digits_benchmark.QUICK_METHODS:
+        assert np.isfinite(rows[name]["gap_mean"]), name
+    assert (tmp_path / "result.md").read_text().count("| K=2") == 2
+
+
+def test_a_rerun_converts_and_samples_nothing_and_a_changed_setting_reruns_only_its_rows(tmp_path):
+    from cbs_convert.loading import is_routed, load_model
+    from cbs_convert.routed import RoutedModel
+
+    tiny = ["--steps", "4", "--samples", "40", "--sample-steps", "3", "--seeds", "0,1", "--train-seeds", "0",
+            "--methods", "K=2 uniform"]
+    first = _run_digits(tmp_path, *tiny)
+    assert first["work_done"] == {"conversions": 1, "scores": 6}  # real, teacher, the row: 2 seeds each
+    again = _run_digits(tmp_path, *tiny)
+    assert again["work_done"] == {"conversions": 0, "scores": 0}
+    assert again["rows"] == first["rows"]
+    more = _run_digits(tmp_path, *tiny[:1], "6", *tiny[2:])  # other fine-tuning steps: only the row reruns
+    assert more["work_done"] == {"conversions": 1, "scores": 2}
+    routed = sorted((tmp_path / "cache" / "models").glob("*.safetensors"))
+    assert len(routed) == 2 and all(is_routed(p) for p in routed)
+    family, model = load_model(routed[0])
+    assert isinstance(model, RoutedModel) and len(model.experts) == 2
+
+
+def test_paired_differences_pair_by_seed_and_the_teacher_pairs_with_every_training_seed():
+    from _bench import paired
+
+    def runs(name, values):
+        return {"name": name, "runs": [{"train_seed": t, "seed": s, "fd": v} for (t, s), v in values.items()]}
+
+    rows = [runs("teacher", {(None, 0): 10.0, (None, 1): 20.0}),
+            runs("a", {(0, 0): 11.0, (0, 1): 22.0, (1, 0): 13.0, (1, 1): 20.0}),
+            runs("b", {(0, 0): 10.5, (0, 1): 21.0, (1, 0): 12.0})]
+    vs_teacher = paired(rows, "a", "teacher")
+    assert vs_teacher["n"] == 4 and vs_teacher["mean"] == pytest.approx((1 + 2 + 3 + 0) / 4)
+    a_b = paired(rows, "a", "b")  # (1, 1) has no partner in b and is left out
+    assert a_b["n"] == 3 and a_b["mean"] == pytest.approx((0.5 + 1 + 1) / 3) and a_b["worse"] == 3
+
+
+@pytest.mark.skipif(not (HAVE_FMNIST and HAVE_FMNIST_ASSETS), reason="fmnist data, teacher or classifier missing")
+def test_fmnist_quick_runs_every_quick_row_and_resolves_the_best_cbs_row(tmp_path):
+    import fmnist_benchmark
+
+    out = tmp_path / "result"
+    fmnist_benchmark.main(["--quick", "--jobs", "1", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(fmnist_benchmark.QUICK_ROWS) <= set(rows)
+    assert np.isfinite(rows["teacher"]["fd_mean"])
+    assert all(np.isfinite(rows[n]["gap_mean"]) for n in fmnist_benchmark.QUICK_ROWS)
+    assert result["resolved"] == {"K=4 best cbs": "K=2 cbs dirichlet"}  # the only K=2 cbs row of the quick set
+    assert len(rows["K=4 best cbs"]["conversions"][0]["expert_params"]) == 4
