@@ -189,6 +189,7 @@ class Bench:
     unavailable: Dict[str, str] = field(default_factory=dict)
     resolved: Dict[str, str] = field(default_factory=dict)  # best_of row -> the row it copies
     work: Dict[str, int] = field(default_factory=lambda: {"conversions": 0, "scores": 0})
+    compute: bool = True
 
     def __post_init__(self):
         self.cache = Path(self.cache)
@@ -241,8 +242,12 @@ class Bench:
         return [s["fd"] - teacher[s["seed"]] for s in self.scores if s["name"] == name and s["seed"] in teacher]
 
     # -- running ----------------------------------------------------------------------------------
-    def run(self, names: Sequence[str]) -> None:
-        """Convert and score every wanted row for every seed, skipping whatever the cache holds."""
+    def run(self, names: Sequence[str], compute: bool = True) -> None:
+        """Convert and score every wanted row for every seed, skipping whatever the cache holds.
+
+        ``compute=False`` only collects what the cache holds (a report of a run still going on).
+        """
+        self.compute = compute
         self.models.mkdir(parents=True, exist_ok=True)
         context = get_context("spawn")
         with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=worker_init, initargs=(1,)) as pool:
@@ -252,6 +257,8 @@ class Bench:
                 path = self.score_path(model_key, seed)
                 if path.exists():
                     self.scores.append(json.loads(path.read_text()))
+                    return
+                if not self.compute:
                     return
                 job = pool.submit(evaluate, self.dataset, name, source, seed, self.samples, self.sample_steps, train_seed)
                 pending[job] = ("score", path)
@@ -279,8 +286,12 @@ class Bench:
                 kind, info = pending.pop(job)
                 try:
                     result = job.result()
-                except Exception:
+                except Exception as exc:
                     self.log(f"  FAILED {kind} {info}:\n{traceback.format_exc()}")
+                    if kind == "convert":
+                        # a row that crashes (say, a monitor half-landed in the tree) must not keep
+                        # the best-of rows waiting for it forever
+                        self.unavailable[info[1]] = f"failed: {str(exc).splitlines()[0][:200]}"
                     continue
                 if kind == "convert":
                     self.work["conversions"] += 1
@@ -288,9 +299,9 @@ class Bench:
                         self.unavailable[result["name"]] = result["unavailable"]
                         self.log(f"  {result['name']}: not available at this commit ({result['unavailable']})")
                         continue
-                    write_json(info, result)
+                    write_json(info[0], result)
                     self._note_conversion(result)
-                    model_key = Path(info).stem
+                    model_key = info[0].stem
                     for seed in self.seeds:
                         score(model_key, result["name"], result["path"], seed, result["train_seed"])
                 else:
@@ -301,7 +312,8 @@ class Bench:
                              f"{result['seed']}: FD {result['fd']:.3f}, class match {result['class_match']:.3f} "
                              f"({result['seconds']:.0f}s)")
             for name in waiting:
-                self.log(f"  {name}: waits for {', '.join(self.rows[name].get('best_of', []))} to be scored")
+                if self.compute:
+                    self.log(f"  {name}: waits for {', '.join(self.rows[name].get('best_of', []))} to be scored")
 
     def _start_row(self, pool, pending, score, name, train_seed, settings) -> bool:
         """Serve a (row, training seed) from the cache, or submit its conversion; False: not now.
@@ -322,11 +334,11 @@ class Bench:
                 for seed in self.seeds:
                     score(model_key, name, result["path"], seed, train_seed)
                 return True
-        if len(pending) >= self.jobs:
+        if len(pending) >= self.jobs or not self.compute:
             return False
         out = str(self.models / f"{stem}.safetensors")
         job = pool.submit(run_conversion, name, settings, out)
-        pending[job] = ("convert", record)
+        pending[job] = ("convert", (record, name))
         return True
 
     def _note_conversion(self, result, cached=False):

@@ -105,6 +105,8 @@ def main(argv=None):
     parser.add_argument("--cache", default=None, help="where finished conversions and scores are kept (default "
                         "benchmarks/results/digits_cache; quick: a temporary folder, removed)")
     parser.add_argument("--out", default=None, help="results stem (default benchmarks/results/digits, quick: digits_quick)")
+    parser.add_argument("--cached-only", action="store_true", help="compute nothing: tabulate what the cache "
+                        "holds (the state of a run still going on)")
     parser.add_argument("--render", default=None, help="only re-render the Markdown table of a results .json")
     args = parser.parse_args(argv)
     if args.render:
@@ -148,7 +150,7 @@ def main(argv=None):
     bench = _bench.Bench("digits", args.checkpoint, {n: METHODS[n] for n in names}, common, steps, samples, seeds,
                          train_seeds, args.sample_steps, cache, jobs=args.jobs,
                          log=lambda text: print(text, flush=True))
-    bench.run(names)
+    bench.run(names, compute=not args.cached_only)
     wall = time.time() - began
     rows = bench.table_rows(names, teacher_flops, teacher_params)
     result = {

@@ -1,14 +1,16 @@
 """Train the Fashion-MNIST teacher: a small, capacity-limited class-conditional SiT.
 
     apt-get install dataset-fashion-mnist                 # the data, once
-    python3 benchmarks/train_fmnist_teacher.py            # about 45-75 min on 2 CPU cores; resumable
+    python3 benchmarks/train_fmnist_teacher.py            # about 50 min on one CPU core; resumable
 
 The tool's own SiT (``cbs_convert.families.sit``), linear path, velocity loss
 (``SiTFamily.data_loss``, what ``--loss data`` uses), patch 4 on the 28x28 images (49 tokens),
 width 96, depth 4, 6 heads of 16, label dropout 0.1 into a null row so guidance works, AdamW,
-EMA. Small on purpose: the benchmark needs a teacher whose quality depends on its width, so that
-where the width goes (which time segment, which expert) shows in the samples. It also keeps the
-benchmark affordable: ~48 MFLOP per forward, so 5,000 samples of 31 Heun calls take ~2 min on 2 cores.
+EMA, 10,000 steps of 128. Small on purpose: the benchmark needs a teacher whose quality depends on
+its width, so that where the width goes (which time segment, which expert) shows in the samples. It
+also keeps the benchmark affordable: 48 MFLOP per forward, so 5,000 samples of 31 Heun calls take
+about 2.5 min on one core. One thread by default: on shared cores two threads stalled at OpenMP
+barriers and ran several times slower than one.
 
 Only the 60,000 training images are seen. Every ``--save-every`` steps the whole training state
 (model, EMA, optimizer, data RNG) is written next to the output, so an interrupted run continues

@@ -147,6 +147,10 @@ def test_a_rerun_converts_and_samples_nothing_and_a_changed_setting_reruns_only_
     assert again["rows"] == first["rows"]
     more = _run_digits(tmp_path, *tiny[:1], "6", *tiny[2:])  # other fine-tuning steps: only the row reruns
     assert more["work_done"] == {"conversions": 1, "scores": 2}
+    # a report of what is cached computes nothing, and leaves out what is not there yet
+    report = _run_digits(tmp_path, *tiny[:1], "8", *tiny[2:], "--cached-only")
+    assert report["work_done"] == {"conversions": 0, "scores": 0}
+    assert [r["name"] for r in report["rows"]] == ["real training images", "teacher"]
     routed = sorted((tmp_path / "cache" / "models").glob("*.safetensors"))
     assert len(routed) == 2 and all(is_routed(p) for p in routed)
     family, model = load_model(routed[0])
@@ -181,3 +185,33 @@ def test_fmnist_quick_runs_every_quick_row_and_resolves_the_best_cbs_row(tmp_pat
     assert all(np.isfinite(rows[n]["gap_mean"]) for n in fmnist_benchmark.QUICK_ROWS)
     assert result["resolved"] == {"K=4 best cbs": "K=2 cbs dirichlet"}  # the only K=2 cbs row of the quick set
     assert len(rows["K=4 best cbs"]["conversions"][0]["expert_params"]) == 4
+
+
+def test_best_of_waits_for_its_candidates_and_skips_rows_this_commit_cannot_run(tmp_path):
+    from _bench import TEACHER, Bench
+
+    rows = {"a": dict(k=2, split="cbs", monitor="dirichlet"), "b": dict(k=2, split="cbs", monitor="acceleration"),
+            "c": dict(k=2, split="cbs", monitor="not_landed_yet"), "best": dict(best_of=["a", "b", "c"], k=4)}
+    bench = Bench("digits", str(DATASETS["digits"].teacher), rows, {"lr": 1e-4}, 40, 10, [0], [0], 4, tmp_path)
+
+    def scored(name, fd):
+        bench.scores.append({"name": name, "seed": 0, "train_seed": None if name == TEACHER else 0, "fd": fd})
+
+    scored(TEACHER, 5.0)
+    scored("a", 7.0)
+    assert bench.settings_for("best", 0) is None  # b and c are not scored yet
+    scored("b", 6.0)
+    assert bench.settings_for("best", 0) is None  # c might still win
+    bench.unavailable["c"] = "monitor 'not_landed_yet' is not offered"
+    settings = bench.settings_for("best", 0)
+    assert bench.resolved["best"] == "b"
+    assert settings["monitor"] == "acceleration" and settings["k"] == 4 and settings["steps"] == 10
+    assert settings["lr"] == 1e-4 and "best_of" not in settings
+
+
+def test_a_setting_this_commit_does_not_offer_is_reported_not_raised(tmp_path):
+    from _bench import run_conversion
+
+    result = run_conversion("future row", {"checkpoint": str(DATASETS["digits"].teacher), "seed": 0,
+                                           "split": "cbs", "monitor": "no_such_monitor"}, str(tmp_path / "x.safetensors"))
+    assert "no_such_monitor" in result["unavailable"] and not (tmp_path / "x.safetensors").exists()
