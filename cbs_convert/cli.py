@@ -58,7 +58,7 @@ def build_parser(preview: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="overwrite an existing output and start the work directory over (only files a run listed there are removed)")
     parser.add_argument("--keep-workdir", action="store_true",
-                        help="keep the experts' weights and optimizer states in the work directory after success")
+                        help="keep the experts' pruned and fine-tuned weights in the work directory after success")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -148,6 +148,30 @@ def _guarded(work, debug: bool) -> int:
     return 0
 
 
+def _return_large_frees_to_the_os() -> None:
+    """glibc keeps freed blocks up to a threshold that grows with every large free (to 32 MB) in
+    its heap, and the heap rarely shrinks: each expert's freed tensors would stay resident, and the
+    process's peak would be the sum of its stages. A fixed 1 MB threshold maps every tensor of
+    that size or more on its own, so freeing it gives the memory back. Only the CLI does this: it
+    owns the process; a library must not change its host's allocator."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, ...): its own policy stands
+
+
+def entry() -> None:
+    """The process entry point (``python -m cbs_convert``, ``cbs-convert``)."""
+    _return_large_frees_to_the_os()
+    sys.exit(main())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
@@ -201,9 +225,9 @@ def _summary(result) -> None:
     if work:
         kept = f"{work['path']} keeps the profile, split, pool and logs ({work['kept_bytes'] / 1e6:.1f} MB)"
         if work["removed"]:
-            print(f"  work: {kept}; the experts' weights and optimizer states ({work['removable_bytes'] / 1e6:.1f} MB) "
+            print(f"  work: {kept}; the experts' weights ({work['removable_bytes'] / 1e6:.1f} MB) "
                   "were removed (--keep-workdir keeps them)")
         else:
-            print(f"  work: {kept}, and the experts' weights and optimizer states ({work['removable_bytes'] / 1e6:.1f} MB)")
+            print(f"  work: {kept}, and the experts' weights ({work['removable_bytes'] / 1e6:.1f} MB)")
     for warning in report.get("warnings", []):
         print(f"  warning: {warning}")

@@ -80,8 +80,8 @@ def markdown(report: Dict[str, Any]) -> str:
     work = report.get("workdir")
     if work:
         lines += ["", f"Work directory `{work['path']}`: kept {', '.join(work['kept'])} ({work['kept_bytes'] / 1e6:.1f} MB); "
-                  + (f"removed the expert weights and optimizer states ({work['removable_bytes'] / 1e6:.1f} MB)"
-                     if work["removed"] else f"expert weights and optimizer states kept ({work['removable_bytes'] / 1e6:.1f} MB, --keep-workdir)")
+                  + (f"removed the experts' weights ({work['removable_bytes'] / 1e6:.1f} MB)"
+                     if work["removed"] else f"the experts' weights kept ({work['removable_bytes'] / 1e6:.1f} MB, --keep-workdir)")
                   + "."]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)

@@ -114,10 +114,10 @@ def native_boundaries(family: Family, boundaries: Sequence[float]) -> List[float
 
 
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    """``safetensors.torch.save_file``'s format, written one tensor at a time: save_file builds the
+    bytes of every tensor before writing (a second copy of the whole state dict in memory)."""
+    entries = [(name, _SAFETENSORS_DTYPES[t.dtype], list(t.shape), (lambda t=t: t.detach().cpu())) for name, t in tensors.items()]
+    _write_safetensors(path, entries, metadata)
 
 
 def routed_metadata(
@@ -188,25 +188,45 @@ def save_routed_from_files(
     return Path(path)
 
 
-#: bytes per element of the safetensors dtype names
+#: bytes per element of the safetensors dtype names, and the names of torch's dtypes
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
 
 
 def stream_safetensors(path, sources: Sequence, metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write a .safetensors file whose tensor ``name`` is tensor ``key`` of file ``file``, for each
-    (name, file, key) of ``sources``, copying one tensor at a time (atomically, like every output).
-
-    The format: 8 bytes of little-endian header length, a JSON header of dtype, shape and byte
-    offsets per tensor (padded with spaces to a multiple of 8), then the tensors' bytes back to back.
-    """
+    (name, file, key) of ``sources``, copying one tensor at a time."""
     from safetensors import safe_open
 
-    header: Dict[str, Any] = {"__metadata__": dict(metadata or {})}
-    offset = 0
+    handles: Dict[str, Any] = {}
+
+    def fetch(file, key):
+        if file not in handles:
+            handles.clear()  # sources come grouped by file: one open at a time
+            handles[file] = safe_open(file, framework="pt")
+        return handles[file].get_tensor(key)
+
+    entries = []
     for name, file, key in sources:
         with safe_open(file, framework="pt") as handle:
             view = handle.get_slice(key)
-            dtype, shape = view.get_dtype(), list(view.get_shape())
+            entries.append((name, view.get_dtype(), list(view.get_shape()), (lambda f=file, k=key: fetch(f, k))))
+    try:
+        _write_safetensors(path, entries, metadata)
+    finally:
+        handles.clear()
+    return Path(path)
+
+
+def _write_safetensors(path, entries: Sequence, metadata: Optional[Dict[str, str]]) -> None:
+    """The safetensors format from (name, dtype name, shape, fetch) entries, atomically, holding one
+    tensor at a time: 8 bytes of little-endian header length, a JSON header of dtype, shape and byte
+    offsets per tensor (padded with spaces to a multiple of 8), then the tensors' bytes back to back."""
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape, _ in entries:
         size = _DTYPE_BYTES[dtype]
         for dim in shape:
             size *= dim
@@ -219,20 +239,13 @@ def stream_safetensors(path, sources: Sequence, metadata: Optional[Dict[str, str
         with open(tmp, "wb") as out:
             out.write(len(encoded).to_bytes(8, "little"))
             out.write(encoded)
-            opened: Dict[str, Any] = {}
-            try:
-                for name, file, key in sources:
-                    if file not in opened:
-                        opened.clear()  # sources come grouped by file: keep one open at a time
-                        opened[file] = safe_open(file, framework="pt")
-                    tensor = opened[file].get_tensor(key).contiguous()
-                    out.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-                    del tensor
-            finally:
-                opened.clear()
+            for _, _, _, fetch in entries:
+                tensor = fetch().contiguous()
+                if tensor.numel():
+                    out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                del tensor
 
     atomic_write(path, write)
-    return Path(path)
 
 
 def read_metadata(path) -> Dict[str, Any]:

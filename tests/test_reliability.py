@@ -92,8 +92,9 @@ def test_after_success_only_the_small_artifacts_stay_and_every_file_was_listed(t
         assert present <= listed, present - listed  # nothing was written that --force could not remove
         weights = {p for p in present if p.endswith(".safetensors") and p != "pool.safetensors"} | {
             p for p in present if p.endswith(".state.pt")}
+        assert not [p for p in present if p.endswith(".state.pt")]  # spent once each expert's weights are saved
         if keep:
-            assert len(weights) == 6  # two pruned, two fine-tuned experts, two optimizer states
+            assert len(weights) == 4  # two pruned, two fine-tuned experts
         else:
             assert weights == set()
             assert {"profile.json", "split.json", "pool.safetensors", MARKER} <= present
