@@ -259,10 +259,25 @@ class Conversion:
             self.profile_result = profile_model(
                 self.family, self.teacher, self.x0_pool, self.labels_pool, grid, r.monitors,
                 r.profile_batches, r.profile_batch_size, r.seed, self.pool_source, bar,
+                student=self._sensitivity_student,
             )
             bar.close()
             atomic_write_json(path, self.profile_result.to_dict())
         self.timings["profile"] = time.time() - began
+
+    def _sensitivity_student(self):
+        """The student of the sensitivity monitor: one expert of the mean size this run's budget gives
+        (budget / K, capped at the source), pruned as the experts are, with importance measured over
+        all of [0, 1], and not fine-tuned."""
+        from .profile import pruned_student
+
+        r = self.recipe
+        target = budget_targets(parse_budget(r.budget, self.source_params), [1.0 / r.k] * r.k, self.source_params)[0]
+        student = pruned_student(
+            self.family, self.teacher, target, r.prune, self.x0_pool, self.labels_pool,
+            state_dict=self.source.state_dict, calib_batches=r.calib_batches, batch_size=r.batch_size, seed=r.seed,
+        )
+        return student.to(self.device)
 
     def split(self):
         path = self.work.path("split.json")
@@ -274,12 +289,15 @@ class Conversion:
             self.targets = stored["targets"]
             return
         prof = self.profile_result
+        # --split uniform/snr may profile other monitors than --monitor: then there is no cut curve
+        profiled = prof is not None and r.monitor in prof.mean
         self.split_result = plan_split(
             r.k, r.split,
             grid=prof.grid if prof else None,
-            phi=prof.curve(r.monitor) if prof else None,
+            phi=prof.curve(r.monitor) if profiled else None,
             monitor=r.monitor, boundaries=r.boundaries, min_width=r.min_width, gamma=r.gamma, floor=r.floor,
-            allocation=r.allocation,
+            allocation=r.allocation, curves=prof.mean if prof else None,
+            log_snr=self.family.log_snr, t_range=(r.t_min, r.t_max),
         )
         total = parse_budget(r.budget, self.source_params)
         self.targets = budget_targets(total, self.split_result.shares, self.source_params)

@@ -1,6 +1,7 @@
 """The complexity curve phi(t): how hard the denoising task is along canonical time.
 
-Monitors, all on the canonical probability-flow velocity v(x, t), per output dimension:
+Monitors, all on the canonical probability-flow velocity v(x, t), per output dimension (except
+``sensitivity``, a ratio). The two of the method as published, and the material derivative:
 
 * ``dirichlet``: E ||d v / d x||_F^2, estimated without bias over all output dimensions by
   Hutchinson's identity ||J||_F^2 = E_u ||J u||^2 with one Rademacher probe per sample, one JVP each.
@@ -8,22 +9,47 @@ Monitors, all on the canonical probability-flow velocity v(x, t), per output dim
 * ``path_acceleration``: E ||dv/dt + (d v / d x) v||^2, the material derivative along the ODE path
   (its true curvature), one JVP with tangent (v, 1).
 
+Monitors of learning burden. The raw ones grow like (directions where the data barely varies)/t^2
+near the data, a part that a linear map already gets right (DESIGN.md section 3); these leave it out:
+
+* ``denoiser``: E ||d x0_hat / d x||_F^2 / D, the Jacobian of the denoiser x0_hat = E[x0 | x_t],
+  read from the same JVP as ``dirichlet``: v = alpha' x0_hat + sigma' eps_hat with
+  eps_hat = (x - alpha x0_hat) / sigma is linear in x0_hat, so
+  x0_hat = (sigma v - sigma' x) / (sigma alpha' - sigma' alpha). Bounded; for Gaussian data of
+  variance s^2 it is (alpha s^2 / (alpha^2 s^2 + sigma^2))^2.
+* ``nonlinear``: E ||d (v - v_G) / d x||_F^2 / D, where v_G is the exact velocity of the Gaussian
+  with the pool's mean and covariance (:class:`GaussianFit`): what a linear model cannot do. Zero
+  for Gaussian data.
+* ``nonlinear_acceleration``: E ||d (v - v_G) / d t||^2 / D at fixed x, the same split of the
+  acceleration monitor.
+* ``sensitivity``: E ||v_student - v||^2 / ||v||^2 per sample, the relative error of a
+  width-pruned, not fine-tuned student (:func:`pruned_student`): where losing width costs most.
+  Zero when the student keeps every unit (a budget of K full-width experts).
+
 The spread across x_t dominates the probe noise, so one probe per sample over many samples is the
-efficient estimator; every grid point reports its mean and standard error.
+efficient estimator; the Jacobian monitors share that one probe (each stays unbiased). Every grid
+point reports its mean and standard error.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch import nn
 
 from .batches import noised
-from .families.base import Family, rademacher
+from .families.base import Family, broadcast_to, rademacher, schedule_and_derivative
 
-MONITORS = ("dirichlet", "acceleration", "path_acceleration")
+MONITORS = (
+    "dirichlet", "acceleration", "path_acceleration", "denoiser", "nonlinear", "nonlinear_acceleration", "sensitivity",
+)
+#: monitors read from one JVP in x with a shared Rademacher probe
+X_JACOBIAN_MONITORS = ("dirichlet", "denoiser", "nonlinear")
+#: monitors that subtract the velocity of the pool's Gaussian fit
+GAUSSIAN_MONITORS = ("nonlinear", "nonlinear_acceleration")
 
 
 @dataclass
@@ -48,6 +74,111 @@ class Profile:
         return np.asarray(self.mean[monitor], dtype=np.float64)
 
 
+class GaussianFit:
+    """The Gaussian with a pool's mean mu and covariance Sigma, and its exact velocity.
+
+    For x0 ~ N(mu, Sigma) with Sigma = U diag(lambda) U^T, the velocity is linear in x:
+    v_G(x, t) = alpha' mu + H(t) (x - alpha mu), with H = U diag(h(lambda)) U^T and, per direction,
+    h(lambda) = (sigma sigma' + alpha alpha' lambda) / (alpha^2 lambda + sigma^2), which is half the
+    t-derivative of the log of that direction's variance at time t. No division by sigma appears
+    except through h(0) = sigma'/sigma, the exact velocity of a direction where the data is constant.
+
+    Two representations:
+
+    * exact (``basis`` spans everything, ``rest_variance`` is None): the full sample covariance,
+      used when the pool has more samples than dimensions and D <= ``exact_dims``;
+    * rank r plus a diagonal rest, for large D or small pools (a pool of N samples shows at most
+      N - 1 directions, and the smallest of those are poorly estimated): the top r principal
+      directions, r <= (N - 1) / 2, and per coordinate j the variance the rest of the spectrum
+      leaves there, d_j = Sigma_jj - sum_i lambda_i U_ji^2. The rest acts as
+      P diag(h(d)) P with P = I - U U^T. It keeps the total variance, is exact when the rest of
+      Sigma is isotropic, and gives a constant pixel (d_j = 0) its exact h(0); it is an
+      approximation when the rest is neither diagonal nor isotropic.
+    """
+
+    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, variances: torch.Tensor,
+                 rest_variance: Optional[torch.Tensor] = None, description: str = ""):
+        self.mean = mean.double().flatten()
+        self.basis = basis.double()
+        self.variances = variances.double().clamp_min(0.0)
+        self.rest_variance = None if rest_variance is None else rest_variance.double().clamp_min(0.0)
+        self.description = description
+        self._cast: Dict[tuple, tuple] = {}
+
+    @classmethod
+    def from_moments(cls, mean: torch.Tensor, covariance: torch.Tensor) -> "GaussianFit":
+        """Exact, from a known mean (any shape, D entries) and D x D covariance."""
+        variances, basis = torch.linalg.eigh(covariance.double())
+        return cls(mean, basis, variances, None, f"exact moments (D={basis.shape[0]})")
+
+    @classmethod
+    def from_pool(cls, x0_pool: torch.Tensor, max_rank: int = 256, exact_dims: int = 4096) -> "GaussianFit":
+        """Mean and covariance of the pool's samples (see the class docstring for the two forms)."""
+        flat = x0_pool.detach().flatten(1).double().cpu()
+        n, d = flat.shape
+        if n < 2:
+            raise ValueError("a Gaussian fit needs at least 2 samples in the pool")
+        mean = flat.mean(0)
+        centred = flat - mean
+        if n > d and d <= exact_dims:
+            variances, basis = torch.linalg.eigh(centred.T @ centred / (n - 1))
+            return cls(mean, basis, variances, None, f"exact sample covariance (D={d}, {n} samples)")
+        # The principal directions come from whichever Gram matrix is smaller; eigh is deterministic,
+        # so the fit does not consume any random state.
+        if n <= d:
+            gram_values, gram_vectors = torch.linalg.eigh(centred @ centred.T / (n - 1))
+            order = torch.argsort(gram_values, descending=True)
+            variances, sample_vectors = gram_values[order], gram_vectors[:, order]
+        else:
+            cov_values, cov_vectors = torch.linalg.eigh(centred.T @ centred / (n - 1))
+            order = torch.argsort(cov_values, descending=True)
+            variances, sample_vectors = cov_values[order], cov_vectors[:, order]
+        positive = int((variances > 1e-12 * max(float(variances[0]), 1e-300)).sum())
+        rank = max(0, min(max_rank, d, (n - 1) // 2, positive))
+        variances = variances[:rank]
+        if n <= d:
+            basis = centred.T @ sample_vectors[:, :rank] / torch.sqrt(variances * (n - 1))
+        else:
+            basis = sample_vectors[:, :rank]
+        per_coordinate = centred.pow(2).sum(0) / (n - 1)
+        rest = per_coordinate - (basis.pow(2) * variances).sum(1)
+        return cls(mean, basis, variances, rest,
+                   f"rank {rank} principal directions plus a diagonal rest (D={d}, {n} samples)")
+
+    def _on(self, like: torch.Tensor):
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            rest = None if self.rest_variance is None else self.rest_variance.to(device=like.device, dtype=like.dtype)
+            self._cast[key] = (self.mean.to(device=like.device, dtype=like.dtype),
+                               self.basis.to(device=like.device, dtype=like.dtype),
+                               self.variances.to(device=like.device, dtype=like.dtype), rest)
+        return self._cast[key]
+
+    @staticmethod
+    def _gain(variance, alpha, sigma, d_alpha, d_sigma):
+        """h(lambda) for a [B] batch of times against variances of shape [V]: [B, V]."""
+        a, s, da, ds = (c.reshape(-1, 1) for c in (alpha, sigma, d_alpha, d_sigma))
+        return (s * ds + a * da * variance) / (a * a * variance + s * s)
+
+    def jacobian_product(self, u, alpha, sigma, d_alpha, d_sigma) -> torch.Tensor:
+        """(d v_G / d x) u for a batch of tangents u at canonical times with the given schedule values."""
+        _, basis, variances, rest = self._on(u)
+        flat = u.reshape(u.shape[0], -1)
+        if flat.shape[1] != basis.shape[0]:
+            raise ValueError(f"the Gaussian fit has {basis.shape[0]} dimensions, the samples {flat.shape[1]}")
+        coords = flat @ basis
+        out = (self._gain(variances, alpha, sigma, d_alpha, d_sigma) * coords) @ basis.T
+        if rest is not None:
+            remainder = self._gain(rest, alpha, sigma, d_alpha, d_sigma) * (flat - coords @ basis.T)
+            out = out + remainder - (remainder @ basis) @ basis.T
+        return out.reshape(u.shape)
+
+    def velocity(self, x, alpha, sigma, d_alpha, d_sigma) -> torch.Tensor:
+        """v_G(x) = alpha' mu + H (x - alpha mu); differentiable in the schedule values."""
+        mean = self._on(x)[0].reshape(1, *x.shape[1:])
+        return broadcast_to(d_alpha, x) * mean + self.jacobian_product(x - broadcast_to(alpha, x) * mean, alpha, sigma, d_alpha, d_sigma)
+
+
 def per_sample_monitors(
     family: Family,
     model,
@@ -56,8 +187,18 @@ def per_sample_monitors(
     y: Optional[torch.Tensor],
     monitors: Sequence[str],
     generator: torch.Generator,
+    gaussian: Optional[GaussianFit] = None,
+    student: Optional[nn.Module] = None,
 ) -> Dict[str, torch.Tensor]:
-    """One value per sample for each monitor, normalised by the number of output dimensions."""
+    """One value per sample for each monitor, normalised by the number of output dimensions.
+
+    ``gaussian`` is needed by ``nonlinear`` and ``nonlinear_acceleration``, ``student`` by
+    ``sensitivity``.
+    """
+    if gaussian is None and any(m in monitors for m in GAUSSIAN_MONITORS):
+        raise ValueError("the nonlinear monitors need gaussian=GaussianFit.from_pool(x0_pool)")
+    if student is None and "sensitivity" in monitors:
+        raise ValueError("the sensitivity monitor needs a student model (pruned_student)")
     dims = x[0].numel()
     out: Dict[str, torch.Tensor] = {}
 
@@ -70,23 +211,82 @@ def per_sample_monitors(
     def v_of_xt(x_, t_):
         return family.velocity(model, x_, t_, y)
 
+    def gaussian_v_of_t(t_):
+        return gaussian.velocity(x, *schedule_and_derivative(family.schedule, t_))
+
     def sq_norm(z):
         return z.float().flatten(1).pow(2).sum(1) / dims
 
     with family.attention_context():
-        if "dirichlet" in monitors:
+        if any(m in monitors for m in X_JACOBIAN_MONITORS):
             probe = rademacher(x.shape, generator, x.device, x.dtype)
             _, jvp = torch.func.jvp(v_of_x, (x,), (probe,))
-            out["dirichlet"] = sq_norm(jvp)
-        if "acceleration" in monitors:
+            if "dirichlet" in monitors:
+                out["dirichlet"] = sq_norm(jvp)
+            if "denoiser" in monitors or "nonlinear" in monitors:
+                alpha, sigma, d_alpha, d_sigma = schedule_and_derivative(family.schedule, t)
+            if "denoiser" in monitors:
+                # sigma alpha' - sigma' alpha = (alpha sigma / 2) d log-SNR / dt: nonzero wherever
+                # alpha, sigma > 0, and finite at the ends of the linear path (-1 there everywhere).
+                # Near pure noise of a VP schedule it is small, so float32 noise in v is amplified.
+                denominator = broadcast_to(sigma * d_alpha - d_sigma * alpha, x)
+                out["denoiser"] = sq_norm((broadcast_to(sigma, x) * jvp - broadcast_to(d_sigma, x) * probe) / denominator)
+            if "nonlinear" in monitors:
+                out["nonlinear"] = sq_norm(jvp - gaussian.jacobian_product(probe, alpha, sigma, d_alpha, d_sigma))
+        if "acceleration" in monitors or "nonlinear_acceleration" in monitors:
             _, dvdt = torch.func.jvp(v_of_t, (t,), (torch.ones_like(t),))
-            out["acceleration"] = sq_norm(dvdt)
+            if "acceleration" in monitors:
+                out["acceleration"] = sq_norm(dvdt)
+            if "nonlinear_acceleration" in monitors:
+                _, gaussian_dvdt = torch.func.jvp(gaussian_v_of_t, (t,), (torch.ones_like(t),))
+                out["nonlinear_acceleration"] = sq_norm(dvdt - gaussian_dvdt)
         if "path_acceleration" in monitors:
             with torch.no_grad():
                 v = v_of_x(x)
             _, material = torch.func.jvp(v_of_xt, (x, t), (v, torch.ones_like(t)))
             out["path_acceleration"] = sq_norm(material)
+        if "sensitivity" in monitors:
+            with torch.no_grad():
+                teacher_v = v_of_x(x).float().flatten(1)
+                student_v = family.velocity(student, x, t, y).float().flatten(1)
+            scale = teacher_v.pow(2).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+            out["sensitivity"] = (student_v - teacher_v).pow(2).sum(1) / scale
     return out
+
+
+def pruned_student(
+    family: Family,
+    teacher: nn.Module,
+    target_params: int,
+    criterion: str = "segment",
+    x0_pool: Optional[torch.Tensor] = None,
+    labels_pool: Optional[torch.Tensor] = None,
+    state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    calib_batches: int = 4,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> nn.Module:
+    """The student of the ``sensitivity`` monitor: pruned as the pipeline prunes an expert, not trained.
+
+    Widths from :func:`allocate_widths` for ``target_params`` (the pipeline uses the mean expert
+    size of the run, budget / K capped at the source's count); units chosen by ``criterion``, with
+    the ``segment`` importance measured on the whole time range [0, 1] since the student serves
+    every t. ``state_dict`` defaults to the teacher's own.
+    """
+    from .prune import calibration_batches, prune_state_dict
+    from .split import allocate_widths
+
+    source = family.config
+    config = allocate_widths(family, source, target_params)
+    calibration = None
+    if criterion == "segment":
+        if x0_pool is None:
+            raise ValueError("segment-aware pruning of the sensitivity student needs x0_pool")
+        calibration = calibration_batches(family, x0_pool, labels_pool, (0.0, 1.0), calib_batches, batch_size, seed)
+    weights = state_dict if state_dict is not None else teacher.state_dict()
+    sliced, _ = prune_state_dict(family, teacher, weights, source, config, criterion, calibration, seed=seed)
+    device = next(teacher.parameters()).device
+    return family.instantiate(config, sliced).to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -102,11 +302,35 @@ def profile_model(
     seed: int = 0,
     source: str = "teacher ODE samples",
     progress=None,
+    gaussian: Optional[GaussianFit] = None,
+    student: Union[nn.Module, Callable[[], nn.Module], None] = None,
 ) -> Profile:
-    """Measure every monitor at every grid time over ``batches`` batches of x_t drawn from the pool."""
+    """Measure every monitor at every grid time over ``batches`` batches of x_t drawn from the pool.
+
+    ``gaussian`` (for the nonlinear monitors) defaults to :meth:`GaussianFit.from_pool` of
+    ``x0_pool``; pass the exact moments when they are known. ``student`` (for ``sensitivity``) is a
+    model or a callable that builds one (:func:`pruned_student`), called only when needed.
+    """
     unknown = [m for m in monitors if m not in MONITORS]
     if unknown:
         raise ValueError(f"unknown monitor {unknown[0]!r}; choose from {', '.join(MONITORS)}")
+    notes = []
+    if any(m in monitors for m in GAUSSIAN_MONITORS):
+        if gaussian is None:
+            gaussian = GaussianFit.from_pool(x0_pool)
+        notes.append(f"nonlinear monitors: v_G from a Gaussian fit of the pool, {gaussian.description}")
+    if "sensitivity" in monitors:
+        if student is None:
+            raise ValueError("the sensitivity monitor needs a student model, or a callable that builds one (pruned_student)")
+        if not isinstance(student, nn.Module):
+            student = student()
+        student.eval()
+        teacher_params = sum(p.numel() for p in model.parameters())
+        student_params = sum(p.numel() for p in student.parameters())
+        notes.append(f"sensitivity: a pruned, not fine-tuned student of {student_params:,} parameters "
+                     f"({student_params / teacher_params:.0%} of the teacher)")
+    else:
+        student = None
     device = x0_pool.device
     generator = torch.Generator().manual_seed(seed)
     values: Dict[str, List[List[float]]] = {m: [] for m in monitors}
@@ -120,7 +344,7 @@ def profile_model(
             noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.full((batch_size,), float(t_value), device=device)
             x_t = noised(family, x0, t, noise)
-            result = per_sample_monitors(family, model, x_t, t, y, monitors, generator)
+            result = per_sample_monitors(family, model, x_t, t, y, monitors, generator, gaussian, student)
             for m in monitors:
                 collected[m].append(result[m].detach().cpu())
             if progress is not None:
@@ -129,7 +353,6 @@ def profile_model(
             values[m].append(torch.cat(collected[m]).tolist())
     mean = {m: [float(np.mean(v)) for v in values[m]] for m in monitors}
     stderr = {m: [float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for v in values[m]] for m in monitors}
-    notes = []
     for m in monitors:
         curve = np.asarray(mean[m])
         if not np.all(np.isfinite(curve)):

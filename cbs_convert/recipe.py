@@ -38,20 +38,20 @@ class Recipe:
     pool_size: int = field(default=128, metadata={"help": "teacher ODE samples drawn for data-free profiling and distillation"})
     ode_steps: int = field(default=16, metadata={"help": "Heun steps per teacher sample"})
     # profile
-    monitor: str = field(default="dirichlet", metadata={"help": "monitor that drives the cuts: dirichlet, acceleration or path_acceleration"})
-    monitors: List[str] = field(default_factory=lambda: ["dirichlet", "acceleration"], metadata={"help": "monitors to profile and report (comma separated)"})
+    monitor: str = field(default="dirichlet", metadata={"help": "monitor that drives the cuts: dirichlet, acceleration (the method as published), path_acceleration; or one of learning burden: denoiser (Jacobian of E[x0|x_t]), nonlinear, nonlinear_acceleration (beyond the pool's Gaussian fit), sensitivity (error of an untrained student pruned to budget/K)"})
+    monitors: List[str] = field(default_factory=lambda: ["dirichlet", "acceleration"], metadata={"help": "monitors to profile and report (comma separated); the report shows every one's cuts"})
     grid: int = field(default=12, metadata={"help": "number of grid times between t_min and t_max"})
     t_min: float = field(default=0.02, metadata={"help": "first grid time (canonical, 0 = data)"})
     t_max: float = field(default=0.98, metadata={"help": "last grid time (canonical, 1 = noise)"})
     profile_batches: int = field(default=2, metadata={"help": "batches averaged per grid time"})
     profile_batch_size: int = field(default=16, metadata={"help": "samples per profiling batch"})
     # split and budget
-    split: str = field(default="cbs", metadata={"help": "cbs (equidistribution), uniform, or explicit (with --boundaries)"})
+    split: str = field(default="cbs", metadata={"help": "cbs (equidistribution of --monitor), uniform, snr (equal steps in log-SNR between t_min and t_max), or explicit (with --boundaries)"})
     boundaries: Optional[List[float]] = field(default=None, metadata={"help": "explicit inner boundaries, e.g. 0.4,0.7 (implies --split explicit)"})
     gamma: float = field(default=0.5, metadata={"help": "tempering exponent: the cuts equidistribute phi**gamma"})
     floor: float = field(default=0.0, metadata={"help": "uniform floor lambda in [0, 1): phi' = (1-lambda) phi/mean + lambda"})
     min_width: float = field(default=0.05, metadata={"help": "minimum segment width in canonical time"})
-    allocation: str = field(default="auto", metadata={"help": "budget shares: mass (each segment's share of phi), equal, or auto (equal for --split uniform, mass otherwise)"})
+    allocation: str = field(default="auto", metadata={"help": "budget shares: mass (each segment's share of phi), mass:MONITOR (of another profiled curve, e.g. mass:sensitivity), equal, or auto (equal for --split uniform and snr, mass otherwise)"})
     budget: str = field(default="1x", metadata={"help": "total parameters of all experts: 1x, 2x (of the source) or a count like 300M"})
     # pruning
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
@@ -78,11 +78,12 @@ class Recipe:
 
 FIELDS = {f.name: f for f in fields(Recipe)}
 CHOICES = {
-    "split": ("cbs", "uniform", "explicit"),
-    "monitor": ("dirichlet", "acceleration", "path_acceleration"),
+    "split": ("cbs", "uniform", "snr", "explicit"),
+    "monitor": ("dirichlet", "acceleration", "path_acceleration", "denoiser", "nonlinear", "nonlinear_acceleration",
+                "sensitivity"),
     "prune": ("segment", "magnitude", "random"),
     "loss": ("distill", "data", "both"),
-    "allocation": ("auto", "mass", "equal"),
+    "allocation": ("auto", "mass", "equal", "mass:MONITOR"),  # checked by split.parse_allocation
     "family": None,  # checked against the family registry at load time
     "attention_order": ("legacy", "new"),
 }
@@ -143,6 +144,14 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         return str(value)
     if not isinstance(value, str):
         raise bad
+    if name == "allocation":
+        from .split import parse_allocation
+
+        try:
+            parse_allocation(value)  # the monitor of mass:MONITOR is checked against the monitors in validate()
+        except RecipeError as exc:
+            raise RecipeError(str(exc) if origin == "--allocation" else f"{origin}: {exc}") from None
+        return value
     choices = CHOICES.get(name)
     if choices and value not in choices:
         raise RecipeError(f"{origin}: '{name}' must be one of {', '.join(choices)}, got {value!r}")
@@ -229,6 +238,18 @@ def validate(r: Recipe) -> None:
          f"monitor {r.monitor!r} drives the cuts, so it must be among monitors {r.monitors}")
     for m in r.monitors:
         need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
+    from .split import parse_allocation
+
+    _, allocation_monitor = parse_allocation(r.allocation)
+    if allocation_monitor is not None:
+        need(allocation_monitor in CHOICES["monitor"],
+             f"--allocation mass:{allocation_monitor}: unknown monitor; choose from {', '.join(CHOICES['monitor'])}")
+        need(allocation_monitor in r.monitors,
+             f"--allocation mass:{allocation_monitor} shares the budget by the {allocation_monitor} curve, so it must be "
+             f"among monitors {r.monitors} (e.g. --monitors {','.join([*r.monitors, allocation_monitor])})")
+    need(r.allocation != "mass" or r.monitor in r.monitors,
+         f"--allocation mass shares the budget by the --monitor curve ({r.monitor}), so it must be among monitors "
+         f"{r.monitors}")
     if r.boundaries is not None:
         from .split import validate_boundaries
 

@@ -57,6 +57,14 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append("Inner cuts after each guard: " + "; ".join(
             f"{name}: {', '.join(f'{b:.4f}' for b in cuts)}" for name, cuts in guards.items()))
     lines.extend(f"- {note}" for note in split.get("notes", []))
+    alternatives = split.get("alternatives") or {}
+    if alternatives:
+        lines += ["", "Inner cuts of every rule on this profile (same guards; the one used is marked):", "",
+                  "| rule | inner cuts |", "|---|---|"]
+        chosen = f"cbs:{split['monitor']}" if split["method"] == "cbs" else split["method"]
+        for rule, cuts in alternatives.items():
+            mark = " **(used)**" if rule == chosen else ""
+            lines.append(f"| {rule}{mark} | {', '.join(f'{b:.4f}' for b in cuts[1:-1]) or '–'} |")
     budget = report["budget"]
     lines += [
         "",
@@ -102,6 +110,9 @@ def plot_profile(report: Dict[str, Any], path: Path) -> bool:
     import numpy as np
 
     monitors = list(prof["mean"])
+    allocation = split.get("allocation") or ""
+    # the shares are written on the curve they came from: --allocation mass:MONITOR's, else --monitor's
+    share_monitor = allocation.partition(":")[2] if allocation.startswith("mass:") else split.get("monitor")
     fig, axes = plt.subplots(1, len(monitors), figsize=(4.5 * len(monitors), 3.4), squeeze=False)
     for ax, m in zip(axes[0], monitors):
         grid = np.asarray(prof["grid"])
@@ -110,12 +121,20 @@ def plot_profile(report: Dict[str, Any], path: Path) -> bool:
         ax.fill_between(grid, mean - 2 * err, mean + 2 * err, color="C0", alpha=0.25, lw=0)
         for b in split["boundaries"][1:-1]:
             ax.axvline(b, color="C3", ls="--", lw=1.2)
-        if m == split.get("monitor"):
+        if m == share_monitor:
             for (lo, hi), share in zip(zip(split["boundaries"][:-1], split["boundaries"][1:]), split["shares"]):
                 ax.text((lo + hi) / 2, 0.95, f"{share:.2f}", transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
-        ax.set_title(m + (" (drives cuts)" if m == split.get("monitor") else ""), fontsize=10)
+        # Log scale when the positive values span decades; zeros (a student that lost nothing, an
+        # exact Gaussian) and the lower error band would otherwise pull the axis down without end.
+        positive = mean[mean > 0]
+        if positive.size and positive.max() / positive.min() > 30:
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=positive.min() / 3)
+        roles = [role for role, yes in (("drives cuts", m == split.get("monitor") and split.get("method") == "cbs"),
+                                        ("shares", m == share_monitor and allocation.startswith("mass:")),
+                                        ("zero everywhere", not positive.size)) if yes]
+        ax.set_title(m + (f" ({', '.join(roles)})" if roles else ""), fontsize=10)
         ax.set_xlabel("t  (0 = data, 1 = noise)")
-        ax.set_yscale("log" if mean.min() > 0 and mean.max() / max(mean.min(), 1e-30) > 30 else "linear")
         ax.set_xlim(0, 1)
     fig.suptitle(f"{report['source']['architecture'].split(':')[0]}: phi(t) ± 2 s.e., cuts and budget shares", fontsize=10)
     fig.tight_layout()

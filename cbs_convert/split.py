@@ -9,12 +9,18 @@ boundary k is Phi^-1(k/K * Phi(1)). Guards applied in order, each one's effect r
 
 The curve is known on [t_min, t_max]; outside it is held at its end values, so that the segments
 cover all of [0, 1].
+
+Other rules, for comparison and as baselines: ``uniform`` (equal widths), ``snr`` (equal spacing in
+log-SNR = log(alpha^2 / sigma^2) between t_min and t_max, from the family's schedule; the minimum
+width applies too) and ``explicit`` boundaries. Cuts and budget shares are independent choices:
+``allocation="mass:MONITOR"`` shares the budget by that monitor's processed curve mass per segment,
+whatever rule placed the cuts.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +35,9 @@ class Split:
     monitor: Optional[str]
     guards: Dict[str, List[float]] = field(default_factory=dict)  # inner cuts after each stage
     notes: List[str] = field(default_factory=list)
+    allocation: Optional[str] = None  # what set the shares: "equal", "mass" or "mass:MONITOR"
+    #: the boundaries every other rule gives on the same profile ("uniform", "snr", "cbs:MONITOR")
+    alternatives: Dict[str, List[float]] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -110,6 +119,109 @@ def segment_masses(grid, phi, boundaries) -> List[float]:
     return [float(m / total) for m in masses]
 
 
+#: allocation settings besides "mass:MONITOR"
+ALLOCATIONS = ("auto", "mass", "equal")
+#: where the log-SNR is infinite at an end of [t_min, t_max] (t = 0 or 1 on the linear path), the
+#: snr rule starts or stops this far inside instead
+SNR_END_CLAMP = 1e-3
+
+
+def parse_allocation(allocation: str) -> Tuple[str, Optional[str]]:
+    """("auto" | "mass" | "equal", None), or ("mass", MONITOR) for "mass:MONITOR"."""
+    text = str(allocation).strip()
+    if text in ALLOCATIONS:
+        return text, None
+    kind, _, monitor = text.partition(":")
+    if kind == "mass" and monitor.strip():
+        return "mass", monitor.strip()
+    raise RecipeError(
+        f"--allocation {allocation!r} is unknown; choose auto, mass, equal, or mass:MONITOR to share the budget by "
+        f"another profiled curve (e.g. mass:sensitivity)"
+    )
+
+
+def check_curve(grid, curve, monitor: Optional[str], purpose: str, fix: str) -> None:
+    """Refuse a curve with NaN or Inf: its integral, cuts and shares would all be meaningless."""
+    values = np.asarray(curve, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = ""
+        if grid is not None and len(grid) == len(values):
+            where = " (at t = " + ", ".join(f"{t:.3g}" for t in np.asarray(grid)[bad][:3]) + (" ..." if bad.sum() > 3 else "") + ")"
+        raise RecipeError(f"the {monitor or 'profile'} curve has NaN or Inf values{where}, so it cannot {purpose}; {fix}")
+
+
+def _is_zero(curve) -> bool:
+    return not np.any(np.asarray(curve, dtype=np.float64) > 0)
+
+
+def snr_boundaries(k: int, log_snr: Callable, t_range: Sequence[float]) -> Tuple[List[float], List[str]]:
+    """Boundaries equally spaced in log-SNR between ``t_range``'s ends, and notes.
+
+    ``log_snr`` maps an array of canonical times to log(alpha^2 / sigma^2), decreasing in t (the
+    family's schedule: ``Family.log_snr``). The segments still cover [0, 1]; only the inner cuts
+    are spaced in log-SNR, and each is found by bisection.
+    """
+    lo, hi = float(t_range[0]), float(t_range[1])
+    notes: List[str] = []
+
+    def at(t):
+        return np.asarray(log_snr(np.asarray(t, dtype=np.float64)), dtype=np.float64)
+
+    ends = at([lo, hi])
+    if not np.isfinite(ends[0]) and lo < SNR_END_CLAMP:
+        notes.append(f"log-SNR is infinite at t = {lo:g}, so the snr rule starts at t = {SNR_END_CLAMP:g}")
+        lo = SNR_END_CLAMP
+    if not np.isfinite(ends[1]) and hi > 1 - SNR_END_CLAMP:
+        notes.append(f"log-SNR is infinite at t = {hi:g}, so the snr rule stops at t = {1 - SNR_END_CLAMP:g}")
+        hi = 1 - SNR_END_CLAMP
+    ends = at([lo, hi])
+    if not np.all(np.isfinite(ends)) or not ends[0] > ends[1]:
+        raise RecipeError(
+            f"split 'snr' needs a finite log-SNR that decreases from t_min={lo:g} to t_max={hi:g} (got {ends[0]:.4g} "
+            f"and {ends[1]:.4g}); change --t-min/--t-max or use --split uniform"
+        )
+    levels = ends[0] + (ends[1] - ends[0]) * np.arange(1, k) / k
+    below, above = np.full(k - 1, lo), np.full(k - 1, hi)
+    for _ in range(60):
+        middle = 0.5 * (below + above)
+        noisier = at(middle) < levels  # log-SNR falls with t: the cut lies before middle
+        above = np.where(noisier, middle, above)
+        below = np.where(noisier, below, middle)
+    return [0.0, *[float(b) for b in 0.5 * (below + above)], 1.0], notes
+
+
+def compare_rules(
+    k: int,
+    grid: Optional[Sequence[float]] = None,
+    curves: Optional[Dict[str, Sequence[float]]] = None,
+    log_snr: Optional[Callable] = None,
+    t_range: Optional[Sequence[float]] = None,
+    min_width: float = 0.05,
+    gamma: float = 0.5,
+    floor: float = 0.0,
+) -> Tuple[Dict[str, List[float]], List[str]]:
+    """The boundaries of every rule on one profile: "uniform", "snr" and "cbs:MONITOR" per curve,
+    with the same guards as the chosen rule. A rule that cannot run here is left out with a note."""
+    rules: Dict[str, List[float]] = {"uniform": uniform_boundaries(k)}
+    notes: List[str] = []
+    if log_snr is not None and t_range is not None:
+        try:
+            cuts, _ = snr_boundaries(k, log_snr, t_range)
+            rules["snr"] = enforce_min_width(cuts, min_width)
+        except RecipeError as exc:
+            notes.append(f"snr cuts not shown: {exc}")
+    for name, curve in (curves or {}).items() if grid is not None else ():
+        if not np.all(np.isfinite(np.asarray(curve, dtype=np.float64))):
+            notes.append(f"cbs:{name} cuts not shown: the {name} curve has NaN or Inf values")
+            continue
+        try:
+            rules[f"cbs:{name}"] = enforce_min_width(equidistribute(grid, temper(curve, gamma, floor), k), min_width)
+        except RecipeError as exc:
+            notes.append(f"cbs:{name} cuts not shown: {exc}")
+    return {name: [float(b) for b in cuts] for name, cuts in rules.items()}, notes
+
+
 def plan_split(
     k: int,
     method: str = "cbs",
@@ -121,52 +233,97 @@ def plan_split(
     gamma: float = 0.5,
     floor: float = 0.0,
     allocation: str = "auto",
+    curves: Optional[Dict[str, Sequence[float]]] = None,
+    log_snr: Optional[Callable] = None,
+    t_range: Optional[Sequence[float]] = None,
 ) -> Split:
-    """Boundaries and budget shares for ``method`` in {"cbs", "uniform", "explicit"}.
+    """Boundaries and budget shares for ``method`` in {"cbs", "uniform", "snr", "explicit"}.
 
-    ``allocation`` sets the shares: "mass" (each segment's share of the processed curve), "equal",
-    or "auto" (equal for the uniform baseline, so that it is the plain equal split it claims to be;
-    mass otherwise).
+    ``phi`` is ``monitor``'s curve on ``grid``. ``allocation`` sets the shares: "mass" (each
+    segment's share of the processed curve of ``monitor``), "mass:MONITOR" (of that monitor's
+    curve, taken from ``curves``, the profile's curves by name), "equal", or "auto" (equal for the
+    uniform and snr baselines, so that they are the plain rules they claim to be; mass otherwise).
+    ``log_snr`` (an array of canonical times to log(alpha^2 / sigma^2), ``Family.log_snr``) and
+    ``t_range`` (default: the grid's ends) are what the snr rule needs. ``Split.alternatives``
+    holds every rule's boundaries on the same profile, for the report.
     """
-    if allocation not in ("auto", "mass", "equal"):
-        raise RecipeError(f"allocation {allocation!r} is unknown; choose auto, mass or equal")
-    if allocation == "auto":
-        allocation = "equal" if method == "uniform" else "mass"
+    kind, allocation_monitor = parse_allocation(allocation)
+    if kind == "auto":
+        kind = "equal" if method in ("uniform", "snr") else "mass"
     if k < 1:
         raise RecipeError(f"k={k}: need at least one expert")
     notes: List[str] = []
     guards: Dict[str, List[float]] = {}
     have_curve = grid is not None and phi is not None
-    processed = temper(phi, gamma, floor) if have_curve else None
+    if t_range is None and grid is not None:
+        t_range = (float(grid[0]), float(grid[-1]))
     if method == "cbs":
         if not have_curve:
             raise RecipeError("split 'cbs' needs a profile; run the profile stage or use --split uniform")
+        check_curve(grid, phi, monitor, "place the cuts",
+                    "profile another monitor (--monitor), keep the grid away from the ends (--t-min/--t-max), "
+                    "or cut without a curve (--split uniform or snr)")
+    processed = temper(phi, gamma, floor) if have_curve else None
+    if method == "cbs":
         guards["raw"] = equidistribute(grid, phi, k)[1:-1]
         guards["tempered"] = equidistribute(grid, temper(phi, gamma, 0.0), k)[1:-1]
         cuts = equidistribute(grid, processed, k)
         guards["floored"] = cuts[1:-1]
+        if _is_zero(phi):
+            notes.append(f"the {monitor} curve is zero everywhere, so the cuts fell back to uniform")
     elif method == "uniform":
         cuts = uniform_boundaries(k)
+    elif method == "snr":
+        if log_snr is None or t_range is None:
+            raise RecipeError("split 'snr' needs the family's log-SNR and a time range (t_min, t_max)")
+        cuts, snr_notes = snr_boundaries(k, log_snr, t_range)
+        notes.extend(snr_notes)
+        guards["snr"] = cuts[1:-1]
     elif method == "explicit":
         cuts = validate_boundaries(boundaries, k)
     else:
-        raise RecipeError(f"split {method!r} is unknown; choose cbs, uniform or explicit")
-    final = enforce_min_width(cuts, min_width) if method == "cbs" else cuts
+        raise RecipeError(f"split {method!r} is unknown; choose cbs, uniform, snr or explicit")
+    final = enforce_min_width(cuts, min_width) if method in ("cbs", "snr") else cuts
     guards["final"] = final[1:-1]
-    if method == "cbs":
-        moved = max((abs(a - b) for a, b in zip(guards["floored"], guards["final"])), default=0.0)
+    if method in ("cbs", "snr"):
+        before = guards["floored"] if method == "cbs" else guards["snr"]
+        moved = max((abs(a - b) for a, b in zip(before, guards["final"])), default=0.0)
         if moved > 1e-9:
             notes.append(f"the minimum width {min_width} moved a cut by up to {moved:.3f}")
-    if have_curve and allocation == "mass":
-        shares = segment_masses(grid, processed, final)
-        if method == "cbs" and max(shares) - min(shares) < 1e-6:
+    share_monitor = allocation_monitor or monitor
+    share_curve = None
+    if kind == "mass":
+        if allocation_monitor is not None and curves is not None and allocation_monitor in curves:
+            share_curve = curves[allocation_monitor]
+        elif share_monitor == monitor and have_curve:
+            share_curve = phi
+        elif allocation_monitor is not None:
+            raise RecipeError(
+                f"--allocation mass:{allocation_monitor} needs the {allocation_monitor} curve; add it to --monitors"
+            )
+    if share_curve is not None:
+        check_curve(grid, share_curve, share_monitor, "share the budget",
+                    "share by another curve (--allocation mass:MONITOR) or equally (--allocation equal), "
+                    "or keep the grid away from the ends (--t-min/--t-max)")
+        shares = segment_masses(grid, temper(share_curve, gamma, floor), final)
+        allocation_used = f"mass:{share_monitor}" if allocation_monitor else "mass"
+        if _is_zero(share_curve):
+            notes.append(f"the {share_monitor} curve is zero everywhere, so the budget shares are "
+                         + ("equal" if floor == 0 else "the segments' widths (the floor alone)"))
+        elif method == "cbs" and allocation_monitor in (None, monitor) and max(shares) - min(shares) < 1e-6:
             notes.append("exact equidistribution: every segment carries 1/K of the mass, so budget shares are equal")
         else:
-            notes.append("budget shares are the segments' shares of the processed curve's mass")
+            notes.append(f"budget shares are the segments' shares of the processed {share_monitor} curve's mass")
     else:
         shares = [1.0 / k] * k
-        notes.append("equal budget shares" + ("" if have_curve else " (no profile)"))
-    return Split(boundaries=[float(b) for b in final], shares=shares, method=method, monitor=monitor, guards=guards, notes=notes)
+        allocation_used = "equal"
+        notes.append("equal budget shares" + ("" if kind == "equal" else " (no profile)"))
+    if curves is None and have_curve and monitor is not None:
+        curves = {monitor: phi}
+    alternatives, alternative_notes = compare_rules(k, grid, curves, log_snr, t_range, min_width, gamma, floor)
+    notes.extend(alternative_notes)
+    return Split(boundaries=[float(b) for b in final], shares=shares, method=method, monitor=monitor, guards=guards,
+                 notes=notes, allocation=allocation_used, alternatives=alternatives)
 
 
 def validate_boundaries(boundaries, k: int) -> List[float]:

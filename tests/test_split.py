@@ -122,3 +122,125 @@ def test_uniform_baseline_has_equal_shares_unless_asked_otherwise():
     assert plan_split(2, "uniform", GRID, phi, "dirichlet", gamma=1.0).shares == [0.5, 0.5]
     weighted = plan_split(2, "uniform", GRID, phi, "dirichlet", gamma=1.0, allocation="mass")
     assert np.allclose(weighted.shares, [0.75, 0.25], atol=1e-3)
+
+
+# -- the snr rule, allocation by another curve, broken curves ---------------------------------------
+
+
+def linear_log_snr(t):
+    # the linear path: alpha = 1 - t, sigma = t
+    t = np.asarray(t, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return 2 * np.log((1 - t) / t)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_snr_cuts_on_the_linear_path_match_the_closed_form(k):
+    family, _ = tiny_model("sit")
+    t_min, t_max = 0.02, 0.98
+    split = plan_split(k, "snr", log_snr=family.log_snr, t_range=(t_min, t_max), min_width=1e-6)
+    # equal steps from log-SNR(t_min) to log-SNR(t_max); log-SNR = 2 log((1-t)/t) inverts to t = 1/(1 + e^(L/2))
+    levels = linear_log_snr(t_min) + (linear_log_snr(t_max) - linear_log_snr(t_min)) * np.arange(1, k) / k
+    assert np.allclose(split.boundaries[1:-1], 1 / (1 + np.exp(levels / 2)), atol=1e-9)
+    assert split.boundaries[0] == 0.0 and split.boundaries[-1] == 1.0
+    assert split.shares == [1.0 / k] * k  # auto: the baseline shares equally
+
+
+def test_snr_cuts_of_a_narrow_range_and_of_a_vp_schedule_are_equally_spaced_in_log_snr():
+    split = plan_split(3, "snr", log_snr=linear_log_snr, t_range=(0.3, 0.9), min_width=1e-6)
+    assert np.allclose(split.boundaries[1:-1], [1 / (1 + np.exp(v / 2)) for v in
+                       linear_log_snr(0.3) + (linear_log_snr(0.9) - linear_log_snr(0.3)) * np.array([1, 2]) / 3])
+    family, _ = tiny_model("dit")
+    split = plan_split(4, "snr", log_snr=family.log_snr, t_range=(0.02, 0.98), min_width=1e-6)
+    levels = family.log_snr([0.02, *split.boundaries[1:-1], 0.98])
+    assert np.allclose(np.diff(levels), np.diff(levels)[0], rtol=1e-4)
+    # a VP schedule's cuts are not the linear path's: the rule follows the family
+    assert not np.allclose(split.boundaries, plan_split(4, "snr", log_snr=linear_log_snr, t_range=(0.02, 0.98)).boundaries, atol=0.01)
+
+
+def test_snr_range_ends_with_infinite_log_snr_move_inside_and_say_so():
+    split = plan_split(2, "snr", log_snr=linear_log_snr, t_range=(0.0, 1.0), min_width=1e-6)
+    assert abs(split.boundaries[1] - 0.5) < 1e-9  # symmetric clamps at 1e-3 and 1 - 1e-3
+    assert sum("log-SNR is infinite" in n for n in split.notes) == 2
+    with pytest.raises(RecipeError, match="snr"):
+        plan_split(2, "snr", t_range=(0.02, 0.98))  # no schedule given
+
+
+def test_snr_cuts_respect_the_minimum_width():
+    split = plan_split(4, "snr", log_snr=linear_log_snr, t_range=(0.001, 0.999), min_width=0.2)
+    assert np.diff(split.boundaries).min() >= 0.2 - 1e-12
+    assert any("minimum width" in n for n in split.notes)
+
+
+def test_allocation_by_another_monitor_gives_its_segment_masses():
+    quarters = np.minimum((GRID * 4).astype(int), 3)
+    sensitivity = np.array([0.15, 0.45, 0.30, 0.10])[quarters] * 4
+    curves = {"dirichlet": np.exp(-GRID / 0.2), "sensitivity": sensitivity}
+    split = plan_split(4, "uniform", GRID, curves["dirichlet"], "dirichlet", gamma=1.0, allocation="mass:sensitivity",
+                       curves=curves)
+    assert np.allclose(split.shares, [0.15, 0.45, 0.30, 0.10], atol=5e-3)
+    assert split.allocation == "mass:sensitivity" and any("sensitivity" in n for n in split.notes)
+    # the cuts stay the rule's own; the shares are the allocation curve's masses on them, after tempering
+    cbs = plan_split(4, "cbs", GRID, curves["dirichlet"], "dirichlet", gamma=0.5, min_width=0.01,
+                     allocation="mass:sensitivity", curves=curves)
+    assert cbs.boundaries == plan_split(4, "cbs", GRID, curves["dirichlet"], "dirichlet", gamma=0.5, min_width=0.01).boundaries
+    assert np.allclose(cbs.shares, segment_masses(GRID, np.sqrt(sensitivity), cbs.boundaries))
+    assert max(cbs.shares) - min(cbs.shares) > 0.1
+
+
+@pytest.mark.parametrize("allocation", ["bogus", "mass:", "mass-sensitivity", "equal:dirichlet"])
+def test_bad_allocation_strings_are_refused_naming_the_flag(allocation):
+    with pytest.raises(RecipeError, match="--allocation"):
+        plan_split(2, "uniform", GRID, np.ones_like(GRID), "dirichlet", allocation=allocation)
+    with pytest.raises(RecipeError, match="--allocation"):
+        from cbs_convert.recipe import build_recipe
+
+        build_recipe({"allocation": allocation})
+
+
+def test_allocation_by_a_monitor_that_was_not_profiled_is_refused():
+    from cbs_convert.recipe import build_recipe
+
+    with pytest.raises(RecipeError, match="--allocation mass:sensitivity .*among monitors"):
+        build_recipe({"allocation": "mass:sensitivity", "monitors": ["dirichlet"]})
+    with pytest.raises(RecipeError, match="--allocation mass:nope"):
+        build_recipe({"allocation": "mass:nope"})
+    assert build_recipe({"allocation": "mass:sensitivity", "monitors": ["dirichlet", "sensitivity"], "split": "uniform"})
+    with pytest.raises(RecipeError, match="--allocation mass:sensitivity"):
+        plan_split(2, "uniform", GRID, np.ones_like(GRID), "dirichlet", allocation="mass:sensitivity",
+                   curves={"dirichlet": np.ones_like(GRID)})
+
+
+def test_a_curve_with_nan_or_inf_is_refused_in_one_line_naming_the_monitor():
+    for bad in (np.nan, np.inf):
+        phi = np.ones_like(GRID)
+        phi[3] = bad
+        with pytest.raises(RecipeError, match=r"denoiser curve has NaN or Inf .*--split uniform") as info:
+            plan_split(2, "cbs", GRID, phi, "denoiser")
+        assert "\n" not in str(info.value)
+        with pytest.raises(RecipeError, match=r"sensitivity curve has NaN or Inf .*--allocation equal"):
+            plan_split(2, "uniform", GRID, np.ones_like(GRID), "dirichlet", allocation="mass:sensitivity",
+                       curves={"sensitivity": phi})
+        # a curve that decides nothing is no obstacle: the equal uniform split does not read it
+        uniform = plan_split(2, "uniform", GRID, phi, "denoiser", curves={"denoiser": phi})
+        assert uniform.shares == [0.5, 0.5] and "cbs:denoiser" not in uniform.alternatives
+
+
+def test_a_zero_curve_says_so_instead_of_claiming_exact_equidistribution():
+    split = plan_split(4, "cbs", GRID, np.zeros_like(GRID), "sensitivity")
+    assert split.boundaries == [0.0, 0.25, 0.5, 0.75, 1.0] and split.shares == [0.25] * 4
+    assert any("zero everywhere" in n and "uniform" in n for n in split.notes)
+    assert any("zero everywhere" in n and "equal" in n for n in split.notes)
+    assert not any("exact equidistribution" in n for n in split.notes)
+
+
+def test_every_rule_is_shown_on_the_same_profile():
+    curves = {"dirichlet": np.exp(-GRID / 0.1), "acceleration": 1 + GRID ** 2}
+    split = plan_split(3, "uniform", GRID, curves["dirichlet"], "dirichlet", curves=curves,
+                       log_snr=linear_log_snr, t_range=(0.02, 0.98), min_width=0.05)
+    assert set(split.alternatives) == {"uniform", "snr", "cbs:dirichlet", "cbs:acceleration"}
+    assert split.alternatives["uniform"] == split.boundaries
+    assert split.alternatives["snr"] == plan_split(3, "snr", log_snr=linear_log_snr, t_range=(0.02, 0.98)).boundaries
+    cbs = plan_split(3, "cbs", GRID, curves["acceleration"], "acceleration", curves=curves)
+    assert split.alternatives["cbs:acceleration"] == cbs.boundaries
+    assert split.alternatives["cbs:dirichlet"][1] < 0.2 < split.alternatives["cbs:acceleration"][1]

@@ -131,6 +131,16 @@ class Family:
         """alpha(t), sigma(t) of the forward process in canonical time; differentiable in t."""
         raise NotImplementedError
 
+    def log_snr(self, t) -> "np.ndarray":
+        """log(alpha^2 / sigma^2) at canonical times ``t`` (an array of floats), in float64; +inf
+        where sigma is 0 and -inf where alpha is 0. What the snr split rule spaces equally."""
+        import numpy as np
+
+        times = torch.as_tensor(np.asarray(t, dtype=np.float64))
+        alpha, sigma = self.schedule(times)
+        with np.errstate(divide="ignore"):
+            return 2 * (np.log(np.abs(alpha.double().numpy())) - np.log(np.abs(sigma.double().numpy())))
+
     def native_time(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
