@@ -172,7 +172,25 @@ def test_paired_differences_pair_by_seed_and_the_teacher_pairs_with_every_traini
     assert a_b["n"] == 3 and a_b["mean"] == pytest.approx((0.5 + 1 + 1) / 3) and a_b["worse"] == 3
 
 
-@pytest.mark.skipif(not (HAVE_FMNIST and HAVE_FMNIST_ASSETS), reason="fmnist data, teacher or classifier missing")
+needs_fmnist = pytest.mark.skipif(not (HAVE_FMNIST and HAVE_FMNIST_ASSETS), reason="fmnist data, teacher or classifier missing")
+
+
+@needs_fmnist
+def test_fmnist_benchmark_scores_the_bundled_teacher_and_a_row(tmp_path):
+    import fmnist_benchmark
+
+    out = tmp_path / "result"
+    fmnist_benchmark.main(["--quick", "--rows", "K=2 uniform", "--jobs", "2", "--cache", str(tmp_path / "cache"),
+                           "--out", str(out)])
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["real training images", "teacher", "K=2 uniform"]
+    assert np.isfinite(rows["teacher"]["fd_mean"]) and np.isfinite(rows["K=2 uniform"]["gap_mean"])
+    assert result["classifier_test_accuracy"] is not None
+
+
+@pytest.mark.slow
+@needs_fmnist
 def test_fmnist_quick_runs_every_quick_row_and_resolves_the_best_cbs_row(tmp_path):
     import fmnist_benchmark
 
