@@ -1,14 +1,13 @@
 """What the digits and Fashion-MNIST benchmarks share: rows as data, conversions and scores cached
 one small file each, paired differences, the cost estimate and the Markdown table.
 
-A row is a name and the settings of one ``cbs_convert.convert`` call, plus three keys read here:
+A row is a name and the settings of one ``cbs_convert.convert`` call, plus two keys read here:
 
 * ``steps_factor``: the row's total fine-tuning steps as a multiple of the benchmark's ``--steps``
   (divided evenly over its K experts, so that every row of factor 1 trains equally long);
 * ``best_of``: a list of rows; the row takes the settings of whichever of them has the lowest mean
   paired ΔFD so far, with its own other keys on top (``k``, ``budget``...). Such a row waits until
-  every one of those rows is scored;
-* ``label``: a short tag for the learning-curve table (``("K=2 uniform", 0.25)``).
+  every one of those rows is scored (or reported unavailable).
 
 Every (row, training seed) conversion and every (model, sampling seed) score is written to the
 cache as JSON the moment it is done, under a name that carries a hash of everything it depends on
@@ -37,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: keys of a row that the benchmark reads; everything else goes to ``convert``
-ROW_KEYS = ("steps_factor", "best_of", "label")
+ROW_KEYS = ("steps_factor", "best_of")
 #: bumped when what a cached conversion or score means changes (sampler, labels, pairing)
 CACHE_VERSION = 1
 REAL, TEACHER = "real training images", "teacher"

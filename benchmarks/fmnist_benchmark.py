@@ -88,7 +88,7 @@ for _factor in CURVE_FACTORS:
     for _model, _settings in CURVE_MODELS.items():
         if _factor == 1.0:
             continue  # the main rows (and the winning cbs row) are the curve's middle point
-        ROWS[f"{_model}, {_factor:g}x steps"] = dict(_settings, steps_factor=_factor, label=(_model, _factor))
+        ROWS[f"{_model}, {_factor:g}x steps"] = dict(_settings, steps_factor=_factor)
 
 QUICK_ROWS = [HALF, UNIFORM, "K=2 cbs dirichlet", "K=4 best cbs"]
 PAIRED = (
