@@ -1,6 +1,7 @@
 """A SiT-XL/2-sized conversion end to end on CPU, with minimal sample counts.
 
     python benchmarks/xl_scale_cpu.py [--family sit|dit] [--k 2]
+    python benchmarks/xl_scale_cpu.py --quick     # the S/2 shape, for the test suite
 
 It checks that the full-size path works (key layout, strict loads, allocation within 1% at 675M
 parameters, the routed file, load and a forward) and measures time per stage and peak memory.
@@ -32,15 +33,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--family", default="sit", choices=["sit", "dit"])
     parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="SiT-S/2 shape (33M parameters) instead of XL")
+    parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
-    config = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16, head_dim=72,
-                  mlp_hidden=4608, num_classes=1000, label_rows=1001, class_dropout_prob=0.1, learn_sigma=True)
+    depth, width, heads = (12, 384, 6) if args.quick else (28, 1152, 16)
+    config = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=width, depth=depth, num_heads=heads,
+                  head_dim=width // heads, mlp_hidden=4 * width, num_classes=1000, label_rows=1001,
+                  class_dropout_prob=0.1, learn_sigma=True)
     config.update({"path": "linear"} if args.family == "sit" else {"beta_schedule": "linear", "diffusion_steps": 1000})
     family = FAMILIES[args.family](config)
     with tempfile.TemporaryDirectory() as tmp:
         began = time.time()
         model = family.build(config)
-        source = Path(tmp) / f"{args.family.upper()}-XL-2-256.pt"
+        source = Path(tmp) / f"{args.family.upper()}-{'S' if args.quick else 'XL'}-2-256.pt"
         torch.save(model.state_dict(), source)
         del model
         build_s = time.time() - began
@@ -58,7 +63,7 @@ def main():
         size_gb = result.output.stat().st_size / 1e9
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024
     report = result.report
-    print(json.dumps({
+    result = {
         "architecture": report["source"]["architecture"],
         "source_params": report["source"]["params"],
         "experts": [{k: e[k] for k in ("segment", "target_params", "params", "params_vs_target", "flops_vs_source",
@@ -71,7 +76,10 @@ def main():
         "peak_rss_gb": round(peak_gb, 1),
         "output_shape": list(out.shape),
         "threads": torch.get_num_threads(),
-    }, indent=1))
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

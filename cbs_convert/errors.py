@@ -22,6 +22,11 @@ class BudgetError(UserError):
     """The parameter budget cannot be met with the requested split."""
 
 
+class TrainingDiverged(RecipeError, FloatingPointError):
+    """Fine-tuning produced a non-finite loss: the settings (usually the learning rate) are too
+    aggressive for this model. Still a FloatingPointError for code that caught that before."""
+
+
 class WorkdirError(UserError):
     """The work directory or output path conflicts with the request."""
 

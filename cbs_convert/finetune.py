@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batches import draw_batch, noised, segment_inputs
+from .errors import TrainingDiverged
 from .files import atomic_write
 from .families.base import Family
 
@@ -145,7 +146,10 @@ def finetune_expert(
         ema_update(ema, student, min(settings.ema_decay, (1 + step) / (10 + step)))
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise FloatingPointError(f"{description}: loss became {value} at step {step}; lower --lr")
+            raise TrainingDiverged(
+                f"{description}: the fine-tuning loss became {value} at step {step} with lr {settings.lr:g}; "
+                "lower the learning rate (--lr, or lr: in the recipe) and start over with --force"
+            )
         losses.append(value)
         ran += 1
         if bar is not None:

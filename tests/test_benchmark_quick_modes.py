@@ -25,3 +25,17 @@ def test_quick_router_benchmark_times_the_same_computation(capsys):
     result = router_overhead.main(["--quick"])
     assert result["bare_s"] > 0 and result["routed_s"] > 0 and result["ratio"] > 0
     assert "router overhead" in capsys.readouterr().out
+
+
+def test_quick_full_size_path_benchmark_converts_loads_and_runs(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "xl.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "xl_scale_cpu.py"), "--quick", "--json", str(out)],
+                   check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert len(result["experts"]) == 2 and result["output_shape"] == [2, 4, 32, 32]
+    for expert in result["experts"]:
+        assert abs(expert["params_vs_target"]) < 0.01
+    assert result["peak_rss_gb"] > 0 and result["convert_s"] > 0

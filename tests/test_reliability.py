@@ -297,3 +297,10 @@ def test_a_budget_above_k_full_experts_is_said_to_be_capped(tiny_pt, tmp_path, c
     report = json.loads((tmp_path / "o.report.json").read_text())
     assert any(w.startswith("budget 3x") for w in report["warnings"])
     assert report["budget"]["achieved"] == 2 * report["source"]["params"]
+
+
+def test_a_diverging_learning_rate_is_one_line_naming_lr(tiny_pt, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    code, _, err = cli([tiny_pt, "--k", "2", "--out", out, *QUICK, "--steps", "3", "--lr", "1e12"], capsys)
+    assert_one_line_error(code, err, "loss became", "--lr")
+    assert not out.exists()
