@@ -66,6 +66,11 @@ METHODS = {
     "K=2 CBS dirichlet, random pruning": dict(k=2, split="cbs", monitor="dirichlet", prune="random"),
     # one model pruned to half width: the per-step FLOPs of the K=2 experts at 1x
     "K=1 at 0.5x (one half-width model)": dict(k=1, budget="0.5x", **PLAIN),
+    # the other split rule and the learning-burden monitors, as in the Fashion-MNIST benchmark
+    "K=2 snr": dict(k=2, split="snr", monitors=[]),
+    "K=2 CBS denoiser": dict(k=2, split="cbs", monitor="denoiser", monitors=["denoiser"]),
+    "K=2 CBS nonlinear": dict(k=2, split="cbs", monitor="nonlinear", monitors=["nonlinear"]),
+    "K=2 CBS sensitivity": dict(k=2, split="cbs", monitor="sensitivity", monitors=["sensitivity"]),
     # the guards against a curve dominated by the data end (run with --methods, see the README)
     "K=2 CBS dirichlet, gamma 0.25": dict(k=2, split="cbs", monitor="dirichlet", gamma=0.25),
     "K=2 CBS dirichlet, floor 0.5": dict(k=2, split="cbs", monitor="dirichlet", floor=0.5),
@@ -81,6 +86,10 @@ PAIRED = [
     ("K=2 uniform", DENSE),
     ("K=2 uniform", "K=1 at 0.5x (one half-width model)"),
     ("K=2 CBS dirichlet", "K=1 at 0.5x (one half-width model)"),
+    ("K=2 snr", "K=2 uniform"),
+    ("K=2 CBS denoiser", "K=2 uniform"),
+    ("K=2 CBS nonlinear", "K=2 uniform"),
+    ("K=2 CBS sensitivity", "K=2 uniform"),
     ("K=2 CBS dirichlet, magnitude pruning", "K=2 CBS dirichlet"),
     ("K=2 CBS dirichlet, random pruning", "K=2 CBS dirichlet"),
 ]

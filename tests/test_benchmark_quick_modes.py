@@ -39,3 +39,12 @@ def test_quick_full_size_path_benchmark_converts_loads_and_runs(tmp_path):
     for expert in result["experts"]:
         assert abs(expert["params_vs_target"]) < 0.01
     assert result["peak_rss_gb"] > 0 and result["convert_s"] > 0
+
+
+def test_quick_finetune_benchmark_times_both_loops(capsys):
+    import finetune_overhead
+
+    result = finetune_overhead.main(["--quick"])
+    assert result["tool_steps_per_s"] > 0 and result["bare_steps_per_s"] > 0
+    assert len(result["paired_ratios"]) == 2
+    assert "goal >= 0.95" in capsys.readouterr().out
