@@ -186,8 +186,9 @@ class Conversion:
 
     def prepare_workdir(self):
         current = {k: v for k, v in self.recipe.to_dict().items() if k not in RUN_ONLY}
+        defaults = {k: v for k, v in Recipe().to_dict().items() if k not in RUN_ONLY}
         self.work.start({"source_sha256": self.source.sha256, "recipe": current}, work_files(self.recipe.k),
-                        resume=self.resume, force=self.force)
+                        resume=self.resume, force=self.force, defaults=defaults)
 
     def warn(self, message: str) -> None:
         """Something the user should know now, not only in the report: printed at once, reported."""
@@ -259,7 +260,7 @@ class Conversion:
             self.profile_result = profile_model(
                 self.family, self.teacher, self.x0_pool, self.labels_pool, grid, r.monitors,
                 r.profile_batches, r.profile_batch_size, r.seed, self.pool_source, bar,
-                student=self._sensitivity_student,
+                student=self._sensitivity_student, derivatives=r.derivatives,
             )
             bar.close()
             atomic_write_json(path, self.profile_result.to_dict())

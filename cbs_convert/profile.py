@@ -33,6 +33,8 @@ point reports its mean and standard error.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -179,6 +181,37 @@ class GaussianFit:
         return broadcast_to(d_alpha, x) * mean + self.jacobian_product(x - broadcast_to(alpha, x) * mean, alpha, sigma, d_alpha, d_sigma)
 
 
+#: ways to differentiate the model: exact forward-mode autodiff, or central differences
+DERIVATIVES = ("jvp", "fd")
+#: the central difference's step, relative to the point's own scale (RMS of each sample, or 1 in
+#: time): truncation error ~ step^2, float32 rounding ~ 1e-7 / step, both near 1e-6 at 1e-3
+FD_STEP = 1e-3
+
+
+def directional_derivative(function, point, direction, derivatives: str = "jvp"):
+    """(f(point), the derivative of f at ``point`` along ``direction``); tuples for several inputs.
+
+    ``"fd"`` evaluates f at point ± h·direction: two plain forward passes with the model's own
+    attention kernel, where forward-mode autodiff costs about four on a SiT (benchmarks/probe_cost.py)
+    and needs the MATH attention kernel. The value it returns is the mean of the two evaluations,
+    f(point) + O(h^2). h is FD_STEP per sample, scaled up by the first input's RMS when that is
+    above 1, and shared by all inputs so that the quotient is one derivative along one line.
+    """
+    several = isinstance(point, tuple)
+    points, directions = (point, direction) if several else ((point,), (direction,))
+    if derivatives == "jvp":
+        return torch.func.jvp(function, points, directions)
+    if any(p.dtype not in (torch.float32, torch.float64) for p in points):
+        raise ValueError("finite-difference derivatives need float32 or float64 inputs; use derivatives='jvp'")
+    first = points[0].detach()
+    scale = first.float().flatten(1).pow(2).mean(1).sqrt().clamp_min(1.0) if first.dim() > 1 else torch.ones_like(first)
+    h = FD_STEP * scale
+    with torch.no_grad():
+        plus = function(*[p + broadcast_to(h.to(p.dtype), p) * d for p, d in zip(points, directions)])
+        minus = function(*[p - broadcast_to(h.to(p.dtype), p) * d for p, d in zip(points, directions)])
+    return (plus + minus) / 2, (plus - minus) / (2 * broadcast_to(h.to(plus.dtype), plus))
+
+
 def per_sample_monitors(
     family: Family,
     model,
@@ -189,12 +222,16 @@ def per_sample_monitors(
     generator: torch.Generator,
     gaussian: Optional[GaussianFit] = None,
     student: Optional[nn.Module] = None,
+    derivatives: str = "jvp",
 ) -> Dict[str, torch.Tensor]:
     """One value per sample for each monitor, normalised by the number of output dimensions.
 
     ``gaussian`` is needed by ``nonlinear`` and ``nonlinear_acceleration``, ``student`` by
-    ``sensitivity``.
+    ``sensitivity``. ``derivatives``: ``"jvp"`` (forward-mode autodiff) or ``"fd"`` (central
+    differences, see :func:`directional_derivative`).
     """
+    if derivatives not in DERIVATIVES:
+        raise ValueError(f"unknown derivatives {derivatives!r}; choose from {', '.join(DERIVATIVES)}")
     if gaussian is None and any(m in monitors for m in GAUSSIAN_MONITORS):
         raise ValueError("the nonlinear monitors need gaussian=GaussianFit.from_pool(x0_pool)")
     if student is None and "sensitivity" in monitors:
@@ -217,10 +254,14 @@ def per_sample_monitors(
     def sq_norm(z):
         return z.float().flatten(1).pow(2).sum(1) / dims
 
-    with family.attention_context():
+    # Every jvp also returns v(x, t) itself: the monitors that need v take it from there rather
+    # than from a forward pass of their own.
+    v_here = None
+    # forward-mode autodiff needs the MATH attention kernel; finite differences run the model's own
+    with family.attention_context() if derivatives == "jvp" else contextlib.nullcontext():
         if any(m in monitors for m in X_JACOBIAN_MONITORS):
             probe = rademacher(x.shape, generator, x.device, x.dtype)
-            _, jvp = torch.func.jvp(v_of_x, (x,), (probe,))
+            v_here, jvp = directional_derivative(v_of_x, x, probe, derivatives)
             if "dirichlet" in monitors:
                 out["dirichlet"] = sq_norm(jvp)
             if "denoiser" in monitors or "nonlinear" in monitors:
@@ -234,20 +275,23 @@ def per_sample_monitors(
             if "nonlinear" in monitors:
                 out["nonlinear"] = sq_norm(jvp - gaussian.jacobian_product(probe, alpha, sigma, d_alpha, d_sigma))
         if "acceleration" in monitors or "nonlinear_acceleration" in monitors:
-            _, dvdt = torch.func.jvp(v_of_t, (t,), (torch.ones_like(t),))
+            v_here, dvdt = directional_derivative(v_of_t, t, torch.ones_like(t), derivatives)
             if "acceleration" in monitors:
                 out["acceleration"] = sq_norm(dvdt)
             if "nonlinear_acceleration" in monitors:
                 _, gaussian_dvdt = torch.func.jvp(gaussian_v_of_t, (t,), (torch.ones_like(t),))
                 out["nonlinear_acceleration"] = sq_norm(dvdt - gaussian_dvdt)
-        if "path_acceleration" in monitors:
+        if v_here is None and ("path_acceleration" in monitors or "sensitivity" in monitors):
             with torch.no_grad():
-                v = v_of_x(x)
-            _, material = torch.func.jvp(v_of_xt, (x, t), (v, torch.ones_like(t)))
+                v_here = v_of_x(x)
+        if "path_acceleration" in monitors:
+            _, material = directional_derivative(
+                v_of_xt, (x, t), (v_here.detach(), torch.ones_like(t)), derivatives
+            )
             out["path_acceleration"] = sq_norm(material)
         if "sensitivity" in monitors:
             with torch.no_grad():
-                teacher_v = v_of_x(x).float().flatten(1)
+                teacher_v = v_here.detach().float().flatten(1)
                 student_v = family.velocity(student, x, t, y).float().flatten(1)
             scale = teacher_v.pow(2).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
             out["sensitivity"] = (student_v - teacher_v).pow(2).sum(1) / scale
@@ -304,6 +348,7 @@ def profile_model(
     progress=None,
     gaussian: Optional[GaussianFit] = None,
     student: Union[nn.Module, Callable[[], nn.Module], None] = None,
+    derivatives: str = "jvp",
 ) -> Profile:
     """Measure every monitor at every grid time over ``batches`` batches of x_t drawn from the pool.
 
@@ -344,7 +389,7 @@ def profile_model(
             noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.full((batch_size,), float(t_value), device=device)
             x_t = noised(family, x0, t, noise)
-            result = per_sample_monitors(family, model, x_t, t, y, monitors, generator, gaussian, student)
+            result = per_sample_monitors(family, model, x_t, t, y, monitors, generator, gaussian, student, derivatives)
             for m in monitors:
                 collected[m].append(result[m].detach().cpu())
             if progress is not None:

@@ -45,6 +45,7 @@ class Recipe:
     t_max: float = field(default=0.98, metadata={"help": "last grid time (canonical, 1 = noise)"})
     profile_batches: int = field(default=2, metadata={"help": "batches averaged per grid time"})
     profile_batch_size: int = field(default=16, metadata={"help": "samples per profiling batch"})
+    derivatives: str = field(default="jvp", metadata={"help": "how the monitors differentiate the model: jvp (forward-mode autodiff, exact) or fd (central differences: two plain forwards, about half the cost, float32 models only)"})
     # split and budget
     split: str = field(default="cbs", metadata={"help": "cbs (equidistribution of --monitor), uniform, snr (equal steps in log-SNR between t_min and t_max), or explicit (with --boundaries)"})
     boundaries: Optional[List[float]] = field(default=None, metadata={"help": "explicit inner boundaries, e.g. 0.4,0.7 (implies --split explicit)"})
@@ -82,6 +83,7 @@ CHOICES = {
     "monitor": ("dirichlet", "acceleration", "path_acceleration", "denoiser", "nonlinear", "nonlinear_acceleration",
                 "sensitivity"),
     "prune": ("segment", "magnitude", "random"),
+    "derivatives": ("jvp", "fd"),
     "loss": ("distill", "data", "both"),
     "allocation": ("auto", "mass", "equal", "mass:MONITOR"),  # checked by split.parse_allocation
     "family": None,  # checked against the family registry at load time

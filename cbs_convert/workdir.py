@@ -60,11 +60,13 @@ class WorkDir:
             )
 
     # -- starting a run ---------------------------------------------------------------------------
-    def start(self, identity: Dict[str, Any], files: Iterable[str], resume: bool, force: bool) -> None:
+    def start(self, identity: Dict[str, Any], files: Iterable[str], resume: bool, force: bool,
+              defaults: Optional[Dict[str, Any]] = None) -> None:
         """Make the directory this run's: check a resumed run's identity, or clear an earlier one.
 
         ``identity`` is what a resumed run must match (source hash, recipe); ``files`` are the
-        relative paths the run may write.
+        relative paths the run may write. ``defaults``: a setting the stored run does not list (it
+        was added to cbs_convert after that run began) counts as unchanged at its default value.
         """
         self.check_usable(resume, force)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -73,7 +75,8 @@ class WorkDir:
         if stored is not None and resume:
             if stored.get("source_sha256") != identity.get("source_sha256"):
                 raise WorkdirError(f"{self.root} belongs to another source checkpoint; use --force to start over")
-            changed = [k for k in identity.get("recipe", {}) if stored.get("recipe", {}).get(k) != identity["recipe"][k]]
+            before = {**(defaults or {}), **stored.get("recipe", {})}
+            changed = [k for k in identity.get("recipe", {}) if before.get(k) != identity["recipe"][k]]
             if changed:
                 raise WorkdirError(
                     f"{self.root} was made with different settings ({', '.join(changed[:4])}); "

@@ -48,3 +48,13 @@ def test_quick_finetune_benchmark_times_both_loops(capsys):
     assert result["tool_steps_per_s"] > 0 and result["bare_steps_per_s"] > 0
     assert len(result["paired_ratios"]) == 2
     assert "goal >= 0.95" in capsys.readouterr().out
+
+
+def test_quick_probe_benchmark_times_both_derivatives_and_compares_their_curves(capsys):
+    import probe_cost
+
+    result = probe_cost.main(["--quick", "--agreement", str(ROOT / "cbs_convert" / "assets" / "digits_sit.safetensors")])
+    assert {"dirichlet (jvp)", "dirichlet (fd)"} <= set(result["vs_forward"])
+    # the two ways of differentiating agree on a trained model far inside the curve's own noise
+    assert result["agreement"]["dirichlet"]["max_difference_in_stderr"] < 0.5
+    assert "goal <= 3x" in capsys.readouterr().out

@@ -259,3 +259,40 @@ def test_the_pipeline_profiles_every_new_monitor_and_reports_every_rule(tmp_path
     text = (tmp_path / "tiny-cbs-k2.preview.report.md").read_text()
     assert "| snr **(used)** |" in text and "| cbs:sensitivity |" in text
     assert all(f"{m} (± s.e.)" in text for m in monitors)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_finite_differences_match_the_closed_forms_too(case):
+    # v is linear in x for Gaussian data, so central differences in x are exact up to rounding;
+    # in t they carry an O(h^2) error: 2.4e-3 relative at most, for the VP schedule's derivative
+    # along the path, far below the Hutchinson estimate's own spread on real data
+    family, model = gaussian_model(case)
+    x = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(3))
+    t = torch.full((8,), 0.5)
+    monitors = ["dirichlet", "denoiser", "acceleration", "path_acceleration"]
+    exact = per_sample_monitors(family, model, x, t, None, monitors, torch.Generator().manual_seed(0))
+    fd = per_sample_monitors(family, model, x, t, None, monitors, torch.Generator().manual_seed(0), derivatives="fd")
+    for m in monitors:
+        torch.testing.assert_close(fd[m], exact[m], rtol=5e-3, atol=1e-6, msg=m)
+
+
+def test_finite_differences_follow_a_trained_network_closely():
+    # a real (nonlinear) network: the O(h^2) truncation and float32 rounding stay small against the
+    # monitor's own size
+    family, model = tiny_model("sit")
+    x = torch.randn(6, *family.sample_shape(family.config), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.05, 0.2, 0.4, 0.6, 0.8, 0.95])
+    y = torch.zeros(6, dtype=torch.long)
+    exact = per_sample_monitors(family, model, x, t, y, ["dirichlet", "acceleration"], torch.Generator().manual_seed(0))
+    fd = per_sample_monitors(family, model, x, t, y, ["dirichlet", "acceleration"], torch.Generator().manual_seed(0),
+                             derivatives="fd")
+    for m in ("dirichlet", "acceleration"):
+        assert (fd[m] - exact[m]).abs().max() <= 1e-2 * exact[m].abs().max(), m
+
+
+def test_finite_differences_refuse_half_precision_inputs():
+    family, model = tiny_model("sit")
+    x = torch.randn(2, *family.sample_shape(family.config)).half()
+    with pytest.raises(ValueError, match="float32"):
+        per_sample_monitors(family, model.half(), x, torch.full((2,), 0.5).half(), torch.zeros(2, dtype=torch.long),
+                            ["dirichlet"], torch.Generator().manual_seed(0), derivatives="fd")

@@ -304,3 +304,16 @@ def test_a_diverging_learning_rate_is_one_line_naming_lr(tiny_pt, tmp_path, caps
     code, _, err = cli([tiny_pt, "--k", "2", "--out", out, *QUICK, "--steps", "3", "--lr", "1e12"], capsys)
     assert_one_line_error(code, err, "loss became", "--lr")
     assert not out.exists()
+
+
+def test_a_run_begun_before_a_setting_existed_resumes_when_that_setting_is_at_its_default(tmp_path):
+    from cbs_convert.errors import WorkdirError
+    from cbs_convert.workdir import WorkDir
+
+    folder = tmp_path / "D"
+    WorkDir(folder).start({"source_sha256": "abc", "recipe": {"k": 2}}, ["profile.json"], resume=False, force=False)
+    newer = {"source_sha256": "abc", "recipe": {"k": 2, "derivatives": "jvp"}}
+    WorkDir(folder).start(newer, ["profile.json"], resume=True, force=False, defaults={"derivatives": "jvp"})
+    changed = {"source_sha256": "abc", "recipe": {"k": 2, "derivatives": "fd"}}
+    with pytest.raises(WorkdirError, match="derivatives"):
+        WorkDir(folder).start(changed, ["profile.json"], resume=True, force=False, defaults={"derivatives": "jvp"})
