@@ -221,6 +221,11 @@ def _summary(result) -> None:
         )
     for path in result.report_files:
         print(f"  report: {path}")
+    if report.get("profile") and not any(str(p).endswith(".png") for p in result.report_files):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            print("  plot: none written, matplotlib is not installed (pip install 'cbs_convert[plot]' adds it)")
     work = report.get("workdir")
     if work:
         kept = f"{work['path']} keeps the profile, split, pool and logs ({work['kept_bytes'] / 1e6:.1f} MB)"

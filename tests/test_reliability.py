@@ -317,3 +317,15 @@ def test_a_run_begun_before_a_setting_existed_resumes_when_that_setting_is_at_it
     changed = {"source_sha256": "abc", "recipe": {"k": 2, "derivatives": "fd"}}
     with pytest.raises(WorkdirError, match="derivatives"):
         WorkDir(folder).start(changed, ["profile.json"], resume=True, force=False, defaults={"derivatives": "jvp"})
+
+
+def test_without_matplotlib_the_output_says_no_plot_was_written_and_how_to_get_one(tiny_pt, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, find_spec says absent
+    out = tmp_path / "o.safetensors"
+    code, stdout, err = cli([tiny_pt, "--k", "2", "--out", out, *QUICK], capsys)
+    assert code == 0, err
+    assert "plot: none written" in stdout and "cbs_convert[plot]" in stdout
+    assert not out.with_name("o.profile.png").exists()
