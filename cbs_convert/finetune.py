@@ -26,25 +26,31 @@ from torch import nn
 from .batches import draw_batch, noised, segment_inputs
 from .errors import TrainingDiverged
 from .files import atomic_write
+from .recipe import Recipe
 from .families.base import Family
 
 LOSSES = ("distill", "data", "both")
 
 
+# The library's defaults are the CLI's: one place (the recipe) says what they are.
+_CLI = Recipe()
+
+
 @dataclass
 class FinetuneSettings:
-    steps: int = 100
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
+    steps: int = _CLI.steps
+    batch_size: int = _CLI.batch_size
+    lr: float = _CLI.lr
+    weight_decay: float = _CLI.weight_decay
+    ema_decay: float = _CLI.ema_decay
+    grad_clip: float = _CLI.grad_clip
+    # the CLI reads it from the checkpoint (its class_dropout_prob); 0.1 is the published models'
     label_dropout: float = 0.1
-    loss: str = "distill"
-    margin: float = 0.02
-    checkpoint_every: int = 50
-    bf16: bool = True  # autocast on CUDA only
-    seed: int = 0
+    loss: str = _CLI.loss
+    margin: float = _CLI.margin
+    checkpoint_every: int = _CLI.checkpoint_every
+    bf16: bool = _CLI.bf16  # autocast on CUDA only
+    seed: int = _CLI.seed
 
     def to_dict(self):
         return asdict(self)
@@ -124,13 +130,18 @@ def finetune_expert(
         )
         x_t = noised(family, x0, t, noise)
         native_t = family.native_time(t)
+        # The teacher's targets in float32, outside the autocast: bf16 targets would round every
+        # target to 8 bits of mantissa, a floor under the error an expert can reach. The teacher
+        # runs first, so that its activations are freed before the student's graph is built (on a
+        # CPU that alone is worth 10% of a step: benchmarks/finetune_overhead.py).
+        teacher_out = None
+        if settings.loss != "data":
+            with torch.no_grad():
+                teacher_out = teacher(x_t, native_t, y).float()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
             student_out = student(x_t, native_t, y)
-        # The teacher's targets in float32, outside the autocast: bf16 targets would round every
-        # target to 8 bits of mantissa, a floor under the error an expert can reach.
-        teacher_out = None
         # the data loss alone needs the teacher only for channels the data cannot supervise
-        if settings.loss != "data" or student_out.shape[1] > x0.shape[1]:
+        if teacher_out is None and student_out.shape[1] > x0.shape[1]:
             with torch.no_grad():
                 teacher_out = teacher(x_t, native_t, y).float()
         loss = 0.0

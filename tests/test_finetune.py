@@ -101,3 +101,16 @@ def test_data_loss_from_a_given_prediction_equals_running_the_model():
             direct = family.data_loss(model, x0, y, t, noise, teacher_out=prediction)
             given = family.data_loss(model, x0, y, t, noise, teacher_out=prediction, prediction=prediction)
         assert torch.allclose(direct, given)
+
+
+def test_library_defaults_are_the_clis():
+    from dataclasses import fields
+
+    from cbs_convert.finetune import FinetuneSettings
+    from cbs_convert.recipe import Recipe
+
+    cli = Recipe()
+    library = FinetuneSettings()
+    for f in fields(FinetuneSettings):
+        if f.name != "label_dropout":  # the CLI reads that one from the checkpoint
+            assert getattr(library, f.name) == getattr(cli, f.name), f.name
