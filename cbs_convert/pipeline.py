@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,13 @@ class Conversion:
         self.work.start({"source_sha256": self.source.sha256, "recipe": current}, work_files(self.recipe.k),
                         resume=self.resume, force=self.force, defaults=defaults)
 
+    def say(self, message: str) -> None:
+        """A stage's one line of what it is doing, on stderr beside the progress bars."""
+        if self.progress and int(os.environ.get("RANK", "0")) == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"cbs_convert: {message}", file=sys.stderr)
+
     def warn(self, message: str) -> None:
         """Something the user should know now, not only in the report: printed at once, reported."""
         self.warnings.append(str(message))
@@ -302,6 +310,8 @@ class Conversion:
         )
         total = parse_budget(r.budget, self.source_params)
         self.targets = budget_targets(total, self.split_result.shares, self.source_params)
+        self.say(f"allocating widths: {total:,} parameters over {r.k} experts, shares "
+                 + ", ".join(f"{share:.3f}" for share in self.split_result.shares))
         self.expert_configs = [allocate_widths(self.family, self.config, t) for t in self.targets]
         atomic_write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
 
@@ -321,6 +331,8 @@ class Conversion:
 
                 sd = load_file(str(path))
             else:
+                self.say(f"pruning expert {k} [{segment[0]:.3f}, {segment[1]:.3f}] to "
+                         f"{self.family.param_count(config):,} parameters ({r.prune} importance)")
                 calibration = None
                 if r.prune == "segment":
                     calibration = calibration_batches(
@@ -331,13 +343,31 @@ class Conversion:
                 )
                 atomic_write_json(kept_path, {name: index.tolist() for name, index in kept_tensors.items()})
                 save_safetensors_atomic(sd, path)
+            self.say(f"measuring expert {k} against the teacher ({r.eval_samples} samples of its segment)")
             self.measured["before"][k] = self._measure(k, self.family.instantiate(config, sd).to(self.device))
             del sd
         self.timings["prune"] = time.time() - began
 
+    def trains(self, k: int) -> bool:
+        """Whether expert k is fine-tuned: not with --steps 0, and not a full-width copy of the teacher
+        under the distillation loss alone, whose gradient is exactly zero."""
+        r = self.recipe
+        return r.steps > 0 and not (r.loss == "distill" and self.expert_configs[k] == self.config)
+
+    def check_trainable(self) -> None:
+        """Say before any pruning or training which experts cannot learn anything from the teacher."""
+        r = self.recipe
+        idle = [k for k in range(r.k) if r.steps > 0 and not self.trains(k)]
+        if idle:
+            which = "every expert is" if len(idle) == r.k else f"expert{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} {'are' if len(idle) > 1 else 'is'}"
+            self.warn(
+                f"{which} a full-width copy of the teacher: distilling it has exactly zero gradient, so its "
+                f"{r.steps} fine-tuning steps are skipped; --loss data (or both) with --data LATENTS trains it on data"
+            )
+
     def expert_file(self, k: int) -> Path:
-        """Where expert k's final weights are: fine-tuned, or as pruned when there is no fine-tuning."""
-        return self.work.path(f"finetune/expert_{k}.safetensors" if self.recipe.steps > 0 else f"pruned/expert_{k}.safetensors")
+        """Where expert k's final weights are: fine-tuned, or as pruned when it is not trained."""
+        return self.work.path(f"finetune/expert_{k}.safetensors" if self.trains(k) else f"pruned/expert_{k}.safetensors")
 
     def finetune(self, rank: int = 0, world: int = 1):
         began = time.time()
@@ -352,7 +382,7 @@ class Conversion:
             checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
         )
         for k, segment in enumerate(self.split_result.segments):
-            if k % world != rank:
+            if k % world != rank or not self.trains(k):
                 continue
             final = self.work.path(f"finetune/expert_{k}.safetensors")
             if final.exists():
@@ -363,7 +393,7 @@ class Conversion:
             result = finetune_expert(
                 self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
                 settings, state_path=self.work.path(f"finetune/expert_{k}.state.pt"), progress=self.progress,
-                description=f"expert {k + 1}/{r.k} [{segment[0]:.3f}, {segment[1]:.3f}]",
+                description=f"expert {k} [{segment[0]:.3f}, {segment[1]:.3f}]",
             )
             atomic_write_json(self.work.path(f"finetune/expert_{k}.log.json"), {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
             save_safetensors_atomic(result.model.state_dict(), final)
@@ -382,13 +412,38 @@ class Conversion:
     def measure_final(self):
         from safetensors.torch import load_file
 
+        if any(self.trains(k) for k in range(len(self.expert_configs))):
+            self.say(f"measuring the fine-tuned experts against the teacher ({self.recipe.eval_samples} samples each)")
         for k, config in enumerate(self.expert_configs):
-            if self.recipe.steps == 0:
+            if not self.trains(k):
                 self.measured["after"][k] = self.measured["before"][k]
                 continue
             model = self.family.instantiate(config, load_file(str(self.expert_file(k)))).to(self.device)
             self.measured["after"][k] = self._measure(k, model)
             del model
+
+    def finetune_summary(self) -> Dict[str, Any]:
+        """The fine-tuning settings and each expert's loss curve, from the logs in the work directory."""
+        r = self.recipe
+        settings = {"steps": r.steps, "lr": r.lr, "loss": r.loss, "batch_size": r.batch_size, "ema_decay": r.ema_decay,
+                    "weight_decay": r.weight_decay, "grad_clip": r.grad_clip, "margin": r.margin,
+                    "label_dropout": r.label_dropout, "bf16": r.bf16}
+        experts = []
+        for k in range(r.k):
+            entry: Dict[str, Any] = {"trained": self.trains(k)}
+            log_path = self.work.path(f"finetune/expert_{k}.log.json")
+            if entry["trained"] and log_path.exists():
+                log = _read_json(log_path)
+                losses = log["losses"]
+                # at most 50 points of the curve, each the mean of its stretch of steps
+                stretch = max(1, len(losses) // 50)
+                curve = [(start + stretch, float(np.mean(losses[start:start + stretch])))
+                         for start in range(0, len(losses), stretch)]
+                entry.update(steps_run=log.get("steps_run", len(losses)), seconds=log.get("seconds"),
+                             loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                             loss_curve=curve)
+            experts.append(entry)
+        return {"settings": settings, "experts": experts}
 
     def evaluate(self) -> Dict[str, Any]:
         before, after = self.measured["before"], self.measured["after"]
@@ -441,6 +496,12 @@ class Conversion:
             "budget": {"setting": r.budget, "total": parse_budget(r.budget, self.source_params),
                        "achieved": sum(e["params"] for e in evaluation["experts"])},
             "evaluation": evaluation,
+            "measured_on": {
+                "error": f"||v_expert - v_teacher|| / ||v_teacher|| of canonical velocities on {r.eval_samples} x_t "
+                         f"per expert, t uniform on its segment, x0 from the pool ({getattr(self, 'pool_source', 'none')})",
+                "seam": f"2 ||v_left - v_right|| / (||v_left|| + ||v_right||) of the two neighbours on the same "
+                        f"{r.eval_samples} x_t at the boundary time",
+            },
             "warnings": self.warnings,
             "timings_s": self.timings,
             "recipe": r.to_dict(),
@@ -461,6 +522,8 @@ class Conversion:
 
         r = self.recipe
         report = self.report(evaluation)
+        report["finetune"] = self.finetune_summary()
+        self.say(f"writing {self.output}")
         extra = {
             "profile": report["profile"],
             "split": report["split"],
@@ -507,6 +570,7 @@ class Conversion:
             self.pool()
             self.profile()
             self.split()
+            self.check_trainable()
         _barrier(world)
         if rank != 0:
             self.pool()

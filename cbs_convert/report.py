@@ -85,6 +85,10 @@ def markdown(report: Dict[str, Any]) -> str:
     if ev["seams"]:
         lines += ["", "Seams (relative gap between neighbouring experts at their boundary):", ""]
         lines += [f"- t = {s['boundary']:.4f}: {s['before']:.4f} before fine-tuning, {s['after']:.4f} after" for s in ev["seams"]]
+    measured_on = report.get("measured_on")
+    if measured_on:
+        lines += ["", f"Rel. error: {measured_on['error']}.", f"Seam gap: {measured_on['seam']}."]
+    lines += _finetune_lines(report.get("finetune"))
     work = report.get("workdir")
     if work:
         lines += ["", f"Work directory `{work['path']}`: kept {', '.join(work['kept'])} ({work['kept_bytes'] / 1e6:.1f} MB); "
@@ -93,6 +97,29 @@ def markdown(report: Dict[str, Any]) -> str:
                   + "."]
     lines += ["", "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()), ""]
     return "\n".join(lines)
+
+
+def _finetune_lines(finetune) -> List[str]:
+    if not finetune:
+        return []
+    settings = finetune["settings"]
+    lines = ["", "## Fine-tuning", "",
+             f"{settings['steps']} steps per expert, loss `{settings['loss']}`, AdamW lr {settings['lr']:g} "
+             f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "
+             f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, times drawn from each segment widened by "
+             f"{settings['margin']:g}, label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]
+    for k, expert in enumerate(finetune["experts"]):
+        if not expert["trained"]:
+            lines.append(f"- expert {k}: not trained (no steps, or a full-width copy under the distillation loss)")
+        elif "loss_curve" in expert:
+            curve = expert["loss_curve"]
+            shown = curve[:: max(1, len(curve) // 8)][:8] + ([curve[-1]] if len(curve) > 8 else [])
+            lines.append(
+                f"- expert {k}: {expert['steps_run']} steps in {expert['seconds'] or 0:.1f} s; loss "
+                f"{expert['loss_first']:.4g} at the first step, {expert['loss_last']:.4g} at the last; curve (step: mean loss) "
+                + ", ".join(f"{step}: {loss:.4g}" for step, loss in shown)
+            )
+    return lines
 
 
 def plot_profile(report: Dict[str, Any], path: Path) -> bool:
