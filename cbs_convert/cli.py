@@ -219,6 +219,11 @@ def _summary(result) -> None:
             f"({e['params_vs_target']:+.2%} of target), FLOPs x{e['flops_vs_source']:.2f}"
             + (f", rel. error {e['error_before']:.4f} -> {e['error_after']:.4f}" if "error_after" in e else "")
         )
+    quality = report.get("sample_quality")
+    if quality and "skipped" not in quality:
+        print(f"  samples ({quality['samples']}, same noise, {quality['dataset']} classifier): FD {quality['teacher']['fd']:.3f} "
+              f"teacher, {quality['converted']['fd']:.3f} routed (ΔFD {quality['delta_fd']:+.3f}); class match "
+              f"{quality['teacher'].get('class_match', float('nan')):.3f} / {quality['converted'].get('class_match', float('nan')):.3f}")
     for path in result.report_files:
         print(f"  report: {path}")
     if report.get("profile") and not any(str(p).endswith(".png") for p in result.report_files):

@@ -204,3 +204,41 @@ DATASETS: Dict[str, Dataset] = {
     "digits": Dataset("digits", load_digits_split, DigitsScorer, TEACHER_PATH, CLASSIFIER_PATH),
     "fmnist": Dataset("fmnist", _fmnist_split, FashionScorer, FMNIST_TEACHER_PATH, FMNIST_CLASSIFIER_PATH),
 }
+
+
+def bundled_dataset(source_sha256: str) -> Optional[Dataset]:
+    """The dataset whose bundled teacher has this sha256, if any: a conversion of it can be scored."""
+    import hashlib
+
+    for dataset in DATASETS.values():
+        if not dataset.teacher.exists():
+            continue
+        digest = hashlib.sha256(dataset.teacher.read_bytes()).hexdigest()
+        if digest == source_sha256:
+            return dataset
+    return None
+
+
+def paired_sample_quality(family, teacher: nn.Module, converted: nn.Module, dataset: Dataset, samples: int,
+                          seed: int = 0, steps: int = 16, device="cpu") -> dict:
+    """FD and class match of the teacher and the converted model on the same noise and labels.
+
+    One sampling seed: the paired difference is the number to read, since both models see the same
+    noise; the benchmarks give the spread over seeds.
+    """
+    from .sample import sample_ode
+
+    scorer = dataset.scorer()
+    classes = family.num_classes(family.config)
+    labels = torch.arange(samples) % classes if classes else None
+    shape = family.sample_shape(family.config)
+    noise = torch.randn((samples, *shape), generator=torch.Generator().manual_seed(seed))
+    scores = {}
+    for name, model in (("teacher", teacher), ("converted", converted)):
+        y = None if labels is None else labels.to(device)
+        images = sample_ode(family, model, (samples, *shape), y, steps=steps, noise=noise.to(device)).cpu()
+        scores[name] = scorer.score(images, labels)
+    return {
+        "dataset": dataset.name, "samples": samples, "sampling_seed": seed, "heun_steps": steps, **scores,
+        "delta_fd": scores["converted"]["fd"] - scores["teacher"]["fd"],
+    }

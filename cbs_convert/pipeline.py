@@ -114,6 +114,10 @@ def resolve_recipe(user_layers: List[Dict[str, Any]], source_config_stem=None) -
     return build_recipe(*layers, merged_user)
 
 
+#: samples per model for the sample-quality check of a bundled teacher's conversion
+QUALITY_SAMPLES = 500
+
+
 class Conversion:
     """One conversion run. ``run()`` executes the stages; each is also a method of its own."""
 
@@ -534,9 +538,29 @@ class Conversion:
             self.output, self.family, [self.expert_file(k) for k in range(r.k)], self.expert_configs,
             self.split_result.boundaries, extra=extra,
         )
+        quality = self.sample_quality()
+        if quality is not None:
+            report["sample_quality"] = quality
         report["workdir"] = self.tidy_workdir()
         files = write_reports(report, self.output)
         return ConversionResult(self.output, report, files)
+
+    def sample_quality(self) -> Optional[Dict[str, Any]]:
+        """For a bundled teacher (whose data and classifier ship with the package): FD and class
+        match of the routed model against the teacher, on the same noise and labels."""
+        from .errors import UserError
+        from .metrics import bundled_dataset, paired_sample_quality
+        from .routed import load as load_routed
+
+        dataset = bundled_dataset(self.source.sha256)
+        if dataset is None:
+            return None
+        self.say(f"scoring {QUALITY_SAMPLES} samples of the routed model and of the teacher ({dataset.name} classifier)")
+        try:
+            routed = load_routed(self.output, device=self.device)
+            return paired_sample_quality(self.family, self.teacher, routed, dataset, QUALITY_SAMPLES, device=self.device)
+        except UserError as exc:  # e.g. the dataset's reference images are not installed
+            return {"dataset": dataset.name, "skipped": str(exc)}
 
     def tidy_workdir(self) -> Dict[str, Any]:
         """Once the routed file is written, drop the weights and optimizer states from the work dir."""

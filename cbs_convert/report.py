@@ -89,6 +89,7 @@ def markdown(report: Dict[str, Any]) -> str:
     if measured_on:
         lines += ["", f"Rel. error: {measured_on['error']}.", f"Seam gap: {measured_on['seam']}."]
     lines += _finetune_lines(report.get("finetune"))
+    lines += _quality_lines(report.get("sample_quality"))
     work = report.get("workdir")
     if work:
         lines += ["", f"Work directory `{work['path']}`: kept {', '.join(work['kept'])} ({work['kept_bytes'] / 1e6:.1f} MB); "
@@ -120,6 +121,20 @@ def _finetune_lines(finetune) -> List[str]:
                 + ", ".join(f"{step}: {loss:.4g}" for step, loss in shown)
             )
     return lines
+
+
+def _quality_lines(quality) -> List[str]:
+    if not quality:
+        return []
+    if "skipped" in quality:
+        return ["", "## Sample quality", "", f"Not measured: {quality['skipped']}"]
+    teacher, converted = quality["teacher"], quality["converted"]
+    return ["", "## Sample quality", "",
+            f"The bundled {quality['dataset']} teacher and this routed model, {quality['samples']} samples each on the same "
+            f"noise and labels (Heun, {quality['heun_steps']} steps, sampling seed {quality['sampling_seed']}), scored on "
+            f"the bundled classifier's features: FD {teacher['fd']:.3f} (teacher) and {converted['fd']:.3f} (routed), "
+            f"ΔFD {quality['delta_fd']:+.3f}; class match {teacher.get('class_match', float('nan')):.3f} and "
+            f"{converted.get('class_match', float('nan')):.3f}. One seed: see the README's benchmark for the spread."]
 
 
 def plot_profile(report: Dict[str, Any], path: Path) -> bool:

@@ -65,3 +65,29 @@ def test_every_stage_says_what_it_is_doing_and_experts_are_numbered_as_in_the_re
         assert f"cbs_convert: {stage}" in err, stage
     assert "expert 0 [" in err and "expert 1 [" in err  # the progress bars
     assert "expert 2" not in err and "expert 1/2" not in err
+
+
+def test_a_conversion_of_the_bundled_digits_teacher_reports_its_sample_quality_and_others_do_not(tiny_pt, tmp_path,
+                                                                                                  capsys):
+    import math
+
+    from cbs_convert.metrics import TEACHER_PATH
+
+    out = tmp_path / "digits.safetensors"
+    code, stdout, err = cli([TEACHER_PATH, "--k", "2", "--out", out, *QUICK], capsys)
+    assert code == 0, err
+    quality = json.loads(out.with_name("digits.report.json").read_text())["sample_quality"]
+    assert quality["dataset"] == "digits" and quality["samples"] == 500
+    for model in ("teacher", "converted"):
+        assert math.isfinite(quality[model]["fd"]) and 0 <= quality[model]["class_match"] <= 1
+    # the bundled teacher's samples are digits its classifier recognises
+    assert quality["teacher"]["class_match"] > 0.8
+    assert quality["delta_fd"] == quality["converted"]["fd"] - quality["teacher"]["fd"]
+    assert "samples (500, same noise, digits classifier)" in stdout
+    assert "## Sample quality" in out.with_name("digits.report.md").read_text()
+
+    source, _ = tiny_pt
+    other = tmp_path / "o.safetensors"
+    code, stdout, err = cli([source, "--k", "2", "--out", other, *QUICK], capsys)
+    assert code == 0, err
+    assert "sample_quality" not in json.loads(other.with_name("o.report.json").read_text())
