@@ -49,8 +49,9 @@ class WorkDir:
         if not any(self.root.iterdir()):
             return
         if self.read_marker() is None:
+            why = f"its {MARKER} is not a run marker this version can read" if self.marker_path.exists() else f"no {MARKER}"
             raise WorkdirError(
-                f"work directory {self.root} is not empty and holds no cbs_convert run (no {MARKER}); "
+                f"work directory {self.root} is not empty and holds no cbs_convert run ({why}); "
                 "nothing in it is touched: choose another --workdir or an empty folder"
             )
         if not (resume or force):

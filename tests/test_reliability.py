@@ -329,3 +329,14 @@ def test_without_matplotlib_the_output_says_no_plot_was_written_and_how_to_get_o
     assert code == 0, err
     assert "plot: none written" in stdout and "cbs_convert[plot]" in stdout
     assert not out.with_name("o.profile.png").exists()
+
+
+def test_an_unreadable_marker_is_named_and_nothing_beside_it_is_touched(tiny_pt, tmp_path, capsys):
+    folder = tmp_path / "D"
+    _user_files(folder)
+    (folder / MARKER).write_text("not json")
+    code, _, err = cli([tiny_pt, "--k", "2", "--workdir", folder, "--out", tmp_path / "o.safetensors", "--force",
+                        *QUICK], capsys)
+    assert_one_line_error(code, err, "holds no cbs_convert run", "not a run marker")
+    _assert_user_files(folder)
+    assert (folder / MARKER).read_text() == "not json"
