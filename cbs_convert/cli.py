@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import MISSING, fields
 from typing import Dict, List, Optional
@@ -120,14 +121,22 @@ def _run_command(argv: List[str]) -> int:
     return _guarded(work, args.debug)
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun (0 alone)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _guarded(work, debug: bool) -> int:
-    """Run ``work``; a user's problem becomes one line and exit 2, a bug of ours exit 1."""
+    """Run ``work``; a user's problem becomes one line and exit 2, a bug of ours exit 1.
+
+    Under torchrun every rank reads the same input and finds the same problem: rank 0 says it once."""
     try:
         work()
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if _launch_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # the file system said no outside the writers that name their file
         if debug:
@@ -142,7 +151,8 @@ def _guarded(work, debug: bool) -> int:
     except Exception as exc:  # a bug of ours, not the user's: say so, keep the details one flag away
         if debug:
             raise
-        print(f"error: internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        where = f"rank {_launch_rank()}: " if "RANK" in os.environ else ""
+        print(f"error: {where}internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
@@ -204,6 +214,8 @@ def _convert(argv: List[str], preview: bool) -> int:
 
 
 def _print_warning(message: str) -> None:
+    if _launch_rank() != 0:  # the same warning on every rank: rank 0 says it
+        return
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 

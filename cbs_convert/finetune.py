@@ -87,14 +87,27 @@ def finetune_expert(
     progress: bool = True,
     description: str = "fine-tune",
     stop_after: Optional[int] = None,
+    group=None,
 ) -> FinetuneResult:
     """Train ``student`` on ``segment``; returns its EMA copy.
 
     ``state_path`` enables periodic checkpoints and resume from them. ``stop_after`` ends the run
     early after that many steps of this call (to test interruption), leaving the checkpoint behind.
+    ``group``: a torch.distributed process group whose ranks all train this expert, data-parallel.
+    Every rank draws the same global batch of ``settings.batch_size`` and takes its own equal slice;
+    gradients are averaged over the group, so the weights are those of one process. The group's
+    first rank writes the checkpoints; every rank resumes from them.
     """
     if settings.loss not in LOSSES:
         raise ValueError(f"unknown loss {settings.loss!r}; choose from {', '.join(LOSSES)}")
+    member, members = 0, 1
+    if group is not None:
+        import torch.distributed as dist
+
+        member, members = dist.get_rank(group), dist.get_world_size(group)
+        if settings.batch_size % members:
+            raise ValueError(f"batch size {settings.batch_size} does not split over {members} processes")
+    rows = slice(member * settings.batch_size // members, (member + 1) * settings.batch_size // members)
     device = x0_pool.device
     teacher = teacher.to(device).eval()
     student = student.to(device).eval()
@@ -116,6 +129,13 @@ def finetune_expert(
         start = int(state["step"])
         losses = list(state["losses"])
     use_bf16 = settings.bf16 and device.type == "cuda"
+    forward = student
+    if members > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # gradients averaged over the group's equal slices: the full batch's mean gradient
+        forward = DistributedDataParallel(student, process_group=group, broadcast_buffers=False,
+                                          device_ids=[device.index] if device.type == "cuda" else None)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -128,6 +148,8 @@ def finetune_expert(
         x0, y, t, noise = draw_batch(
             family, x0_pool, labels_pool, segment, settings.batch_size, generator, settings.margin, settings.label_dropout
         )
+        x0, t, noise = x0[rows], t[rows], noise[rows]
+        y = None if y is None else y[rows]
         x_t = noised(family, x0, t, noise)
         native_t = family.native_time(t)
         # The teacher's targets in float32, outside the autocast: bf16 targets would round every
@@ -139,7 +161,7 @@ def finetune_expert(
             with torch.no_grad():
                 teacher_out = teacher(x_t, native_t, y).float()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            student_out = student(x_t, native_t, y)
+            student_out = forward(x_t, native_t, y)
         # the data loss alone needs the teacher only for channels the data cannot supervise
         if teacher_out is None and student_out.shape[1] > x0.shape[1]:
             with torch.no_grad():
@@ -155,7 +177,12 @@ def finetune_expert(
             torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
         optimizer.step()
         ema_update(ema, student, min(settings.ema_decay, (1 + step) / (10 + step)))
-        value = float(loss.detach())
+        if members > 1:  # the log shows the full batch's loss, as one process would
+            reduced = loss.detach().clone()
+            dist.all_reduce(reduced, group=group)
+            value = float(reduced) / members
+        else:
+            value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDiverged(
                 f"{description}: the fine-tuning loss became {value} at step {step} with lr {settings.lr:g}; "
@@ -169,7 +196,7 @@ def finetune_expert(
         done = step + 1
         # Not at the last step: the caller saves the final weights, and a full state there (student,
         # EMA, optimizer: 4x the expert) would only be written to be deleted.
-        if state_path is not None and done % settings.checkpoint_every == 0 and done < settings.steps:
+        if state_path is not None and member == 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
             state = {
                 "student": student.state_dict(),
                 "ema": ema.state_dict(),

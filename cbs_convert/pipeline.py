@@ -4,8 +4,9 @@
 
 A stage whose artifact is already in the work directory is not run again, so an interrupted run
 continues with ``resume=True``; the recipe is stored there and a resumed run must match it.
-Experts are independent: under ``torchrun`` each rank fine-tunes the experts ``k`` with
-``k % world_size == rank`` and rank 0 writes the routed checkpoint.
+Experts are independent: under ``torchrun`` the ranks share them as ``ranks.plan_ranks`` lays out
+(turns when there are fewer ranks than experts, a data-parallel group per expert when there are
+more) and rank 0 writes the routed checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .files import atomic_write_json, check_writable
 from .finetune import FinetuneSettings, boundary_velocity, finetune_expert, relative_error, seam_gap_of
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
+from .ranks import plan_ranks
 from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
 from .routed import save_routed_from_files, save_safetensors_atomic
 from .sample import sample_ode
@@ -90,6 +92,15 @@ def _distributed():
         # takes longer than the default 10 minutes after which NCCL would abort the job.
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _expert_groups(layout) -> Dict[int, Any]:
+    """A process group per expert trained by several ranks (created on every rank, in one order)."""
+    if layout.group_size <= 1:
+        return {}
+    import torch.distributed as dist
+
+    return {k: dist.new_group(ranks) for k, ranks in enumerate(layout.experts)}
 
 
 def _barrier(world: int) -> None:
@@ -378,6 +389,7 @@ class Conversion:
         r = self.recipe
         if r.steps == 0:
             return
+        layout = getattr(self, "layout", None) or plan_ranks(world, r.k, r.batch_size)
         from safetensors.torch import load_file
 
         settings = FinetuneSettings(
@@ -386,19 +398,23 @@ class Conversion:
             checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
         )
         for k, segment in enumerate(self.split_result.segments):
-            if k % world != rank or not self.trains(k):
+            if k not in layout.experts_of(rank) or not self.trains(k):
                 continue
             final = self.work.path(f"finetune/expert_{k}.safetensors")
             if final.exists():
                 continue
+            writer = layout.writer_of(k) == rank
             # fresh tensors from the work directory: the pruned file stays as it was
             weights = load_file(str(self.work.path(f"pruned/expert_{k}.safetensors")))
             student = self.family.instantiate(self.expert_configs[k], weights)
             result = finetune_expert(
                 self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
-                settings, state_path=self.work.path(f"finetune/expert_{k}.state.pt"), progress=self.progress,
-                description=f"expert {k} [{segment[0]:.3f}, {segment[1]:.3f}]",
+                settings, state_path=self.work.path(f"finetune/expert_{k}.state.pt"), progress=self.progress and writer,
+                description=f"expert {k} [{segment[0]:.3f}, {segment[1]:.3f}]", group=getattr(self, "groups", {}).get(k),
             )
+            if not writer:
+                del student, result, weights
+                continue
             atomic_write_json(self.work.path(f"finetune/expert_{k}.log.json"), {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
             save_safetensors_atomic(result.model.state_dict(), final)
             self.work.remove([f"finetune/expert_{k}.state.pt"])  # the weights are saved: the state is spent
@@ -527,6 +543,8 @@ class Conversion:
         r = self.recipe
         report = self.report(evaluation)
         report["finetune"] = self.finetune_summary()
+        layout = getattr(self, "layout", None)
+        report["ranks"] = (layout or plan_ranks(1, r.k, r.batch_size)).to_dict()
         self.say(f"writing {self.output}")
         extra = {
             "profile": report["profile"],
@@ -586,6 +604,9 @@ class Conversion:
         began = time.time()
         rank, world = _distributed()
         self.load()
+        # the launch is checked before anything is computed (the recipe needs the architecture)
+        self.layout = plan_ranks(world, self.recipe.k, self.recipe.batch_size)
+        self.groups = _expert_groups(self.layout)
         if rank == 0:
             self.prepare_workdir()
         _barrier(world)

@@ -1,0 +1,58 @@
+"""Which processes train which expert under torchrun.
+
+With W processes and K experts:
+
+* W <= K: experts take turns; process r trains the experts k with k % W == r, alone.
+* W > K: W must be a multiple of K. Expert k is trained by the G = W / K consecutive ranks
+  k·G ... k·G + G − 1, data-parallel on a process group of their own: each step's global batch is
+  drawn exactly as one process would draw it, and each rank of the group takes an equal slice of
+  it, so W processes reach the weights one process would (within float rounding).
+
+Anything else is refused before any work, with the launch that would work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+from .errors import RecipeError
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    world_size: int
+    experts: List[List[int]]  # the ranks that train each expert, the first of them its writer
+
+    def experts_of(self, rank: int) -> List[int]:
+        return [k for k, ranks in enumerate(self.experts) if rank in ranks]
+
+    def writer_of(self, k: int) -> int:
+        return self.experts[k][0]
+
+    @property
+    def group_size(self) -> int:
+        return len(self.experts[0])
+
+    def to_dict(self):
+        return {"world_size": self.world_size, "experts": [list(r) for r in self.experts]}
+
+
+def plan_ranks(world_size: int, k: int, batch_size: int) -> RankLayout:
+    if world_size < 1 or k < 1:
+        raise ValueError(f"need at least one process and one expert, got {world_size} and {k}")
+    if world_size <= k:
+        return RankLayout(world_size, [[expert % world_size] for expert in range(k)])
+    if world_size % k:
+        fits = k * (world_size // k)
+        raise RecipeError(
+            f"{world_size} processes cannot be shared evenly by {k} experts: launch a multiple of {k} "
+            f"(torchrun --nproc_per_node {fits}, or {fits + k}) or at most {k}"
+        )
+    group = world_size // k
+    if batch_size % group:
+        raise RecipeError(
+            f"--batch-size {batch_size} is the global batch of one expert and must split evenly over the "
+            f"{group} processes that train it: use a multiple of {group}, e.g. {group * max(1, round(batch_size / group))}"
+        )
+    return RankLayout(world_size, [list(range(expert * group, (expert + 1) * group)) for expert in range(k)])
