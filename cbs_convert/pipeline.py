@@ -29,7 +29,7 @@ from .files import atomic_write_json, check_writable
 from .finetune import FinetuneSettings, boundary_velocity, finetune_expert, relative_error, seam_gap_of
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
-from .ranks import plan_ranks
+from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
 from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
 from .routed import save_routed_from_files, save_safetensors_atomic
 from .sample import sample_ode
@@ -62,38 +62,6 @@ def _read_json(path: Path):
     return json.loads(path.read_text())
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        # under torchrun each process takes its own GPU, not all of them cuda:0
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RecipeError(f"device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
-def _distributed():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        from datetime import timedelta
-
-        # The other ranks wait at a barrier while rank 0 samples, profiles and prunes: at XL size that
-        # takes longer than the default 10 minutes after which NCCL would abort the job.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _expert_groups(layout) -> Dict[int, Any]:
     """A process group per expert trained by several ranks (created on every rank, in one order)."""
     if layout.group_size <= 1:
@@ -101,13 +69,6 @@ def _expert_groups(layout) -> Dict[int, Any]:
     import torch.distributed as dist
 
     return {k: dist.new_group(ranks) for k, ranks in enumerate(layout.experts)}
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def default_output(checkpoint: str, k: int) -> Path:

@@ -1,4 +1,4 @@
-"""Which processes train which expert under torchrun.
+"""Which processes train which expert under torchrun, and each process's device.
 
 With W processes and K experts:
 
@@ -13,8 +13,11 @@ Anything else is refused before any work, with the launch that would work.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import List
+
+import torch
 
 from .errors import RecipeError
 
@@ -56,3 +59,44 @@ def plan_ranks(world_size: int, k: int, batch_size: int) -> RankLayout:
             f"{group} processes that train it: use a multiple of {group}, e.g. {group * max(1, round(batch_size / group))}"
         )
     return RankLayout(world_size, [list(range(expert * group, (expert + 1) * group)) for expert in range(k)])
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's own GPU under torchrun (LOCAL_RANK), else the CPU; or a named device."""
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # under torchrun each process takes its own GPU, not all of them cuda:0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"device {name!r} is not a device name; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def distributed():
+    """(rank, world size), joining torchrun's process group when launched by it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from datetime import timedelta
+
+        # The other ranks wait at a barrier while rank 0 samples, profiles and prunes: at XL size that
+        # takes longer than the default 10 minutes after which NCCL would abort the job.
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()

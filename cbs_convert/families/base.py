@@ -118,6 +118,13 @@ class Family:
     def sample_shape(self, config: Dict[str, Any]) -> Tuple[int, ...]:
         raise NotImplementedError
 
+    #: what ``python -m cbs_convert.sample`` uses unless told: the reference scripts' choice
+    default_sampler = "ode"
+
+    def data_space(self, config: Dict[str, Any]) -> str:
+        """``"pixels"`` (images in [-1, 1]) or ``"latents"`` (an autoencoder's, to be decoded)."""
+        return "pixels"
+
     def num_classes(self, config: Dict[str, Any]) -> int:
         """Number of real classes; 0 for an unconditional model."""
         raise NotImplementedError
@@ -263,9 +270,16 @@ class NoisePredictionDDPM:
     further ones a learned variance. Needs ``beta_schedule`` and ``diffusion_steps`` in the config.
     """
 
+    default_sampler = "ddpm"
+
     def __init__(self, config):
         super().__init__(config)
         self._vp = DiscreteVPSchedule(self.config["beta_schedule"], self.config["diffusion_steps"])
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The training chain's alpha-bar at every integer step (float64), for the DDPM samplers."""
+        return torch.exp(self._vp.log_alpha_bar)
 
     def schedule(self, t):
         return self._vp(t)

@@ -43,6 +43,9 @@ PUBLISHED_SIZES = {(28, 1152): "xl", (24, 1024): "l", (12, 768): "b", (12, 384):
 PUBLISHED_LABEL_ROWS = 1001
 #: the SD VAE the published models work in: an image of 8x the latent's side
 LATENT_DOWNSAMPLING = 8
+#: its latent channels, and the factor the models' training latents were multiplied by
+VAE_CHANNELS = 4
+VAE_SCALE = 0.18215
 
 
 def _published_name(model_name):
@@ -415,6 +418,13 @@ class TransformerFamily(Family):
 
     def sample_shape(self, config):
         return (config["in_channels"], config["input_size"], config["input_size"])
+
+    def data_space(self, config):
+        # the published models and anything trained like them work in SD-VAE latents; a model of
+        # 1 or 3 channels (the bundled teachers) works on pixels directly
+        return "latents" if config["in_channels"] == VAE_CHANNELS else "pixels"
+
+    latent_scale = VAE_SCALE
 
     def num_classes(self, config):
         return config["num_classes"] if config["label_rows"] else 0

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .families.base import Family, broadcast_to, schedule_and_derivative
+from ..families.base import Family, broadcast_to, schedule_and_derivative
 
 
 def split_velocity(family: Family, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor):

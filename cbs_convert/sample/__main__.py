@@ -1,0 +1,297 @@
+"""``python -m cbs_convert.sample MODEL``: FID-ready samples of a routed file or any source checkpoint.
+
+Samples are drawn in batches of ``--batch-size``; batch b takes its labels and every noise it needs
+from its own seed (the run's ``--seed`` and b), on the CPU, so a batch is the same whichever rank,
+device count or restart draws it. Under torchrun rank r draws batches r, r + W, ... and writes each
+as a shard; a rerun of the same command skips the shards already there. Rank 0 then writes one
+``.npz`` whose ``arr_0`` is uint8 NHWC, the layout the ADM evaluator reads (``labels`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, RecipeError, UserError
+from ..files import atomic_write, atomic_write_json
+from .samplers import DEFAULT_STEPS, ODE_METHODS, SAMPLERS, Guided, draw, to_uint8_nhwc
+
+SHARD_MARKER = "cbs_convert_samples.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cbs_convert.sample",
+        description="Sample a routed checkpoint or a source checkpoint for FID: shards per rank under torchrun, "
+        "resumable, one .npz (arr_0: uint8 NHWC) at the end.",
+    )
+    p.add_argument("model", help="a routed .safetensors file written by cbs_convert, or a source checkpoint")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch (per rank and step of the loop)")
+    p.add_argument("--out", help="the .npz to write (default: named after the model and the settings)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the family's reference (ode for SiT, ddpm for DiT/ADM)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {DEFAULT_STEPS}; ddpm/ddim: respaced steps)")
+    p.add_argument("--respacing", help="ddpm/ddim only: a respacing such as 250, ddim50 or 10,20,30 (default: --steps)")
+    p.add_argument("--method", choices=ODE_METHODS, default="heun", help="ode only (dopri5 needs torchdiffeq)")
+    p.add_argument("--atol", type=float, default=1e-6, help="ode dopri5 only")
+    p.add_argument("--rtol", type=float, default=1e-3, help="ode dopri5 only")
+    p.add_argument("--eta", type=float, default=0.0, help="ddim only")
+    p.add_argument("--diffusion-norm", type=float, default=1.0, help="sde only: w(t) = norm * sigma(t)")
+    p.add_argument("--last-step", type=float, default=0.04, help="sde only: the final noise-free step")
+    p.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
+                   help="ddpm/ddim: clip the predicted image to [-1, 1] (auto: for pixel models, not latents)")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
+    p.add_argument("--class", dest="class_label", type=int, help="sample only this class (default: uniform over classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", help="a local diffusers AutoencoderKL folder to decode a latent model's samples")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--keep-shards", action="store_true", help="keep the per-batch shards after the .npz is written")
+    p.add_argument("--family", choices=("sit", "dit", "adm"), help="source checkpoints only, as for a conversion")
+    p.add_argument("--num-heads", type=int, help="source checkpoints only, as for a conversion")
+    p.add_argument("--path", choices=("linear", "gvp"), help="SiT source checkpoints only")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """One seed per (run seed, batch), well mixed, independent of who draws the batch."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def draw_batch(family, model, settings: Dict, batch: int, size: int, device):
+    """(samples as the family produces them, labels) of one batch, reproducibly."""
+    generator = torch.Generator().manual_seed(batch_seed(settings["seed"], batch))
+    classes = family.num_classes(family.config)
+    labels = None
+    if classes:
+        if settings["class_label"] is not None:
+            labels = torch.full((size,), settings["class_label"], dtype=torch.long)
+        else:
+            labels = torch.randint(0, classes, (size,), generator=generator)
+    noise = torch.randn((size, *family.sample_shape(family.config)), generator=generator)
+    forward = model if settings["cfg_scale"] == 1.0 else Guided(family, model, settings["cfg_scale"])
+    clip = {"auto": None, "on": True, "off": False}[settings["clip"]]
+    steps = settings["respacing"] or settings["steps"]
+    out = draw(
+        family, forward, settings["sampler"], noise.to(device), None if labels is None else labels.to(device),
+        steps=steps, generator=generator, method=settings["method"], clip=clip, eta=settings["eta"],
+        diffusion_norm=settings["diffusion_norm"], last_step=settings["last_step"], atol=settings["atol"],
+        rtol=settings["rtol"],
+    )
+    return out, labels
+
+
+class Decoder:
+    """Turns a batch of the family's samples into what the shard stores."""
+
+    def __init__(self, family, vae_dir: Optional[str], device):
+        self.latent = family.data_space(family.config) == "latents"
+        self.vae = None
+        if vae_dir and not self.latent:
+            raise RecipeError(f"--vae {vae_dir}: this {family.name} model samples pixels, which need no decoder; drop --vae")
+        if vae_dir:
+            try:
+                from diffusers.models import AutoencoderKL
+            except ImportError:
+                raise RecipeError("--vae needs diffusers: pip install 'cbs_convert[diffusers]'") from None
+            if not Path(vae_dir).is_dir():
+                raise RecipeError(f"--vae {vae_dir} is not a folder; give a local diffusers AutoencoderKL folder "
+                                  "(config.json and its weights), e.g. a download of stabilityai/sd-vae-ft-ema")
+            try:
+                self.vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+            except (OSError, ValueError) as exc:
+                raise RecipeError(f"--vae {vae_dir} is not a readable AutoencoderKL folder: {str(exc).splitlines()[0]}") from None
+            self.scale = family.latent_scale
+        self.kind = "latents" if self.latent and self.vae is None else "images"
+
+    @torch.no_grad()
+    def __call__(self, samples: torch.Tensor) -> np.ndarray:
+        if self.kind == "latents":
+            return samples.float().cpu().numpy()
+        if self.vae is not None:
+            samples = self.vae.decode(samples / self.scale).sample
+        return to_uint8_nhwc(samples).cpu().numpy()
+
+
+def _settings(args, family, model_path: Path) -> Dict:
+    stat = model_path.stat()
+    return {
+        "model": str(model_path.resolve()), "model_bytes": stat.st_size, "model_mtime_ns": stat.st_mtime_ns,
+        "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
+        "sampler": args.sampler or family.default_sampler, "steps": args.steps or DEFAULT_STEPS,
+        "respacing": args.respacing, "method": args.method, "atol": args.atol, "rtol": args.rtol, "eta": args.eta,
+        "diffusion_norm": args.diffusion_norm, "last_step": args.last_step, "clip": args.clip,
+        "cfg_scale": args.cfg_scale, "class_label": args.class_label, "vae": str(Path(args.vae).resolve()) if args.vae else None,
+    }
+
+
+def default_out(model: Path, settings: Dict) -> Path:
+    guidance = f"-cfg{settings['cfg_scale']:g}" if settings["cfg_scale"] != 1.0 else ""
+    return Path.cwd() / (f"{model.stem}-{settings['sampler']}{settings['steps']}{guidance}-seed{settings['seed']}"
+                         f"-{settings['num_samples']}.npz")
+
+
+def _check(args, family, settings) -> None:
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise RecipeError("--num-samples and --batch-size must be at least 1")
+    if settings["sampler"] in ("ddpm", "ddim") and getattr(family, "alphas_cumprod", None) is None:
+        raise RecipeError(f"--sampler {settings['sampler']} needs a model trained as a discrete DDPM (DiT, ADM); "
+                          f"a {family.name} model samples with --sampler ode or sde")
+    if args.respacing and settings["sampler"] not in ("ddpm", "ddim"):
+        raise RecipeError("--respacing applies to --sampler ddpm or ddim only; use --steps")
+    if args.cfg_scale != 1.0 and family.null_label(family.config) is None:
+        raise RecipeError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model with a null class; this one "
+                          "has none: drop --cfg-scale")
+    classes = family.num_classes(family.config)
+    if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
+        raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"
+                          if classes else "--class: this model is unconditional; drop --class")
+    if settings["sampler"] in ("ddpm", "ddim"):
+        from .samplers import respaced_steps
+
+        try:
+            respaced_steps(len(family.alphas_cumprod), str(settings["respacing"] or settings["steps"]))
+        except ValueError as exc:
+            raise RecipeError(f"--respacing/--steps: {exc}") from None
+    if settings["method"] == "dopri5" and settings["sampler"] == "ode":
+        import importlib.util
+
+        if importlib.util.find_spec("torchdiffeq") is None:
+            raise RecipeError("--method dopri5 needs torchdiffeq: pip install torchdiffeq, or use --method heun")
+
+
+def _open_shards(shards: Path, settings: Dict, rank: int) -> None:
+    """Make the shard folder, or continue one begun by the same command; refuse anything else."""
+    marker = shards / SHARD_MARKER
+    if marker.exists():
+        try:
+            earlier = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{marker} is unreadable: delete {shards} to start over") from None
+        differs = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
+        if differs:
+            raise UserError(f"{shards} holds samples drawn with other settings ({', '.join(differs)} differ): "
+                            f"rerun with those settings to continue, or choose another --out")
+        return
+    if shards.exists() and any(shards.iterdir()):
+        raise UserError(f"{shards} exists and is not a shard folder of this command: move it or choose another --out")
+    if rank == 0:
+        atomic_write_json(marker, settings)
+
+
+def shard_path(shards: Path, batch: int) -> Path:
+    return shards / f"batch_{batch:06d}.npz"
+
+
+def _write_npz(path: Path, **arrays) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as handle:  # a file object: np.savez would append .npz to a name
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with np.load(path) as shard:
+            return "samples" in shard.files
+    except Exception:
+        return False
+
+
+def sample_to_npz(argv: Optional[List[str]] = None) -> int:
+    from ..cli import _guarded
+
+    args = build_parser().parse_args(argv)
+    messages: List[str] = []
+    code = _guarded(lambda: messages.extend(_run(args)), args.debug)
+    if code == 0 and int(os.environ.get("RANK", "0")) == 0:
+        for line in messages:
+            print(line)
+    return code
+
+
+def _run(args) -> List[str]:
+    from ..loading import load_model
+    from ..ranks import barrier, distributed, resolve_device
+
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise CheckpointError(f"{args.model} is not a file; give a routed .safetensors or a source checkpoint")
+    rank, world = distributed()
+    device = resolve_device(args.device)
+    hints = {"family": args.family, "num_heads": args.num_heads, "path": args.path}
+    family, model = load_model(model_path, device=device, hints=hints)
+    settings = _settings(args, family, model_path)
+    _check(args, family, settings)
+    decoder = Decoder(family, args.vae, device)
+    out = Path(args.out) if args.out else default_out(model_path, settings)
+    if out.suffix != ".npz":
+        raise RecipeError(f"--out {out}: the evaluator reads .npz files; name it *.npz")
+    shards = out.with_name(out.name + ".shards")
+    _open_shards(shards, settings, rank)
+    barrier(world)
+
+    batches = math.ceil(args.num_samples / args.batch_size)
+    mine = [b for b in range(rank, batches, world) if not _readable(shard_path(shards, b))]
+    bar = None
+    if not args.quiet and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc=f"sampling ({world} process{'es' if world > 1 else ''})", file=sys.stderr)
+    for b in mine:
+        samples, labels = draw_batch(family, model, settings, b, args.batch_size, device)
+        stored = {"samples": decoder(samples)}
+        if labels is not None:
+            stored["labels"] = labels.numpy()
+        _write_npz(shard_path(shards, b), **stored)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    barrier(world)
+    if rank != 0:
+        return []
+
+    parts, labels = [], []
+    for b in range(batches):
+        with np.load(shard_path(shards, b)) as shard:
+            parts.append(shard["samples"])
+            if "labels" in shard.files:
+                labels.append(shard["labels"])
+    samples = np.concatenate(parts)[: args.num_samples]
+    arrays = {("arr_0" if decoder.kind == "images" else "latents"): samples}
+    if labels:
+        arrays["labels"] = np.concatenate(labels)[: args.num_samples]
+    _write_npz(out, **arrays)
+    lines = [f"wrote {out}: {len(samples)} {'images' if decoder.kind == 'images' else 'latents'} "
+             f"{'x'.join(map(str, samples.shape[1:]))} ({samples.dtype}, {'NHWC' if decoder.kind == 'images' else 'NCHW'})"]
+    if decoder.kind == "latents":
+        lines.append("  these are the model's latents, not images (no --vae given): decode them with a diffusers "
+                     "AutoencoderKL (--vae DIR, the SD VAE the model was trained with) to get arr_0 for the evaluator")
+    if not args.keep_shards:
+        for b in range(batches):
+            shard_path(shards, b).unlink(missing_ok=True)
+        (shards / SHARD_MARKER).unlink(missing_ok=True)
+        try:
+            shards.rmdir()
+        except OSError:
+            lines.append(f"  {shards} kept: it holds files this command did not write")
+    return lines
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return sample_to_npz(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
