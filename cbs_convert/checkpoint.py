@@ -3,7 +3,9 @@
 * a flat state dict in a ``.pt``/``.pth`` file (the released SiT, DiT and ADM weights);
 * a training dict ``{"model", "ema", "opt", "args"}`` (the EMA weights are the ones to convert);
 * a ``.safetensors`` file, optionally with its training args as JSON under the metadata key
-  ``args`` (what a training dict keeps in an ``argparse.Namespace``, without a pickle).
+  ``args`` (what a training dict keeps in an ``argparse.Namespace``, without a pickle);
+* a diffusers DiT: a pipeline folder, its ``transformer/`` folder, or the weights file in it
+  (mapped to the official layout by ``diffusers_io``).
 
 Pickles are read with ``torch.load(weights_only=True)`` and an explicit allow-list holding only
 ``argparse.Namespace`` (what the training dict stores its args in): a pickle that asks for anything
@@ -61,7 +63,8 @@ def _check_path(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; check the checkpoint path")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory; pass the checkpoint file inside it")
+        raise CheckpointError(f"{path}: is a directory but not a diffusers DiT folder (no config.json of a DiT); "
+                              "pass the checkpoint file inside it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; re-download or re-save the checkpoint")
     if not os.access(path, os.R_OK):
@@ -169,20 +172,28 @@ def _strip_wrappers(key: str) -> str:
 
 def read_checkpoint(path) -> SourceCheckpoint:
     path = Path(path)
-    _check_path(path)
-    notes: List[str] = []
-    with open(path, "rb") as handle:
-        magic = handle.read(8)
-    if path.suffix == ".safetensors" or (len(magic) == 8 and int.from_bytes(magic, "little") < (1 << 27) and path.suffix not in (".pt", ".pth", ".ckpt", ".bin")):
-        state_dict, args = _load_safetensors(path)
-        state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
-        container = "safetensors"
-    elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
-        state_dict, container, args = _unwrap(_load_pickle(path), path)
+    from .diffusers_io import diffusers_dit_folder, read_diffusers_dit
+
+    folder = diffusers_dit_folder(path) if path.exists() else None
+    hashed = path
+    if folder is not None:
+        state_dict, args, hashed = read_diffusers_dit(folder)
+        container = f"diffusers folder ({hashed.name})"
     else:
-        raise CheckpointError(
-            f"{path}: unknown file type {path.suffix or '(no suffix)'}; expected .pt, .pth or .safetensors"
-        )
+        _check_path(path)
+        with open(path, "rb") as handle:
+            magic = handle.read(8)
+        if path.suffix == ".safetensors" or (len(magic) == 8 and int.from_bytes(magic, "little") < (1 << 27) and path.suffix not in (".pt", ".pth", ".ckpt", ".bin")):
+            state_dict, args = _load_safetensors(path)
+            state_dict = {_strip_wrappers(k): v for k, v in state_dict.items()}
+            container = "safetensors"
+        elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
+            state_dict, container, args = _unwrap(_load_pickle(path), path)
+        else:
+            raise CheckpointError(
+                f"{path}: unknown file type {path.suffix or '(no suffix)'}; expected .pt, .pth or .safetensors"
+            )
+    notes: List[str] = []
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()})
     for key, value in state_dict.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -194,7 +205,7 @@ def read_checkpoint(path) -> SourceCheckpoint:
     return SourceCheckpoint(
         path=path,
         state_dict=state_dict,
-        sha256=file_sha256(path),
+        sha256=file_sha256(hashed),
         container=container,
         dtype="/".join(dtypes),
         args=args,
@@ -216,7 +227,7 @@ def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
         hints["args_path_type"] = str(args["path_type"])
         hints["path"] = str(args["path_type"]).lower()
     for key in ("num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
-                "beta_schedule", "attention_order"):
+                "beta_schedule", "attention_order", "numerics"):
         if args.get(key) is not None:
             hints[f"args_{key}"] = args[key]
     if args.get("noise_schedule") is not None:  # guided-diffusion's name for it

@@ -270,8 +270,23 @@ def read_metadata(path) -> Dict[str, Any]:
     return meta
 
 
-def load(path, device="cpu") -> RoutedModel:
-    """Rebuild the routed model of a checkpoint written by cbs_convert, in eval mode."""
+def load(path, device="cpu", format: str = "cbs_convert"):
+    """Rebuild the routed model of a checkpoint written by cbs_convert, in eval mode.
+
+    ``format="diffusers"`` wraps a DiT-family result for diffusers pipelines
+    (``pipe.transformer = load(path, format="diffusers")``): their forward signature and output type.
+    """
+    if format not in ("cbs_convert", "diffusers"):
+        raise ValueError(f"format {format!r}: choose 'cbs_convert' or 'diffusers'")
+    routed = _load_routed(path, device)
+    if format == "diffusers":
+        from .diffusers_io import DiffusersTransformer
+
+        return DiffusersTransformer(routed, routed.family).eval()
+    return routed
+
+
+def _load_routed(path, device) -> RoutedModel:
     from safetensors.torch import load_file
 
     path = Path(path)

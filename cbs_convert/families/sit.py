@@ -63,9 +63,16 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+#: the two places where diffusers' DiT computes differently from the official code (see diffusers_io)
+NUMERICS = {
+    "official": {"frequency_shift": 0, "mlp_norm_eps": 1e-6},
+    "diffusers": {"frequency_shift": 1, "mlp_norm_eps": 1e-5},
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, frequency_shift: int = 0) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - frequency_shift))
     args = t[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -74,8 +81,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = FREQUENCY_EMBEDDING_SIZE, frequency_shift: int = 0):
         super().__init__()
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -84,7 +92,7 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t):
-        freq = timestep_embedding(t, self.frequency_embedding_size)
+        freq = timestep_embedding(t, self.frequency_embedding_size, frequency_shift=self.frequency_shift)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -105,11 +113,11 @@ class LabelEmbedder(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, mlp_hidden: int):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, mlp_hidden: int, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads=num_heads, attn_head_dim=head_dim, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, hidden_features=mlp_hidden, act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -163,7 +171,8 @@ class DiffusionTransformer(nn.Module):
         self.drop_variance = drop_variance
         hidden = c["hidden_size"]
         self.x_embedder = PatchEmbed(c["input_size"], c["patch_size"], c["in_channels"], hidden, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden)
+        numerics = NUMERICS[c.get("numerics", "official")]
+        self.t_embedder = TimestepEmbedder(hidden, frequency_shift=numerics["frequency_shift"])
         if c["label_rows"] > 0:
             self.y_embedder = LabelEmbedder(c["num_classes"], hidden, c["class_dropout_prob"], c["label_rows"])
         else:
@@ -171,7 +180,8 @@ class DiffusionTransformer(nn.Module):
         grid = c["input_size"] // c["patch_size"]
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden, grid).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList(
-            TransformerBlock(hidden, c["num_heads"], c["head_dim"], c["mlp_hidden"]) for _ in range(c["depth"])
+            TransformerBlock(hidden, c["num_heads"], c["head_dim"], c["mlp_hidden"], numerics["mlp_norm_eps"])
+            for _ in range(c["depth"])
         )
         self.final_layer = FinalLayer(hidden, c["patch_size"], self.out_channels)
         self._init_weights()
@@ -339,6 +349,12 @@ class TransformerFamily(Family):
                 f"the checkpoint's args say learn_sigma={learn_sigma_arg}, but the final layer has "
                 f"{out_channels} channels for {in_channels} inputs (learn_sigma={learn_sigma}); the args belong to another model"
             )
+        numerics = str(hints.get("args_numerics") or "official")
+        if numerics not in NUMERICS:
+            raise CheckpointError(f"the checkpoint's args say numerics={numerics!r}; known: {', '.join(NUMERICS)}")
+        if numerics != "official":
+            config["numerics"] = numerics
+            notes.append(f"{numerics} numerics (timestep frequencies and MLP norm as its code computes them)")
         config.update(cls.time_config(hints, notes))
         check_keys(state_dict, cls.expected_shapes(config), f"{cls.name.upper()} checkpoint does not match its own widths")
         return config, notes
@@ -404,6 +420,8 @@ class TransformerFamily(Family):
         args = {"model": f"{self.name.upper()}-pruned", "num_heads": config["num_heads"]}
         if config["label_rows"]:
             args.update(num_classes=config["num_classes"], class_dropout_prob=config["class_dropout_prob"])
+        if config.get("numerics", "official") != "official":
+            args["numerics"] = config["numerics"]
         args.update(self._time_args())
         return args
 

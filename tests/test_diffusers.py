@@ -1,0 +1,126 @@
+"""diffusers' DiT in and out: tiny random models built here, nothing downloaded."""
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import cbs_convert  # noqa: E402
+from cbs_convert import read_checkpoint  # noqa: E402
+from cbs_convert.diffusers_io import diffusers_to_official, official_to_diffusers  # noqa: E402
+from cbs_convert.families import detect  # noqa: E402
+
+CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+              patch_size=2, num_embeds_ada_norm=10)
+
+
+def tiny_diffusers_dit(seed=0):
+    """A random DiTTransformer2DModel whose blocks share one embedder, as converted checkpoints do."""
+    torch.manual_seed(seed)
+    model = diffusers.DiTTransformer2DModel(**CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+        first = model.transformer_blocks[0].norm1.emb
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(first.state_dict())
+    return model
+
+
+def save_pipeline_folder(model, folder):
+    model.save_pretrained(folder / "transformer")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+    return folder
+
+
+def inputs(n=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.tensor([999, 500, 3][:n]), torch.tensor([1, 7, 10][:n]))
+
+
+def test_the_keys_round_trip_both_ways():
+    theirs = tiny_diffusers_dit().state_dict()
+    official = diffusers_to_official(theirs, dict(CONFIG), "tiny")
+    assert "pos_embed" in official and "blocks.1.attn.qkv.weight" in official and official["blocks.1.attn.qkv.weight"].shape == (96, 32)
+    back = official_to_diffusers(official, depth=2)
+    assert back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("given", ["pipeline folder", "model folder", "weights file"])
+def test_a_diffusers_dit_reads_as_the_same_function(tmp_path, given):
+    model = tiny_diffusers_dit()
+    folder = save_pipeline_folder(model, tmp_path / "pipe")
+    path = {"pipeline folder": folder, "model folder": folder / "transformer",
+            "weights file": folder / "transformer" / "diffusion_pytorch_model.safetensors"}[given]
+    source = read_checkpoint(path)
+    assert source.container.startswith("diffusers folder")
+    family, notes = detect(source.state_dict, source.hints)
+    assert family.name == "dit" and family.config["numerics"] == "diffusers"
+    assert family.num_classes(family.config) == 10 and family.null_label(family.config) == 10
+    ours = family.instantiate(family.config, source.state_dict).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = model(x, timestep=t, class_labels=y).sample
+        got = ours(x, t, y)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+
+
+def test_official_numerics_would_not_match(tmp_path):
+    """The two numerics differences are real: without them the same weights compute another function."""
+    model = tiny_diffusers_dit()
+    source = read_checkpoint(save_pipeline_folder(model, tmp_path / "pipe"))
+    family, _ = detect(source.state_dict, source.hints)
+    official = dict(family.config)
+    official.pop("numerics")
+    ours = family.instantiate(official, source.state_dict).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        gap = (ours(x, t, y) - model(x, timestep=t, class_labels=y).sample).abs().max()
+    assert gap > 1e-3
+
+
+def _convert_unpruned(tmp_path, folder):
+    # K=2 at 2x: both experts are full-width copies, so the routed model must equal the source
+    return cbs_convert.convert(folder, k=2, budget="2x", steps=0, out=str(tmp_path / "routed.safetensors"),
+                               pool_size=8, grid=4, profile_batches=1, profile_batch_size=4, calib_batches=1,
+                               eval_samples=4, ode_steps=3)
+
+
+def test_the_routed_model_drops_into_diffusers_and_equals_the_source(tmp_path):
+    model = tiny_diffusers_dit()
+    folder = save_pipeline_folder(model, tmp_path / "pipe")
+    result = _convert_unpruned(tmp_path, folder)
+    routed = cbs_convert.load(result.output, format="diffusers")
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = model(x, timestep=t, class_labels=y).sample
+        out = routed(hidden_states=x, timestep=t, class_labels=y)
+        plain = routed(x, t, y, return_dict=False)[0]
+    assert type(out).__name__ == "Transformer2DModelOutput"
+    assert torch.allclose(out.sample, expected, atol=1e-5, rtol=1e-5) and torch.equal(plain, out.sample)
+    assert routed.config.in_channels == 4 and routed.config.sample_size == 8 and routed.config.out_channels == 8
+
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                  norm_num_groups=4, sample_size=8).eval()
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    images = {}
+    for name, transformer in (("source", model), ("routed", routed)):
+        pipe = diffusers.DiTPipeline(transformer=model, vae=vae, scheduler=scheduler)
+        pipe.transformer = transformer
+        images[name] = pipe(class_labels=[1, 3], guidance_scale=1.0, num_inference_steps=4,
+                            generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images["source"].shape == images["routed"].shape
+    assert abs(images["source"] - images["routed"]).max() < 1e-4
+
+
+def test_pruned_experts_stay_dits_of_diffusers_numerics(tmp_path):
+    model = tiny_diffusers_dit()
+    folder = save_pipeline_folder(model, tmp_path / "pipe")
+    result = cbs_convert.convert(folder, k=2, steps=0, out=str(tmp_path / "pruned.safetensors"), pool_size=8, grid=4,
+                                 profile_batches=1, profile_batch_size=4, calib_batches=1, eval_samples=4, ode_steps=3)
+    routed = cbs_convert.load(result.output)
+    assert all(e.config.get("numerics") == "diffusers" for e in routed.experts)
+    assert sum(p.numel() for p in routed.parameters()) < 2 * sum(p.numel() for p in model.parameters())
