@@ -4,8 +4,8 @@
 * a training dict ``{"model", "ema", "opt", "args"}`` (the EMA weights are the ones to convert);
 * a ``.safetensors`` file, optionally with its training args as JSON under the metadata key
   ``args`` (what a training dict keeps in an ``argparse.Namespace``, without a pickle);
-* a diffusers DiT: a pipeline folder, its ``transformer/`` folder, or the weights file in it
-  (mapped to the official layout by ``diffusers_io``).
+* a diffusers DiT or UNet2DModel: a pipeline folder, its ``transformer/`` or ``unet/`` folder, or
+  the weights file in it (mapped to the official DiT or guided-diffusion layout by ``diffusers_io``).
 
 Pickles are read with ``torch.load(weights_only=True)`` and an explicit allow-list holding only
 ``argparse.Namespace`` (what the training dict stores its args in): a pickle that asks for anything
@@ -63,7 +63,7 @@ def _check_path(path: Path) -> None:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file; check the checkpoint path")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory but not a diffusers DiT folder (no config.json of a DiT); "
+        raise CheckpointError(f"{path}: is a directory but not a diffusers DiT or UNet2DModel folder; "
                               "pass the checkpoint file inside it")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the file is empty; re-download or re-save the checkpoint")
@@ -172,12 +172,12 @@ def _strip_wrappers(key: str) -> str:
 
 def read_checkpoint(path) -> SourceCheckpoint:
     path = Path(path)
-    from .diffusers_io import diffusers_dit_folder, read_diffusers_dit
+    from .diffusers_io import read_diffusers
 
-    folder = diffusers_dit_folder(path) if path.exists() else None
+    found = read_diffusers(path) if path.exists() else None
     hashed = path
-    if folder is not None:
-        state_dict, args, hashed = read_diffusers_dit(folder)
+    if found is not None:
+        state_dict, args, hashed = found
         container = f"diffusers folder ({hashed.name})"
     else:
         _check_path(path)
@@ -227,9 +227,12 @@ def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
         hints["args_path_type"] = str(args["path_type"])
         hints["path"] = str(args["path_type"]).lower()
     for key in ("num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
-                "beta_schedule", "attention_order", "numerics"):
+                "beta_schedule", "attention_order", "numerics", "time_frequency_shift", "time_sin_first", "norm_eps",
+                "downsample_padding"):
         if args.get(key) is not None:
             hints[f"args_{key}"] = args[key]
+    if args.get("define_the_model"):  # a diffusers config: it builds the network, so it is not a claim to check
+        hints["args_define_the_model"] = True
     if args.get("noise_schedule") is not None:  # guided-diffusion's name for it
         hints.setdefault("args_beta_schedule", args["noise_schedule"])
     return hints

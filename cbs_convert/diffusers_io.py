@@ -50,59 +50,88 @@ _EMBEDDER_PAIRS = [
 _LABELS = ("y_embedder.embedding_table.weight", "class_embedder.embedding_table.weight")
 
 
+UNET_CLASS_NAMES = ("UNet2DModel",)
+#: diffusers' names for the beta schedules the DDPM families know
+SCHEDULER_BETAS = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+
+
 def _model_folder(path: Path) -> Optional[Path]:
-    """The folder holding a diffusers DiT's config.json and weights, if ``path`` is or is in one."""
+    """The folder holding a diffusers model's config.json and weights, if ``path`` is or is in one."""
     if path.is_file() and path.name.startswith("diffusion_pytorch_model"):
         path = path.parent
     if not path.is_dir():
         return None
-    for folder in (path / "transformer", path):
+    for folder in (path / "transformer", path / "unet", path):
         if (folder / "config.json").is_file():
             return folder
     return None
 
 
-def diffusers_dit_folder(path) -> Optional[Path]:
-    """The model folder when ``path`` is a diffusers DiT (pipeline folder, model folder or its weights)."""
+def _read_config(folder: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def diffusers_model(path) -> Optional[Tuple[Path, str]]:
+    """(model folder, "dit" or "unet") when ``path`` is a diffusers model this tool reads: a pipeline
+    folder, a model folder or the weights file in one."""
     folder = _model_folder(Path(path))
     if folder is None:
         return None
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if config.get("_class_name") not in DIT_CLASS_NAMES or config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
-        return None
-    return folder
+    config = _read_config(folder)
+    name = config.get("_class_name")
+    if name in DIT_CLASS_NAMES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
+        return folder, "dit"
+    if name in UNET_CLASS_NAMES:
+        return folder, "unet"
+    return None
 
 
-def read_diffusers_dit(folder: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Path]:
-    """(official state dict, training-args equivalent, weights file) of a diffusers DiT folder."""
-    config = json.loads((folder / "config.json").read_text())
+def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any], Path]]:
+    """(state dict in the family's official layout, training-args equivalent, weights file), or None
+    when ``path`` is not a diffusers model."""
+    found = diffusers_model(path)
+    if found is None:
+        return None
+    folder, kind = found
+    config = _read_config(folder)
+    tensors, weights = _read_weights(folder)
+    if kind == "dit":
+        return diffusers_to_official(tensors, config, str(weights)), _dit_args(config), weights
+    return unet_to_adm(tensors, config, str(weights)), _unet_args(config, folder), weights
+
+
+def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
-        raise CheckpointError(f"{folder}: a diffusers DiT config without weights; expected {WEIGHT_FILES[0]} beside it")
+        raise CheckpointError(f"{folder}: a diffusers config without weights; expected {WEIGHT_FILES[0]} beside it")
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            tensors = load_file(str(weights), device="cpu")
+            return load_file(str(weights), device="cpu"), weights
         except Exception as exc:
             raise CheckpointError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
-    else:
-        tensors = torch.load(str(weights), map_location="cpu", weights_only=True)
-    state_dict = diffusers_to_official(tensors, config, str(weights))
-    heads = int(config["num_attention_heads"])
+    try:
+        return torch.load(str(weights), map_location="cpu", weights_only=True), weights
+    except Exception as exc:
+        raise CheckpointError(f"{weights}: not a readable weights file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _dit_args(config: Dict[str, Any]) -> Dict[str, Any]:
     args = {
         "model": "DiT-diffusers",
-        "num_heads": heads,
+        "define_the_model": True,
+        "num_heads": int(config["num_attention_heads"]),
         "numerics": "diffusers",
         "learn_sigma": int(config.get("out_channels") or config["in_channels"]) == 2 * int(config["in_channels"]),
     }
     if config.get("num_embeds_ada_norm"):
         # diffusers' label table always has the null row (its dropout defaults to 0.1)
         args.update(num_classes=int(config["num_embeds_ada_norm"]), class_dropout_prob=0.1)
-    return state_dict, args, weights
+    return args
 
 
 def diffusers_to_official(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]:
@@ -178,40 +207,194 @@ def official_to_diffusers(state_dict: Dict[str, torch.Tensor], depth: int) -> Di
     return out
 
 
-def diffusers_config(family_config: Dict[str, Any]) -> Dict[str, Any]:
-    """A ``DiTTransformer2DModel`` config for a full-width transformer config."""
-    c = family_config
-    return {
-        "_class_name": "DiTTransformer2DModel",
-        "num_attention_heads": c["num_heads"], "attention_head_dim": c["head_dim"], "in_channels": c["in_channels"],
-        "out_channels": c["in_channels"] * (2 if c["learn_sigma"] else 1), "num_layers": c["depth"],
-        "sample_size": c["input_size"], "patch_size": c["patch_size"], "num_embeds_ada_norm": c["num_classes"] or None,
-        "activation_fn": "gelu-approximate", "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
-        "norm_eps": 1e-5, "attention_bias": True,
+# ---------------------------------------------------------------------------------------------
+# UNet2DModel (the original DDPM's UNet) <-> guided-diffusion's UNet, whose family prunes it.
+
+_RES_PAIRS = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+              ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+# each pair: diffusers module, ADM module, whether the weight gains the 1-D convolution's last axis
+_ATTN_PAIRS = [("group_norm", "norm", False), ("to_out.0", "proj_out", True)]
+
+
+def _unet_modules(config: Dict[str, Any], tensors) -> list:
+    """(diffusers module, ADM module, kind) for every module, in both networks' construction order."""
+    levels = len(config["block_out_channels"])
+    per_level = int(config["layers_per_block"])
+    pairs = [("conv_in", "input_blocks.0.0", "plain"), ("time_embedding.linear_1", "time_embed.0", "plain"),
+             ("time_embedding.linear_2", "time_embed.2", "plain")]
+    block = 1
+    for level in range(levels):
+        for j in range(per_level):
+            pairs.append((f"down_blocks.{level}.resnets.{j}", f"input_blocks.{block}.0", "res"))
+            if f"down_blocks.{level}.attentions.{j}.to_q.weight" in tensors:
+                pairs.append((f"down_blocks.{level}.attentions.{j}", f"input_blocks.{block}.1", "attn"))
+            block += 1
+        if level != levels - 1:
+            pairs.append((f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{block}.0.op", "plain"))
+            block += 1
+    pairs += [("mid_block.resnets.0", "middle_block.0", "res"), ("mid_block.attentions.0", "middle_block.1", "attn"),
+              ("mid_block.resnets.1", "middle_block.2", "res")]
+    block = 0
+    for level in range(levels):  # up_blocks.0 is the deepest
+        for j in range(per_level + 1):
+            pairs.append((f"up_blocks.{level}.resnets.{j}", f"output_blocks.{block}.0", "res"))
+            slot = 1
+            if f"up_blocks.{level}.attentions.{j}.to_q.weight" in tensors:
+                pairs.append((f"up_blocks.{level}.attentions.{j}", f"output_blocks.{block}.1", "attn"))
+                slot = 2
+            if level != levels - 1 and j == per_level:
+                pairs.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{block}.{slot}.conv", "plain"))
+            block += 1
+    pairs += [("conv_norm_out", "out.0", "plain"), ("conv_out", "out.2", "plain"), ("class_embedding", "label_emb", "plain")]
+    return pairs
+
+
+def _check_unet_config(config: Dict[str, Any], where: str) -> None:
+    """Refuse the UNet2DModel options the guided-diffusion network cannot compute."""
+    unsupported = {
+        "time_embedding_type": ("positional",), "center_input_sample": (False, None), "resnet_time_scale_shift": ("default",),
+        "class_embed_type": (None,), "act_fn": ("silu",), "add_attention": (True, None), "num_train_timesteps": (None,),
     }
+    for key, allowed in unsupported.items():
+        if config.get(key, allowed[0]) not in allowed:
+            raise CheckpointError(f"{where}: UNet2DModel with {key}={config[key]!r} is not supported (only {allowed[0]!r})")
+    if int(config.get("norm_num_groups") or 32) != 32:
+        raise CheckpointError(f"{where}: UNet2DModel with {config['norm_num_groups']} GroupNorm groups is not supported (only 32)")
+    kinds = {"DownBlock2D", "AttnDownBlock2D"}
+    if not set(config["down_block_types"]) <= kinds or not set(config["up_block_types"]) <= {"UpBlock2D", "AttnUpBlock2D"}:
+        raise CheckpointError(f"{where}: UNet2DModel blocks {config['down_block_types']} / {config['up_block_types']}: only "
+                              "DownBlock2D, AttnDownBlock2D, UpBlock2D and AttnUpBlock2D are supported")
+    down_attention = [t.startswith("Attn") for t in config["down_block_types"]]
+    if [t.startswith("Attn") for t in config["up_block_types"]] != down_attention[::-1]:
+        raise CheckpointError(f"{where}: attention at different resolutions on the way down and up is not supported")
 
 
-class DiffusersTransformer(nn.Module):
-    """A routed (or plain) DiT-family model with the forward and attributes diffusers pipelines use.
+def unet_to_adm(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], where: str) -> Dict[str, torch.Tensor]:
+    _check_unet_config(config, where)
+    out: Dict[str, torch.Tensor] = {}
+    used = set()
 
-    ``DiTPipeline`` reads ``config.in_channels``, ``config.sample_size`` and ``config.out_channels``,
-    casts its latents to ``dtype``, calls ``forward(hidden_states, timestep=..., class_labels=...)``
-    and takes ``.sample`` of the output. Guidance is the pipeline's own."""
+    def move(theirs: str, ours: str, conv1d: bool = False):
+        for p in ("weight", "bias"):
+            name = f"{theirs}.{p}"
+            if name in tensors:
+                used.add(name)
+                value = tensors[name]
+                out[f"{ours}.{p}"] = value[..., None] if conv1d and p == "weight" else value
+
+    for theirs, ours, kind in _unet_modules(config, tensors):
+        if kind == "plain":
+            move(theirs, ours)
+        elif kind == "res":
+            for a, b in _RES_PAIRS:
+                move(f"{theirs}.{a}", f"{ours}.{b}")
+        else:
+            for a, b, conv1d in _ATTN_PAIRS:
+                move(f"{theirs}.{a}", f"{ours}.{b}", conv1d)
+            for p in ("weight", "bias"):
+                parts = [f"{theirs}.to_{n}.{p}" for n in "qkv"]
+                missing = [name for name in parts if name not in tensors]
+                if missing:
+                    raise CheckpointError(f"{where}: missing {missing[0]}; not a complete UNet2DModel")
+                used.update(parts)
+                joined = torch.cat([tensors[name] for name in parts])
+                out[f"{ours}.qkv.{p}"] = joined[..., None] if p == "weight" else joined
+    stray = sorted(set(tensors) - used)
+    if stray:
+        raise CheckpointError(f"{where}: {len(stray)} tensors this UNet2DModel reader does not know (e.g. {stray[0]})")
+    return out
+
+
+def adm_to_unet(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The inverse of ``unet_to_adm`` for a full-width network (``config`` is the UNet2DModel's)."""
+    probe = {f"{t}.to_q.weight" for t, o, kind in _unet_modules(config, _AllKeys()) if kind == "attn" and f"{o}.qkv.weight" in state_dict}
+    out: Dict[str, torch.Tensor] = {}
+    for theirs, ours, kind in _unet_modules(config, probe):
+        if kind == "plain":
+            pairs = [("", "", False)]
+        elif kind == "res":
+            pairs = [(f".{a}", f".{b}", False) for a, b in _RES_PAIRS]
+        else:
+            pairs = [(f".{a}", f".{b}", conv1d) for a, b, conv1d in _ATTN_PAIRS]
+            for p in ("weight", "bias"):
+                joined = state_dict[f"{ours}.qkv.{p}"]
+                for n, part in zip("qkv", joined.chunk(3)):
+                    out[f"{theirs}.to_{n}.{p}"] = (part[..., 0] if p == "weight" else part).contiguous()
+        for a, b, conv1d in pairs:
+            for p in ("weight", "bias"):
+                if f"{ours}{b}.{p}" in state_dict:
+                    value = state_dict[f"{ours}{b}.{p}"]
+                    out[f"{theirs}{a}.{p}"] = value[..., 0] if conv1d and p == "weight" else value
+    return out
+
+
+class _AllKeys:
+    """Answers yes to every membership test: the module list of a network with every attention."""
+
+    def __contains__(self, key):
+        return True
+
+
+def _unet_args(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
+    widths = config["block_out_channels"]
+    args: Dict[str, Any] = {
+        "model": "DDPM-UNet2DModel",
+        "define_the_model": True,
+        "attention_order": "new",  # to_q, to_k, to_v stack as [q of all heads | k | v]
+        "image_size": int(config["sample_size"]) if config.get("sample_size") else None,
+        "time_frequency_shift": int(config.get("freq_shift", 0)),
+        "time_sin_first": not bool(config.get("flip_sin_to_cos", True)),
+        "norm_eps": float(config.get("norm_eps", 1e-5)),
+        "downsample_padding": int(config.get("downsample_padding", 1)),
+    }
+    head_dim = config.get("attention_head_dim")
+    if head_dim:
+        args["num_head_channels"] = int(head_dim)
+    else:  # diffusers: one head as wide as the block
+        args["num_heads"] = 1
+    if config.get("num_class_embeds"):
+        args["num_classes"] = int(config["num_class_embeds"])
+    scheduler = folder.parent / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        args["beta_schedule"] = _scheduler_betas(json.loads(scheduler.read_text()), scheduler)
+    if widths[0] % 32:
+        raise CheckpointError(f"{folder}: UNet2DModel widths {widths} do not split into 32 GroupNorm groups")
+    return args
+
+
+def _scheduler_betas(scheduler: Dict[str, Any], where: Path) -> str:
+    kind = scheduler.get("beta_schedule", "linear")
+    if kind not in SCHEDULER_BETAS:
+        raise CheckpointError(f"{where}: beta schedule {kind!r} is not supported; only linear and squaredcos_cap_v2")
+    if int(scheduler.get("num_train_timesteps", 1000)) != 1000:
+        raise CheckpointError(f"{where}: {scheduler['num_train_timesteps']} training steps; only 1000 are supported")
+    if kind == "linear" and (abs(float(scheduler.get("beta_start", 1e-4)) - 1e-4) > 1e-12
+                             or abs(float(scheduler.get("beta_end", 0.02)) - 0.02) > 1e-12):
+        raise CheckpointError(f"{where}: linear betas from {scheduler.get('beta_start')} to {scheduler.get('beta_end')}; "
+                              "only DDPM's 1e-4 to 0.02 are supported")
+    return SCHEDULER_BETAS[kind]
+
+
+# ---------------------------------------------------------------------------------------------
+# The routed model, as diffusers pipelines call their denoisers.
+
+
+class _DiffusersDenoiser(nn.Module):
+    """A routed (or plain) DDPM-family model with the attributes diffusers pipelines read:
+    ``config.in_channels``, ``config.sample_size``, ``config.out_channels``, ``dtype``, ``device``."""
 
     def __init__(self, model: nn.Module, family):
         super().__init__()
         from types import SimpleNamespace
 
-        self.model = model
-        config = family.config
         if getattr(family, "alphas_cumprod", None) is None:
-            raise CheckpointError(f"a {family.name} model is not a DDPM noise predictor; diffusers' DiT pipelines "
-                                  "expect one (load it with format='cbs_convert')")
-        self.config = SimpleNamespace(
-            in_channels=config["in_channels"], sample_size=config["input_size"], patch_size=config["patch_size"],
-            out_channels=config["in_channels"] * (2 if config.get("learn_sigma") else 1),
-            num_embeds_ada_norm=family.num_classes(config) or None,
-        )
+            raise CheckpointError(f"a {family.name} model is not a DDPM noise predictor, which diffusers' DiT and DDPM "
+                                  "pipelines expect; load it with format='cbs_convert'")
+        self.model = model
+        channels, size, _ = family.sample_shape(family.config)
+        self.config = SimpleNamespace(in_channels=channels, sample_size=size,
+                                      out_channels=channels * (2 if family.config.get("learn_sigma") else 1),
+                                      num_embeds_ada_norm=family.num_classes(family.config) or None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,14 +404,44 @@ class DiffusersTransformer(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
+    def _denoise(self, x, timestep, class_labels):
         if timestep is None:
             raise ValueError("timestep is required")
         if not torch.is_tensor(timestep) or timestep.dim() == 0:
-            timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(1).expand(len(hidden_states))
-        out = self.model(hidden_states, timestep, class_labels)
+            timestep = torch.as_tensor(timestep, device=x.device).reshape(1).expand(len(x))
+        return self.model(x, timestep, class_labels)
+
+
+class DiffusersTransformer(_DiffusersDenoiser):
+    """As ``DiTPipeline`` calls its transformer; guidance is the pipeline's own."""
+
+    def forward(self, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None, return_dict=True):
+        out = self._denoise(hidden_states, timestep, class_labels)
         if not return_dict:
             return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=out)
+
+
+class DiffusersUNet(_DiffusersDenoiser):
+    """As ``DDPMPipeline`` and ``DDIMPipeline`` call their UNet2DModel."""
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        out = self._denoise(sample, timestep, class_labels)
+        if not return_dict:
+            return (out,)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
+
+
+#: the diffusers module each family's networks stand in for
+ADAPTERS = {"dit": DiffusersTransformer, "adm": DiffusersUNet}
+
+
+def as_diffusers(model: nn.Module, family) -> nn.Module:
+    if family.name not in ADAPTERS:
+        raise CheckpointError(f"a {family.name} model has no diffusers counterpart; diffusers pipelines take DiT "
+                              "(DiTPipeline) and UNet (DDPMPipeline, DDIMPipeline) models")
+    return ADAPTERS[family.name](model, family).eval()

@@ -273,16 +273,17 @@ def read_metadata(path) -> Dict[str, Any]:
 def load(path, device="cpu", format: str = "cbs_convert"):
     """Rebuild the routed model of a checkpoint written by cbs_convert, in eval mode.
 
-    ``format="diffusers"`` wraps a DiT-family result for diffusers pipelines
-    (``pipe.transformer = load(path, format="diffusers")``): their forward signature and output type.
+    ``format="diffusers"`` wraps a DiT or UNet result for diffusers pipelines
+    (``pipe.transformer = load(path, format="diffusers")``, or ``pipe.unet = ...``): their forward
+    signature and output type.
     """
     if format not in ("cbs_convert", "diffusers"):
         raise ValueError(f"format {format!r}: choose 'cbs_convert' or 'diffusers'")
     routed = _load_routed(path, device)
     if format == "diffusers":
-        from .diffusers_io import DiffusersTransformer
+        from .diffusers_io import as_diffusers
 
-        return DiffusersTransformer(routed, routed.family).eval()
+        return as_diffusers(routed, routed.family)
     return routed
 
 

@@ -124,3 +124,85 @@ def test_pruned_experts_stay_dits_of_diffusers_numerics(tmp_path):
     routed = cbs_convert.load(result.output)
     assert all(e.config.get("numerics") == "diffusers" for e in routed.experts)
     assert sum(p.numel() for p in routed.parameters()) < 2 * sum(p.numel() for p in model.parameters())
+
+
+# --- UNet2DModel: the original DDPM's layout, read as a guided-diffusion UNet -----------------
+
+UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            # the google/ddpm-* settings, each different from guided-diffusion's
+            norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
+
+
+def tiny_unet(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel(**{**UNET, **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def save_ddpm_folder(model, folder):
+    model.save_pretrained(folder / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    return folder
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_head_dim": 16}, {"num_class_embeds": 5}],
+                         ids=["ddpm", "heads of 16", "class-conditional"])
+def test_a_unet2dmodel_reads_as_the_same_function(tmp_path, overrides):
+    model = tiny_unet(**overrides)
+    source = read_checkpoint(save_ddpm_folder(model, tmp_path / "ddpm"))
+    family, notes = detect(source.state_dict, source.hints)
+    assert family.name == "adm" and family.config["downsample_padding"] == 0
+    ours = family.instantiate(family.config, source.state_dict).eval()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([999, 17])
+    y = torch.tensor([0, 4]) if overrides.get("num_class_embeds") else None
+    with torch.no_grad():
+        expected = model(x, t, class_labels=y).sample
+        got = ours(x, t, y)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (got - expected).abs().max()
+
+
+def test_unet_keys_round_trip():
+    from cbs_convert.diffusers_io import adm_to_unet, unet_to_adm
+
+    model = tiny_unet()
+    theirs = model.state_dict()
+    config = dict(model.config)
+    back = adm_to_unet(unet_to_adm(theirs, config, "tiny"), config)
+    assert back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
+def test_unsupported_unet_options_are_refused(tmp_path):
+    from cbs_convert import CheckpointError
+
+    model = tiny_unet(resnet_time_scale_shift="scale_shift")
+    with pytest.raises(CheckpointError, match="resnet_time_scale_shift"):
+        read_checkpoint(save_ddpm_folder(model, tmp_path / "ddpm"))
+
+
+def test_a_routed_unet_drops_into_the_ddpm_pipelines(tmp_path):
+    model = tiny_unet()
+    folder = save_ddpm_folder(model, tmp_path / "ddpm")
+    result = _convert_unpruned(tmp_path, folder)
+    routed = cbs_convert.load(result.output, format="diffusers")
+    assert routed.config.sample_size == 16 and routed.config.in_channels == 3
+    for pipeline in (diffusers.DDPMPipeline, diffusers.DDIMPipeline):
+        images = {}
+        for name, unet in (("source", model), ("routed", routed)):
+            scheduler = (diffusers.DDPMScheduler if pipeline is diffusers.DDPMPipeline else diffusers.DDIMScheduler)(num_train_timesteps=1000)
+            pipe = pipeline(unet=model, scheduler=scheduler)
+            pipe.unet = unet
+            images[name] = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                                output_type="np").images
+        assert abs(images["source"] - images["routed"]).max() < 1e-4, pipeline.__name__
+
+    pruned = cbs_convert.convert(folder, k=2, steps=0, out=str(tmp_path / "pruned.safetensors"), pool_size=8, grid=4,
+                                 profile_batches=1, profile_batch_size=4, calib_batches=1, eval_samples=4, ode_steps=3)
+    experts = cbs_convert.load(pruned.output).experts
+    assert all(e.config["downsample_padding"] == 0 and e.config["norm_eps"] == 1e-6 for e in experts)
+    assert any(sum(e.config["res_groups"]) < 32 * len(e.config["res_groups"]) for e in experts)

@@ -40,6 +40,11 @@ from .base import Family, NoisePredictionDDPM, UnitGroup, WidthKnob, check_keys,
 from .sit import timestep_embedding
 
 NORM_GROUPS = 32
+#: How guided-diffusion computes what the weights do not fix. The original DDPM UNet (diffusers'
+#: UNet2DModel) differs in each: sin before cos with frequencies over half - 1, GroupNorm eps 1e-6,
+#: and a stride-2 convolution that pads only the far side. A config naming other values rebuilds
+#: that network exactly.
+GUIDED_DIFFUSION_NUMERICS = {"time_frequency_shift": 0, "time_sin_first": False, "norm_eps": 1e-5, "downsample_padding": 1}
 DIFFUSION_STEPS = 1000
 ATTENTION_ORDERS = ("legacy", "new")
 
@@ -220,7 +225,7 @@ def complete_config(config: Dict[str, Any]) -> Dict[str, Any]:
     c = {
         "num_heads_upsample": -1, "resblock_updown": True, "conv_resample": True, "use_scale_shift_norm": True,
         "attention_order": "legacy", "num_classes": 0, "beta_schedule": "linear", "diffusion_steps": DIFFUSION_STEPS,
-        "use_checkpoint": False, "dropout": 0.0,
+        "use_checkpoint": False, "dropout": 0.0, **GUIDED_DIFFUSION_NUMERICS,
     }
     c.update(config)
     c["channel_mult"] = [int(m) if float(m).is_integer() else float(m) for m in c["channel_mult"]]
@@ -271,17 +276,18 @@ def _upsample(x):
 
 class ResBlock(nn.Module):
     def __init__(self, layer: Layer, inner_groups: int, emb_channels: int, scale_shift: bool, dropout: float,
-                 use_checkpoint: bool):
+                 use_checkpoint: bool, norm_eps: float = 1e-5):
         super().__init__()
         self.channels, self.out_channels = layer.channels, layer.out
         inner = _inner_width(layer, inner_groups)
         self.updown = layer.updown
         self.scale_shift = scale_shift
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(GroupNorm32(NORM_GROUPS, layer.channels), nn.SiLU(), nn.Conv2d(layer.channels, inner, 3, padding=1))
+        self.in_layers = nn.Sequential(GroupNorm32(NORM_GROUPS, layer.channels, eps=norm_eps), nn.SiLU(),
+                                       nn.Conv2d(layer.channels, inner, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * inner if scale_shift else inner))
         self.out_layers = nn.Sequential(
-            GroupNorm32(inner_groups, inner), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(inner, layer.out, 3, padding=1)
+            GroupNorm32(inner_groups, inner, eps=norm_eps), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(inner, layer.out, 3, padding=1)
         )
         self.skip_connection = nn.Identity() if layer.out == layer.channels else nn.Conv2d(layer.channels, layer.out, 1)
 
@@ -311,12 +317,12 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, layer: Layer, heads: int, order: str, use_checkpoint: bool):
+    def __init__(self, layer: Layer, heads: int, order: str, use_checkpoint: bool, norm_eps: float = 1e-5):
         super().__init__()
         self.heads, self.head_dim, self.order = heads, layer.head_dim, order
         self.use_checkpoint = use_checkpoint
         width = heads * layer.head_dim
-        self.norm = GroupNorm32(NORM_GROUPS, layer.channels)
+        self.norm = GroupNorm32(NORM_GROUPS, layer.channels, eps=norm_eps)
         self.qkv = nn.Conv1d(layer.channels, 3 * width, 1)
         self.proj_out = nn.Conv1d(width, layer.channels, 1)
 
@@ -341,11 +347,15 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int, use_conv: bool):
+    def __init__(self, channels: int, use_conv: bool, padding: int = 1):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+        # padding 0: the original DDPM's (and diffusers') pad of one row and column at the far side
+        self.pad_far_side = use_conv and padding == 0
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if use_conv else nn.AvgPool2d(2, 2)
 
     def forward(self, x):
+        if self.pad_far_side:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.op(x)
 
 
@@ -392,18 +402,19 @@ class ADMUNet(nn.Module):
             if layer.kind == "conv_in":
                 return nn.Conv2d(layer.channels, layer.out, 3, padding=1)
             if layer.kind == "res":
-                return ResBlock(layer, c["res_groups"][layer.index], emb, c["use_scale_shift_norm"], c["dropout"], c["use_checkpoint"])
+                return ResBlock(layer, c["res_groups"][layer.index], emb, c["use_scale_shift_norm"], c["dropout"],
+                                c["use_checkpoint"], c["norm_eps"])
             if layer.kind == "attn":
-                return AttentionBlock(layer, c["attn_heads"][layer.index], c["attention_order"], c["use_checkpoint"])
+                return AttentionBlock(layer, c["attn_heads"][layer.index], c["attention_order"], c["use_checkpoint"], c["norm_eps"])
             if layer.kind == "down":
-                return Downsample(layer.channels, c["conv_resample"])
+                return Downsample(layer.channels, c["conv_resample"], c["downsample_padding"])
             return Upsample(layer.channels, c["conv_resample"])
 
         self.input_blocks = nn.ModuleList(TimestepEmbedSequential(*map(make, b)) for b in lay.input_blocks)
         self.middle_block = TimestepEmbedSequential(*map(make, lay.middle_block))
         self.output_blocks = nn.ModuleList(TimestepEmbedSequential(*map(make, b)) for b in lay.output_blocks)
         ch = lay.final_channels
-        self.out = nn.Sequential(GroupNorm32(NORM_GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, c["out_channels"], 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(NORM_GROUPS, ch, eps=c["norm_eps"]), nn.SiLU(), nn.Conv2d(ch, c["out_channels"], 3, padding=1))
         # PyTorch's default init rather than guided-diffusion's zeroed output convolutions: a freshly
         # built model must compute something non-trivial (tests); checkpoints overwrite all of it.
 
@@ -415,7 +426,11 @@ class ADMUNet(nn.Module):
             )
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
+        features = timestep_embedding(timesteps, self.model_channels, frequency_shift=self.config["time_frequency_shift"])
+        if self.config["time_sin_first"]:
+            half = self.model_channels // 2
+            features = torch.cat([features[:, half: 2 * half], features[:, :half], features[:, 2 * half:]], dim=1)
+        emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
         if self.num_classes:
             emb = emb + self.label_emb(y)
         skips = []
@@ -504,6 +519,10 @@ class ADMFamily(NoisePredictionDDPM, Family):
         facts = PUBLISHED.get(published, {})
         tag = f"published layout {published.upper().replace('_', '-')}" if published else None
         base.update(cls._hidden_facts(hints, facts, tag, notes))
+        numerics = {k: hints[f"args_{k}"] for k in GUIDED_DIFFUSION_NUMERICS if hints.get(f"args_{k}") is not None}
+        if numerics and numerics != {k: GUIDED_DIFFUSION_NUMERICS[k] for k in numerics}:
+            base.update(numerics)
+            notes.append("numerics of the original DDPM UNet: " + ", ".join(f"{k} {v}" for k, v in sorted(numerics.items())))
         levels = len(base["channel_mult"])
         image_size, origin = setting(hints, "image_size")
         if image_size:
@@ -650,8 +669,9 @@ class ADMFamily(NoisePredictionDDPM, Family):
     def saved_args(self, config):
         c = complete_config(config)
         heads = {"num_head_channels": c["num_head_channels"]} if c["num_head_channels"] > 0 else {"num_heads": c["num_heads"]}
+        numerics = {k: c[k] for k, v in GUIDED_DIFFUSION_NUMERICS.items() if c[k] != v}
         return {"model": "ADM-pruned", **heads, "attention_order": c["attention_order"],
-                "beta_schedule": c["beta_schedule"], "image_size": c["image_size"]}
+                "beta_schedule": c["beta_schedule"], "image_size": c["image_size"], **numerics}
 
     def recipe_name(self, config):
         name = _published_name(config)

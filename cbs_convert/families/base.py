@@ -336,11 +336,12 @@ def schedule_and_derivative(schedule, t: torch.Tensor):
 def setting(hints: Dict[str, Any], name: str) -> Tuple[Any, Optional[str]]:
     """A setting the weights do not show: the user's flag first, then the checkpoint's saved args.
 
-    Returns (value, origin) with origin "given" or "checkpoint args", or (None, None)."""
+    Returns (value, origin) with origin "given", "checkpoint args", or "model config" when the args are
+    a config that defines the network (diffusers'), not a claim about it; or (None, None)."""
     if hints.get(name) is not None:
         return hints[name], "given"
     if hints.get(f"args_{name}") is not None:
-        return hints[f"args_{name}"], "checkpoint args"
+        return hints[f"args_{name}"], "model config" if hints.get("args_define_the_model") else "checkpoint args"
     return None, None
 
 

@@ -290,8 +290,8 @@ class TransformerFamily(Family):
                     f"the checkpoint's args give {heads} attention heads, but {hints['args_model']} has "
                     f"{published_heads}; pass --num-heads to say which is right"
                 )
-            if origin == "given":
-                notes.append(f"{heads} attention heads (given)")
+            if origin in ("given", "model config"):
+                notes.append(f"{heads} attention heads ({origin})")
             elif published_heads is not None:
                 notes.append(f"{heads} attention heads (checkpoint args, as published for {hints['args_model']})")
             else:

@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample a routed checkpoint or a source checkpoint for FID: shards per rank under torchrun, "
         "resumable, one .npz (arr_0: uint8 NHWC) at the end.",
     )
-    p.add_argument("model", help="a routed .safetensors file written by cbs_convert, or a source checkpoint")
+    p.add_argument("model", help="a routed .safetensors file written by cbs_convert, or a source checkpoint "
+                   "(file, or a diffusers DiT / UNet2DModel folder)")
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch (per rank and step of the loop)")
     p.add_argument("--out", help="the .npz to write (default: named after the model and the settings)")
@@ -225,8 +226,8 @@ def _run(args) -> List[str]:
     from ..ranks import barrier, distributed, resolve_device
 
     model_path = Path(args.model)
-    if not model_path.is_file():
-        raise CheckpointError(f"{args.model} is not a file; give a routed .safetensors or a source checkpoint")
+    if not model_path.exists():
+        raise CheckpointError(f"{args.model}: no such file or folder; give a routed .safetensors or a source checkpoint")
     rank, world = distributed()
     device = resolve_device(args.device)
     hints = {"family": args.family, "num_heads": args.num_heads, "path": args.path}
