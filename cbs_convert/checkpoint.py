@@ -170,8 +170,22 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def read_checkpoint(path) -> SourceCheckpoint:
+def bundled_or_given(path) -> Path:
+    """A bundled teacher by its name (``digits_sit``, ``fmnist_sit.safetensors``) when no such file is
+    here, so the demo runs from any directory after any install; otherwise the path as given."""
     path = Path(path)
+    if path.exists() or path.parent != Path("."):
+        return path
+    from .metrics import ASSETS
+
+    for candidate in (ASSETS / path.name, ASSETS / f"{path.name}.safetensors"):
+        if candidate.is_file() and "_sit" in candidate.stem:
+            return candidate
+    return path
+
+
+def read_checkpoint(path) -> SourceCheckpoint:
+    path = bundled_or_given(path)
     from .diffusers_io import read_diffusers
 
     found = read_diffusers(path) if path.exists() else None

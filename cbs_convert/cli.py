@@ -18,7 +18,22 @@ from .recipe import FIELDS, Recipe, _base_type, coerce, read_recipe_file
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {message}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """For a mistyped flag, the known flag it most resembles, as recipe keys get."""
+        import difflib
+        import re
+
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        guesses = []
+        for typed in re.findall(r"(--?[A-Za-z][\w-]*)", message.split(":", 1)[-1]):
+            if typed in known:
+                continue
+            close = difflib.get_close_matches(typed.replace("_", "-"), known, n=1, cutoff=0.6)
+            if close:
+                guesses.append(f"{typed}: did you mean {close[0]}?")
+        return f"; {'; '.join(guesses)}" if guesses else ""
 
 
 def _default_text(f) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import read_checkpoint
+from .checkpoint import bundled_or_given, read_checkpoint
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
@@ -56,6 +56,41 @@ def work_files(k: int) -> List[str]:
         names += [f"pruned/expert_{e}.safetensors", f"pruned/expert_{e}.kept.json", f"finetune/expert_{e}.safetensors",
                   f"finetune/expert_{e}.state.pt", f"finetune/expert_{e}.log.json"]
     return names
+
+
+#: a loss still falling this much (relative) over the last 40% of training: the expert is clearly short of
+#: training (a distillation loss keeps creeping down for long; the default 600 steps leave ~10% on the
+#: bundled digits teacher, within 20% of its FD)
+STILL_IMPROVING = 0.15
+#: a routed model whose FD is this much above its teacher's (relative) is clearly under-trained
+CLEARLY_WORSE_FD = 0.25
+
+
+def late_improvement(losses: List[float]) -> Optional[float]:
+    """How much the loss fell from the 20% of steps before the last 20% to the last 20% (relative);
+    None for a run too short to tell. Minibatch noise averages out over each fifth."""
+    fifth = len(losses) // 5
+    if fifth < 4:
+        return None
+    earlier, last = float(np.mean(losses[-2 * fifth:-fifth])), float(np.mean(losses[-fifth:]))
+    return 1 - last / earlier if earlier > 0 else None
+
+
+def undertraining_verdicts(report: Dict[str, Any]) -> List[str]:
+    """Warnings where the experts are measurably short of training, each with its measurement."""
+    verdicts = []
+    steps = report["finetune"]["settings"]["steps"]
+    for k, expert in enumerate(report["finetune"]["experts"]):
+        drop = expert.get("late_improvement")
+        if drop is not None and drop > STILL_IMPROVING:
+            verdicts.append(f"expert {k} was still improving when fine-tuning stopped: its loss fell {drop:.0%} over the "
+                            f"last 40% of its {expert['steps_run']} steps; more --steps (now {steps}) would help")
+    quality = report.get("sample_quality") or {}
+    if "delta_fd" in quality and quality["delta_fd"] > CLEARLY_WORSE_FD * quality["teacher"]["fd"]:
+        verdicts.append(f"the routed model samples clearly worse than its teacher: FD {quality['converted']['fd']:.2f} "
+                        f"against {quality['teacher']['fd']:.2f} on the same {quality['samples']} noises (ΔFD "
+                        f"{quality['delta_fd']:+.2f}); the experts are under-trained at --steps {steps}, more steps would help")
+    return verdicts
 
 
 def _read_json(path: Path):
@@ -110,6 +145,7 @@ class Conversion:
             raise RecipeError("no checkpoint given: python -m cbs_convert CHECKPOINT --k K")
         k = settings.get("k", Recipe.k)
         self.output = Path(settings.get("out") or default_output(settings["checkpoint"], k))
+        settings = self.user_settings = {**settings, "checkpoint": str(bundled_or_given(settings["checkpoint"]))}
         self.workdir = Path(settings.get("workdir") or str(self.output) + ".work")
         self.work = WorkDir(self.workdir)
         source_path = Path(settings["checkpoint"])
@@ -422,7 +458,7 @@ class Conversion:
                          for start in range(0, len(losses), stretch)]
                 entry.update(steps_run=log.get("steps_run", len(losses)), seconds=log.get("seconds"),
                              loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-                             loss_curve=curve)
+                             loss_curve=curve, late_improvement=late_improvement(losses))
             experts.append(entry)
         return {"settings": settings, "experts": experts}
 
@@ -520,6 +556,9 @@ class Conversion:
         quality = self.sample_quality()
         if quality is not None:
             report["sample_quality"] = quality
+        for verdict in undertraining_verdicts(report):
+            self.warn(verdict)  # said now, and listed with the report's other warnings
+        report["warnings"] = self.warnings
         report["workdir"] = self.tidy_workdir()
         files = write_reports(report, self.output)
         return ConversionResult(self.output, report, files)

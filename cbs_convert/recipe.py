@@ -58,7 +58,7 @@ class Recipe:
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
     # fine-tuning
-    steps: int = field(default=100, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
+    steps: int = field(default=600, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
     batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -170,8 +170,11 @@ def read_recipe_file(path) -> Dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if not path.is_file() and path.parent == Path("."):  # a bundled recipe by its name, from anywhere
+        path = next((c for c in (BUNDLED / path.name, BUNDLED / f"{path.name}.yaml") if c.is_file()), path)
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe not found")
+        bundled = ", ".join(sorted(p.stem for p in BUNDLED.glob("*.yaml")))
+        raise RecipeError(f"{path}: recipe not found; bundled recipes, usable by name: {bundled}")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -85,9 +85,50 @@ def test_a_conversion_of_the_bundled_digits_teacher_reports_its_sample_quality_a
     assert quality["delta_fd"] == quality["converted"]["fd"] - quality["teacher"]["fd"]
     assert "samples (500, same noise, digits classifier)" in stdout
     assert "## Sample quality" in out.with_name("digits.report.md").read_text()
+    # 12 steps leave the experts far from the teacher, and the run says so with the measured gap
+    verdict = [w for w in json.loads(out.with_name("digits.report.json").read_text())["warnings"] if "clearly worse" in w]
+    assert len(verdict) == 1 and f"{quality['delta_fd']:+.2f}" in verdict[0] and "--steps 12" in verdict[0]
+    assert "clearly worse" in err
 
     source, _ = tiny_pt
     other = tmp_path / "o.safetensors"
     code, stdout, err = cli([source, "--k", "2", "--out", other, *QUICK], capsys)
     assert code == 0, err
     assert "sample_quality" not in json.loads(other.with_name("o.report.json").read_text())
+
+
+def test_a_loss_still_falling_at_the_end_is_called_under_training_and_a_flat_one_is_not():
+    from cbs_convert.pipeline import late_improvement, undertraining_verdicts
+
+    falling = [1.0 / (1 + 0.01 * i) for i in range(500)]
+    flat = [0.1 + 0.001 * ((-1) ** i) for i in range(500)]
+    assert late_improvement(falling) > 0.15 and abs(late_improvement(flat)) < 0.01
+    assert late_improvement(falling[:15]) is None  # too short to tell
+    report = {"finetune": {"settings": {"steps": 500}, "experts": [
+        {"trained": True, "steps_run": 500, "late_improvement": late_improvement(falling)},
+        {"trained": True, "steps_run": 500, "late_improvement": late_improvement(flat)},
+        {"trained": False}]}}
+    verdicts = undertraining_verdicts(report)
+    assert len(verdicts) == 1 and verdicts[0].startswith("expert 0 was still improving") and "--steps (now 500)" in verdicts[0]
+    report["sample_quality"] = {"samples": 500, "teacher": {"fd": 10.0}, "converted": {"fd": 11.0}, "delta_fd": 1.0}
+    assert len(undertraining_verdicts(report)) == 1  # 10% worse: within what the experts can be expected to reach
+    report["sample_quality"].update(converted={"fd": 17.0}, delta_fd=7.0)
+    assert any("clearly worse" in v and "+7.00" in v for v in undertraining_verdicts(report))
+
+
+def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
+    code, _, err = cli(["x.pt", "--stpes", "3", "--num_heads", "2"], capsys)
+    assert code == 2
+    assert "--stpes: did you mean --steps?" in err and "--num_heads: did you mean --num-heads?" in err
+
+
+def test_the_bundled_teacher_and_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    from cbs_convert.recipe import read_recipe_file
+
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = cli(["profile", "digits_sit", "--k", "2", *QUICK], capsys)
+    assert code == 0, err
+    assert (tmp_path / "digits_sit-cbs-k2.preview.report.json").is_file()
+    assert read_recipe_file("sit_xl_2_k4.yaml")["k"] == 4 and read_recipe_file("sit_xl_2_k4")["k"] == 4
+    code, _, err = cli(["digits_sit", "--recipe", "no_such_recipe.yaml"], capsys)
+    assert code == 2 and "recipe not found" in err and "sit_xl_2_k4" in err

@@ -28,7 +28,9 @@ SHARD_MARKER = "cbs_convert_samples.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ..cli import _Parser
+
+    p = _Parser(
         prog="python -m cbs_convert.sample",
         description="Sample a routed checkpoint or a source checkpoint for FID: shards per rank under torchrun, "
         "resumable, one .npz (arr_0: uint8 NHWC) at the end.",
@@ -225,7 +227,9 @@ def _run(args) -> List[str]:
     from ..loading import load_model
     from ..ranks import barrier, distributed, resolve_device
 
-    model_path = Path(args.model)
+    from ..checkpoint import bundled_or_given
+
+    model_path = bundled_or_given(args.model)
     if not model_path.exists():
         raise CheckpointError(f"{args.model}: no such file or folder; give a routed .safetensors or a source checkpoint")
     rank, world = distributed()
