@@ -31,7 +31,7 @@ from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
 from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
 from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
-from .routed import save_routed_from_files, save_safetensors_atomic
+from .routed import run_description, save_routed_from_files, save_safetensors_atomic
 from .sample import sample_ode
 from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
 from .workdir import MARKER, WorkDir
@@ -543,12 +543,7 @@ class Conversion:
         layout = getattr(self, "layout", None)
         report["ranks"] = (layout or plan_ranks(1, r.k, r.batch_size)).to_dict()
         self.say(f"writing {self.output}")
-        extra = {
-            "profile": report["profile"],
-            "split": report["split"],
-            "source": {k: report["source"][k] for k in ("sha256", "params", "architecture", "container")},
-            "recipe": report["recipe"],
-        }
+        extra = run_description(self.family, self.source, report["profile"], report["split"], report["recipe"])
         save_routed_from_files(
             self.output, self.family, [self.expert_file(k) for k in range(r.k)], self.expert_configs,
             self.split_result.boundaries, extra=extra,

@@ -148,6 +148,22 @@ def routed_metadata(
     return meta
 
 
+def run_description(family: Family, source=None, profile=None, split=None, recipe=None) -> Dict[str, Any]:
+    """The entries a conversion adds to a routed file's metadata beside the routing: the profile,
+    the split, the source (hash, size, architecture, container) and the recipe; whatever is given."""
+    extra: Dict[str, Any] = {}
+    if profile is not None:
+        extra["profile"] = profile if isinstance(profile, dict) else profile.to_dict()
+    if split is not None:
+        extra["split"] = split if isinstance(split, dict) else split.to_dict()
+    if source is not None:
+        extra["source"] = {"sha256": source.sha256, "params": int(family.param_count(family.config)),
+                           "architecture": family.describe(family.config), "container": source.container}
+    if recipe is not None:
+        extra["recipe"] = recipe if isinstance(recipe, dict) else recipe.to_dict()
+    return extra
+
+
 def save_routed(
     path,
     family: Family,
@@ -156,11 +172,21 @@ def save_routed(
     boundaries: Sequence[float],
     extra: Optional[Dict[str, Any]] = None,
     overwrite: bool = True,
+    *,
+    source=None,
+    profile=None,
+    split=None,
+    recipe=None,
 ) -> Path:
-    """Write the routed checkpoint atomically; ``extra`` adds profile, source and recipe entries."""
+    """Write the routed checkpoint atomically.
+
+    ``source`` (what ``read_checkpoint`` returned), ``profile``, ``split`` and ``recipe`` are recorded
+    as the CLI records them, so ``python -m cbs_convert info`` shows a library-made file fully;
+    ``extra`` adds any other entries."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise WorkdirError(f"{path} exists; pass --force to overwrite it")
+    extra = {**run_description(family, source, profile, split, recipe), **(extra or {})}
     tensors = {f"experts.{k}.{key}": value for k, sd in enumerate(expert_state_dicts) for key, value in sd.items()}
     meta = routed_metadata(family, expert_configs, boundaries, extra)
     save_safetensors_atomic(tensors, path, {METADATA_KEY: json.dumps(meta)})

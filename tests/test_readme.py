@@ -33,3 +33,8 @@ def test_the_readme_library_example_runs_against_the_bundled_teacher(tmp_path, m
     with torch.no_grad():
         out = routed(x, routed.family.native_time(torch.tensor([0.1, 0.4, 0.6, 0.9])), torch.arange(4))
     assert out.shape == x.shape and torch.isfinite(out).all()
+    # the file says what the CLI's files say: where it came from, the profile and the split
+    meta = routed.metadata
+    assert meta["source"]["sha256"] == namespace["source"].sha256 and meta["source"]["params"] == 1_274_372
+    assert meta["split"]["boundaries"] == namespace["split"].boundaries
+    assert meta["profile"]["grid"] == namespace["prof"].to_dict()["grid"]
