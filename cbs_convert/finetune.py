@@ -62,6 +62,7 @@ class FinetuneResult:
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
     steps_run: int = 0
+    peak_cuda_bytes: Optional[int] = None  # the most CUDA memory this expert's training held at once
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -130,7 +131,7 @@ def finetune_expert(
         losses = list(state["losses"])
     use_bf16 = settings.bf16 and device.type == "cuda"
     forward = student
-    if members > 1:
+    if group is not None:  # a group of one runs through DDP too, so that path is exercised on one device
         from torch.nn.parallel import DistributedDataParallel
 
         # gradients averaged over the group's equal slices: the full batch's mean gradient
@@ -141,6 +142,8 @@ def finetune_expert(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=settings.steps, initial=start, desc=description, unit="step", dynamic_ncols=True, leave=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     began = time.time()
     ran = 0
     for step in range(start, settings.steps):
@@ -209,7 +212,8 @@ def finetune_expert(
             break
     if bar is not None:
         bar.close()
-    return FinetuneResult(model=ema, losses=losses, seconds=time.time() - began, steps_run=ran)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return FinetuneResult(model=ema, losses=losses, seconds=time.time() - began, steps_run=ran, peak_cuda_bytes=peak)
 
 
 @torch.no_grad()

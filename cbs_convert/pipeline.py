@@ -412,7 +412,8 @@ class Conversion:
             if not writer:
                 del student, result, weights
                 continue
-            atomic_write_json(self.work.path(f"finetune/expert_{k}.log.json"), {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run})
+            atomic_write_json(self.work.path(f"finetune/expert_{k}.log.json"), {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run,
+                                                                                 "peak_cuda_bytes": result.peak_cuda_bytes})
             save_safetensors_atomic(result.model.state_dict(), final)
             self.work.remove([f"finetune/expert_{k}.state.pt"])  # the weights are saved: the state is spent
             del student, result, weights
@@ -457,6 +458,7 @@ class Conversion:
                 curve = [(start + stretch, float(np.mean(losses[start:start + stretch])))
                          for start in range(0, len(losses), stretch)]
                 entry.update(steps_run=log.get("steps_run", len(losses)), seconds=log.get("seconds"),
+                             peak_cuda_bytes=log.get("peak_cuda_bytes"),
                              loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                              loss_curve=curve, late_improvement=late_improvement(losses))
             experts.append(entry)

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -58,3 +60,27 @@ def test_quick_probe_benchmark_times_both_derivatives_and_compares_their_curves(
     # the two ways of differentiating agree on a trained model far inside the curve's own noise
     assert result["agreement"]["dirichlet"]["max_difference_in_stderr"] < 0.5
     assert "goal <= 3x" in capsys.readouterr().out
+
+
+def _gpu_check_holds(result):
+    conversion = result["conversion"]
+    assert len(conversion["experts"]) == 2 and conversion["profile_s"] > 0
+    for expert in conversion["experts"]:
+        assert expert["steps_per_s"] > 0 and expert["error_after"] < expert["error_before"]
+    assert result["finetune_overhead"]["ratio"] > 0 and result["router_overhead"]["ratio"] > 0
+    # a process group of one gives the weights of no group at all
+    assert result["data_parallel"]["weights_rel_distance"] < 1e-6
+
+
+def test_quick_gpu_check_runs_every_part_on_whatever_device_there_is(capsys):
+    import gpu_check
+
+    _gpu_check_holds(gpu_check.main(["--quick"]))
+    assert "data-parallel path (DDP, 1 process)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_at_the_small_size(tmp_path):
+    import gpu_check
+
+    _gpu_check_holds(gpu_check.main(["--size", "small", "--json", str(tmp_path / "check.json")]))
