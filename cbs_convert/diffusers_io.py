@@ -104,6 +104,18 @@ def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, An
 
 
 def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
+    index = folder / f"{WEIGHT_FILES[0]}.index.json"
+    if index.is_file():  # weights saved in shards (save_pretrained's max_shard_size)
+        from safetensors.torch import load_file
+
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors = {}
+            for shard in shards:
+                tensors.update(load_file(str(folder / shard), device="cpu"))
+        except Exception as exc:
+            raise CheckpointError(f"{index}: its shards are not all readable ({str(exc).splitlines()[0][:200]})") from None
+        return tensors, index
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{folder}: a diffusers config without weights; expected {WEIGHT_FILES[0]} beside it")

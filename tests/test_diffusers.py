@@ -48,12 +48,19 @@ def test_the_keys_round_trip_both_ways():
     assert back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
 
 
-@pytest.mark.parametrize("given", ["pipeline folder", "model folder", "weights file"])
+@pytest.mark.parametrize("given", ["pipeline folder", "model folder", "weights file", "sharded weights"])
 def test_a_diffusers_dit_reads_as_the_same_function(tmp_path, given):
     model = tiny_diffusers_dit()
     folder = save_pipeline_folder(model, tmp_path / "pipe")
+    if given == "sharded weights":
+        import shutil
+
+        shutil.rmtree(folder / "transformer")
+        model.save_pretrained(folder / "transformer", max_shard_size="20KB")
+        assert len(list((folder / "transformer").glob("*.safetensors"))) > 1
     path = {"pipeline folder": folder, "model folder": folder / "transformer",
-            "weights file": folder / "transformer" / "diffusion_pytorch_model.safetensors"}[given]
+            "weights file": folder / "transformer" / "diffusion_pytorch_model.safetensors",
+            "sharded weights": folder}[given]
     source = read_checkpoint(path)
     assert source.container.startswith("diffusers folder")
     family, notes = detect(source.state_dict, source.hints)

@@ -117,6 +117,8 @@ def test_a_rerun_with_other_settings_is_refused_and_the_samples_kept(tmp_path):
     (["--class", "10"], "--class 10: the model has 10 classes"),
     (["--out", "x.png"], "name it *.npz"),
     (["--respacing", "ddim7"], "--respacing applies to --sampler ddpm or ddim only"),
+    (["--steps", "-3"], "--steps -3: a sampler takes at least 1 step"),
+    (["--sampler", "sde", "--last-step", "1.5"], "--last-step 1.5 must lie between 0 and 1"),
 ])
 def test_bad_requests_get_one_line_and_exit_2(tmp_path, flags, expected):
     result = sample_cli([DIGITS, *FAST, *flags], tmp_path)

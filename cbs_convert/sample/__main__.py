@@ -146,6 +146,12 @@ def default_out(model: Path, settings: Dict) -> Path:
 def _check(args, family, settings) -> None:
     if args.num_samples < 1 or args.batch_size < 1:
         raise RecipeError("--num-samples and --batch-size must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
+    if not 0 < args.last_step < 1:
+        raise RecipeError(f"--last-step {args.last_step:g} must lie between 0 and 1 (SiT's default is 0.04)")
+    if args.eta < 0 or args.diffusion_norm < 0:
+        raise RecipeError("--eta and --diffusion-norm must not be negative")
     if settings["sampler"] in ("ddpm", "ddim") and getattr(family, "alphas_cumprod", None) is None:
         raise RecipeError(f"--sampler {settings['sampler']} needs a model trained as a discrete DDPM (DiT, ADM); "
                           f"a {family.name} model samples with --sampler ode or sde")
