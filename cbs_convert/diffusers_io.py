@@ -228,9 +228,11 @@ _RES_PAIRS = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_pro
 _ATTN_PAIRS = [("group_norm", "norm", False), ("to_out.0", "proj_out", True)]
 
 
-def _unet_modules(config: Dict[str, Any], tensors) -> list:
+def _unet_modules(config: Dict[str, Any]) -> list:
     """(diffusers module, ADM module, kind) for every module, in both networks' construction order."""
     levels = len(config["block_out_channels"])
+    down_attention = [kind.startswith("Attn") for kind in config["down_block_types"]]
+    up_attention = [kind.startswith("Attn") for kind in config["up_block_types"]]
     per_level = int(config["layers_per_block"])
     pairs = [("conv_in", "input_blocks.0.0", "plain"), ("time_embedding.linear_1", "time_embed.0", "plain"),
              ("time_embedding.linear_2", "time_embed.2", "plain")]
@@ -238,7 +240,7 @@ def _unet_modules(config: Dict[str, Any], tensors) -> list:
     for level in range(levels):
         for j in range(per_level):
             pairs.append((f"down_blocks.{level}.resnets.{j}", f"input_blocks.{block}.0", "res"))
-            if f"down_blocks.{level}.attentions.{j}.to_q.weight" in tensors:
+            if down_attention[level]:
                 pairs.append((f"down_blocks.{level}.attentions.{j}", f"input_blocks.{block}.1", "attn"))
             block += 1
         if level != levels - 1:
@@ -251,7 +253,7 @@ def _unet_modules(config: Dict[str, Any], tensors) -> list:
         for j in range(per_level + 1):
             pairs.append((f"up_blocks.{level}.resnets.{j}", f"output_blocks.{block}.0", "res"))
             slot = 1
-            if f"up_blocks.{level}.attentions.{j}.to_q.weight" in tensors:
+            if up_attention[level]:
                 pairs.append((f"up_blocks.{level}.attentions.{j}", f"output_blocks.{block}.1", "attn"))
                 slot = 2
             if level != levels - 1 and j == per_level:
@@ -294,7 +296,7 @@ def unet_to_adm(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], where:
                 value = tensors[name]
                 out[f"{ours}.{p}"] = value[..., None] if conv1d and p == "weight" else value
 
-    for theirs, ours, kind in _unet_modules(config, tensors):
+    for theirs, ours, kind in _unet_modules(config):
         if kind == "plain":
             move(theirs, ours)
         elif kind == "res":
@@ -319,9 +321,8 @@ def unet_to_adm(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], where:
 
 def adm_to_unet(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """The inverse of ``unet_to_adm`` for a full-width network (``config`` is the UNet2DModel's)."""
-    probe = {f"{t}.to_q.weight" for t, o, kind in _unet_modules(config, _AllKeys()) if kind == "attn" and f"{o}.qkv.weight" in state_dict}
     out: Dict[str, torch.Tensor] = {}
-    for theirs, ours, kind in _unet_modules(config, probe):
+    for theirs, ours, kind in _unet_modules(config):
         if kind == "plain":
             pairs = [("", "", False)]
         elif kind == "res":
@@ -338,13 +339,6 @@ def adm_to_unet(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> 
                     value = state_dict[f"{ours}{b}.{p}"]
                     out[f"{theirs}{a}.{p}"] = value[..., 0] if conv1d and p == "weight" else value
     return out
-
-
-class _AllKeys:
-    """Answers yes to every membership test: the module list of a network with every attention."""
-
-    def __contains__(self, key):
-        return True
 
 
 def _unet_args(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
