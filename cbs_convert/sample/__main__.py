@@ -249,8 +249,12 @@ def _run(args) -> List[str]:
     if out.suffix != ".npz":
         raise RecipeError(f"--out {out}: the evaluator reads .npz files; name it *.npz")
     shards = out.with_name(out.name + ".shards")
-    _open_shards(shards, settings, rank)
+    # rank 0 makes or checks the folder first; torchrun stops the others if it refuses
+    if rank == 0:
+        _open_shards(shards, settings, rank)
     barrier(world)
+    if rank != 0:
+        _open_shards(shards, settings, rank)
 
     batches = math.ceil(args.num_samples / args.batch_size)
     mine = [b for b in range(rank, batches, world) if not _readable(shard_path(shards, b))]
