@@ -89,12 +89,15 @@ def test_a_conversion_of_the_bundled_digits_teacher_reports_its_sample_quality_a
     verdict = [w for w in json.loads(out.with_name("digits.report.json").read_text())["warnings"] if "clearly worse" in w]
     assert len(verdict) == 1 and f"{quality['delta_fd']:+.2f}" in verdict[0] and "--steps 12" in verdict[0]
     assert "clearly worse" in err
+    # the bundled teacher's head count is its own, not a claim to warn about; a stranger's file's is
+    assert "cannot confirm" not in err
 
     source, _ = tiny_pt
     other = tmp_path / "o.safetensors"
     code, stdout, err = cli([source, "--k", "2", "--out", other, *QUICK], capsys)
     assert code == 0, err
     assert "sample_quality" not in json.loads(other.with_name("o.report.json").read_text())
+    assert "4 attention heads taken from the checkpoint's args, which the weights cannot confirm" in err
 
 
 def test_a_loss_still_falling_at_the_end_is_called_under_training_and_a_flat_one_is_not():

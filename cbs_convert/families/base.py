@@ -337,7 +337,8 @@ def setting(hints: Dict[str, Any], name: str) -> Tuple[Any, Optional[str]]:
     """A setting the weights do not show: the user's flag first, then the checkpoint's saved args.
 
     Returns (value, origin) with origin "given", "checkpoint args", or "model config" when the args are
-    a config that defines the network (diffusers'), not a claim about it; or (None, None)."""
+    a config that defines the network (a diffusers config, a bundled teacher's args), not a claim about it;
+    or (None, None)."""
     if hints.get(name) is not None:
         return hints[name], "given"
     if hints.get(f"args_{name}") is not None:
