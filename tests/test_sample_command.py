@@ -104,6 +104,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
 def test_a_rerun_with_other_settings_is_refused_and_the_samples_kept(tmp_path):
     first = sample_cli([DIGITS, *FAST, "--out", "s.npz", "--keep-shards"], tmp_path)
     assert first.returncode == 0, first.stderr
+    (tmp_path / "s.npz").unlink()  # as after an interruption: shards, no output yet
     other = sample_cli([DIGITS, *FAST, "--out", "s.npz", "--seed", "3"], tmp_path)
     assert other.returncode == 2
     assert other.stderr.strip().splitlines()[-1].startswith("error: ") and "seed differ" in other.stderr
@@ -146,3 +147,20 @@ def test_a_routed_file_and_its_source_sample_through_one_command(tmp_path):
         stored = np.load(tmp_path / f"{name}.npz")
         assert "arr_0" not in stored.files and stored["latents"].shape == (6, 4, 8, 8)
         assert np.isfinite(stored["latents"]).all()
+
+
+def test_an_existing_output_or_the_model_itself_is_never_overwritten(tmp_path):
+    import shutil
+
+    model = tmp_path / "model.npz"  # a model whose name looks like an output
+    shutil.copy(DIGITS, model)
+    before = model.read_bytes()
+    result = sample_cli([model, *FAST, "--out", model, "--force"], tmp_path)
+    assert result.returncode == 2 and "is the model being sampled" in result.stderr
+    assert model.read_bytes() == before
+    precious = tmp_path / "reference.npz"
+    np.savez(precious, mu=np.zeros(3))
+    result = sample_cli([DIGITS, *FAST, "--out", precious], tmp_path)
+    assert result.returncode == 2 and "pass --force" in result.stderr
+    assert set(np.load(precious).files) == {"mu"}
+    assert sample_cli([DIGITS, *FAST, "--out", precious, "--force"], tmp_path).returncode == 0

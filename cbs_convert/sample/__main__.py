@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="a local diffusers AutoencoderKL folder to decode a latent model's samples")
     p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out (never the model itself)")
     p.add_argument("--keep-shards", action="store_true", help="keep the per-batch shards after the .npz is written")
     p.add_argument("--family", choices=("sit", "dit", "adm"), help="source checkpoints only, as for a conversion")
     p.add_argument("--num-heads", type=int, help="source checkpoints only, as for a conversion")
@@ -248,6 +249,10 @@ def _run(args) -> List[str]:
     out = Path(args.out) if args.out else default_out(model_path, settings)
     if out.suffix != ".npz":
         raise RecipeError(f"--out {out}: the evaluator reads .npz files; name it *.npz")
+    if out.exists() and out.resolve() == model_path.resolve():
+        raise RecipeError(f"--out {out} is the model being sampled; choose another output path")
+    if out.exists() and not args.force:
+        raise RecipeError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
     shards = out.with_name(out.name + ".shards")
     # rank 0 makes or checks the folder first; torchrun stops the others if it refuses
     if rank == 0:
