@@ -40,6 +40,7 @@ class SourceCheckpoint:
     dtype: str
     args: Dict[str, Any] = field(default_factory=dict)
     notes: List[str] = field(default_factory=list)
+    files: List[Path] = field(default_factory=list)  # every file read; the path itself for a single file
 
     @property
     def hints(self) -> Dict[str, Any]:
@@ -57,6 +58,36 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
                 break
             digest.update(block)
     return digest.hexdigest()
+
+
+def content_sha256(files: List[Path]) -> str:
+    """The identity of a model stored in ``files``: a single file's own SHA-256 (what ``sha256sum``
+    prints), or for several (a diffusers folder) the SHA-256 of their names and digests."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name} {file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def source_files(path) -> List[Path]:
+    """The files a source checkpoint at ``path`` consists of: what no output may replace."""
+    path = bundled_or_given(path)
+    from .diffusers_io import model_files
+
+    return (model_files(path) if path.exists() else None) or [path]
+
+
+def model_name(path) -> str:
+    """A short name for the outputs named after a model: a file's stem, or for a diffusers model the
+    name of its pipeline folder (never "diffusion_pytorch_model", "transformer", or "" for ".")."""
+    path = Path(path).resolve()
+    if path.name.startswith("diffusion_pytorch_model"):
+        path = path.parent
+    if path.name in ("transformer", "unet") and (path / "config.json").is_file():
+        path = path.parent
+    return (path.name if path.is_dir() else path.stem) or "model"
 
 
 def _check_path(path: Path) -> None:
@@ -189,10 +220,10 @@ def read_checkpoint(path) -> SourceCheckpoint:
     from .diffusers_io import read_diffusers
 
     found = read_diffusers(path) if path.exists() else None
-    hashed = path
+    files = [path]
     if found is not None:
-        state_dict, args, hashed = found
-        container = f"diffusers folder ({hashed.name})"
+        state_dict, args, files = found
+        container = f"diffusers folder ({', '.join(f.name for f in files[1:3])}{', ...' if len(files) > 3 else ''})"
     else:
         _check_path(path)
         with open(path, "rb") as handle:
@@ -216,7 +247,7 @@ def read_checkpoint(path) -> SourceCheckpoint:
     if dtypes != ["float32"]:
         notes.append(f"weights stored as {'/'.join(dtypes)}; converted in float32")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    sha256 = file_sha256(hashed)
+    sha256 = content_sha256(files)
     from .metrics import bundled_dataset
 
     if bundled_dataset(sha256) is not None:  # our own teacher: its args are the ones it was built with
@@ -229,6 +260,7 @@ def read_checkpoint(path) -> SourceCheckpoint:
         dtype="/".join(dtypes),
         args=args,
         notes=notes,
+        files=files,
     )
 
 

@@ -141,10 +141,16 @@ def _launch_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def _guarded(work, debug: bool) -> int:
+#: how a conversion continues after an interruption or a fixed file-system problem
+CONVERSION_RERUN = ("rerun the same command with --resume to continue",
+                    "then rerun (with --resume if a work directory was made)")
+
+
+def _guarded(work, debug: bool, rerun=CONVERSION_RERUN) -> int:
     """Run ``work``; a user's problem becomes one line and exit 2, a bug of ours exit 1.
 
-    Under torchrun every rank reads the same input and finds the same problem: rank 0 says it once."""
+    Under torchrun every rank reads the same input and finds the same problem: rank 0 says it once.
+    ``rerun`` is the command's own advice (after Ctrl-C, after an OSError), as it continues."""
     try:
         work()
     except UserError as exc:
@@ -157,11 +163,11 @@ def _guarded(work, debug: bool) -> int:
         if debug:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or exc}; fix the path or its permissions, then rerun "
-              "(with --resume if a work directory was made)", file=sys.stderr)
+        print(f"error: cannot use{where}: {exc.strerror or exc}; fix the path or its permissions, {rerun[1]}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        print(f"interrupted: {rerun[0]}", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug of ours, not the user's: say so, keep the details one flag away
         if debug:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -51,6 +51,10 @@ _LABELS = ("y_embedder.embedding_table.weight", "class_embedder.embedding_table.
 
 
 UNET_CLASS_NAMES = ("UNet2DModel",)
+#: UNet2DModel's constructor defaults for the keys that shape the network
+UNET_DEFAULTS = {"block_out_channels": [224, 448, 672, 896], "layers_per_block": 2,
+                 "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+                 "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
 #: diffusers' names for the beta schedules the DDPM families know
 SCHEDULER_BETAS = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 
@@ -67,72 +71,200 @@ def _model_folder(path: Path) -> Optional[Path]:
     return None
 
 
-def _read_config(folder: Path) -> Dict[str, Any]:
+def _read_json(file: Path) -> Dict[str, Any]:
     try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+        found = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not readable as JSON ({str(exc).splitlines()[0][:160]}); restore it from the "
+                              "model's download") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{file}: holds a {type(found).__name__}, not a diffusers config; restore it from the model's download")
+    return found
+
+
+def _weights_beside(folder: Path) -> bool:
+    return any(folder.glob("diffusion_pytorch_model*"))
 
 
 def diffusers_model(path) -> Optional[Tuple[Path, str]]:
     """(model folder, "dit" or "unet") when ``path`` is a diffusers model this tool reads: a pipeline
-    folder, a model folder or the weights file in one."""
+    folder, a model folder or the weights file in one. A folder that looks like a diffusers model of
+    another kind is refused here by name, rather than left to a reader that would misname it."""
     folder = _model_folder(Path(path))
     if folder is None:
         return None
-    config = _read_config(folder)
+    if not _weights_beside(folder) and not (folder / "model_index.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # a config.json that belongs to something else entirely
+    else:
+        config = _read_json(folder / "config.json")
     name = config.get("_class_name")
-    if name in DIT_CLASS_NAMES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
+    if name in DIT_CLASS_NAMES:
+        norm = config.get("norm_type", DIT_DEFAULTS[name]["norm_type"])
+        if norm != "ada_norm_zero":
+            raise CheckpointError(f"{folder}: a {name} with norm_type {norm!r} is not a DiT; only the DiT layout "
+                                  "(norm_type ada_norm_zero) is supported")
         return folder, "dit"
     if name in UNET_CLASS_NAMES:
         return folder, "unet"
+    if _weights_beside(folder):
+        raise CheckpointError(f"{folder}: a diffusers {name or 'model without _class_name'}; only DiTTransformer2DModel, "
+                              "Transformer2DModel (DiT layout) and UNet2DModel are supported")
     return None
 
 
-def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any], Path]]:
-    """(state dict in the family's official layout, training-args equivalent, weights file), or None
+def model_files(path) -> Optional[List[Path]]:
+    """Every file that reading the diffusers model at ``path`` opens (config, weights, scheduler), or
+    None when ``path`` is not one: what an output must never replace, and what the model's identity
+    is hashed from."""
+    found = diffusers_model(path)
+    if found is None:
+        return None
+    folder, _ = found
+    files = [folder / "config.json", *_weight_files(folder, Path(path))]
+    scheduler = folder.parent / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        files.append(scheduler)
+    return files
+
+
+def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any], List[Path]]]:
+    """(state dict in the family's official layout, training-args equivalent, files read), or None
     when ``path`` is not a diffusers model."""
     found = diffusers_model(path)
     if found is None:
         return None
     folder, kind = found
-    config = _read_config(folder)
-    tensors, weights = _read_weights(folder)
+    files = model_files(path)
+    config = _read_json(folder / "config.json")
+    weights = _weight_files(folder, Path(path))
+    tensors = _read_weights(weights)
+    where = str(weights[0])
+    scheduler = _read_scheduler(folder)
     if kind == "dit":
-        return diffusers_to_official(tensors, config, str(weights)), _dit_args(config), weights
-    return unet_to_adm(tensors, config, str(weights)), _unet_args(config, folder), weights
+        config = _dit_config(config, where)
+        return diffusers_to_official(tensors, config, where), _dit_args(config, scheduler), files
+    config = {**UNET_DEFAULTS, **config}
+    return unet_to_adm(tensors, config, where), _unet_args(config, folder, scheduler), files
 
 
-def _read_weights(folder: Path) -> Tuple[Dict[str, torch.Tensor], Path]:
-    index = folder / f"{WEIGHT_FILES[0]}.index.json"
-    if index.is_file():  # weights saved in shards (save_pretrained's max_shard_size)
-        from safetensors.torch import load_file
+def _variants(folder: Path) -> List[Path]:
+    """save_pretrained(variant=...) files: diffusion_pytorch_model.fp16.safetensors and the like."""
+    return sorted(f for f in folder.glob("diffusion_pytorch_model.*.*")
+                  if f.suffix in (".safetensors", ".bin") and len(f.name.split(".")) == 3)
 
+
+def _weight_files(folder: Path, given: Path) -> List[Path]:
+    """The weights to read: the file the user named, else the folder's plain weights (one file, or an
+    index and its shards), else its only variant. An index comes first in the list."""
+    if given.is_file() and given.name.startswith("diffusion_pytorch_model") and not given.name.endswith(".json"):
+        return [given]
+    for name in WEIGHT_FILES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():  # weights saved in shards (save_pretrained's max_shard_size)
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: not a readable shard index ({str(exc).splitlines()[0][:160]})") from None
+            return [index, *(folder / shard for shard in shards)]
+        if (folder / name).is_file():
+            return [folder / name]
+    variants = _variants(folder)
+    if len(variants) == 1:
+        return variants
+    if variants:
+        raise CheckpointError(f"{folder}: no plain weights but {len(variants)} variants ({', '.join(v.name for v in variants)}); "
+                              "give the one to convert as the checkpoint path")
+    raise CheckpointError(f"{folder}: a diffusers config without weights; expected {WEIGHT_FILES[0]} (or "
+                          f"{WEIGHT_FILES[1]}, or sharded weights with their .index.json) beside it")
+
+
+def _read_weights(files: List[Path]) -> Dict[str, torch.Tensor]:
+    tensors: Dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.name.endswith(".index.json"):
+            continue
+        if not file.is_file():
+            raise CheckpointError(f"{file}: named by the shard index but missing; restore it from the model's download")
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            tensors = {}
-            for shard in shards:
-                tensors.update(load_file(str(folder / shard), device="cpu"))
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                tensors.update(load_file(str(file), device="cpu"))
+            else:
+                tensors.update(torch.load(str(file), map_location="cpu", weights_only=True))
         except Exception as exc:
-            raise CheckpointError(f"{index}: its shards are not all readable ({str(exc).splitlines()[0][:200]})") from None
-        return tensors, index
-    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: a diffusers config without weights; expected {WEIGHT_FILES[0]} beside it")
-    if weights.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(weights), device="cpu"), weights
-        except Exception as exc:
-            raise CheckpointError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
-    try:
-        return torch.load(str(weights), map_location="cpu", weights_only=True), weights
-    except Exception as exc:
-        raise CheckpointError(f"{weights}: not a readable weights file ({str(exc).splitlines()[0][:200]})") from None
+            raise CheckpointError(f"{file}: not a readable weights file ({str(exc).splitlines()[0][:200]})") from None
+    return tensors
 
 
-def _dit_args(config: Dict[str, Any]) -> Dict[str, Any]:
+def _read_scheduler(folder: Path) -> Optional[Dict[str, Any]]:
+    """The pipeline's scheduler config beside the model folder, checked, or None without one."""
+    file = folder.parent / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        return None
+    scheduler = _read_json(file)
+    unsupported = [(key, scheduler[key]) for key in ("trained_betas", "rescale_betas_zero_snr") if scheduler.get(key)]
+    if scheduler.get("prediction_type", "epsilon") != "epsilon":
+        unsupported.insert(0, ("prediction_type", scheduler["prediction_type"]))
+    if unsupported:
+        key, value = unsupported[0]
+        raise CheckpointError(f"{file}: {key}={value!r} is not supported; the DDPM families here are noise predictors "
+                              "on DDPM's own betas (prediction_type epsilon, no trained_betas, no zero-SNR rescaling)")
+    scheduler["beta_schedule"] = _scheduler_betas(scheduler, file)
+    return scheduler
+
+
+#: the constructor defaults of the DiT classes read, for keys a hand-written config leaves out
+DIT_DEFAULTS = {
+    "DiTTransformer2DModel": dict(num_attention_heads=16, in_channels=4, out_channels=None, num_layers=28,
+                                  attention_bias=True, sample_size=32, patch_size=2, activation_fn="gelu-approximate",
+                                  num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False,
+                                  norm_eps=1e-5),
+    "Transformer2DModel": dict(num_attention_heads=16, in_channels=None, out_channels=None, num_layers=1,
+                               attention_bias=False, sample_size=None, patch_size=None, activation_fn="geglu",
+                               num_embeds_ada_norm=None, norm_type="layer_norm", norm_elementwise_affine=True,
+                               norm_eps=1e-5),
+}
+# what the DiT network computes; any other value changes the function (a Transformer2DModel's
+# defaults differ from a DiT's, so a config that leaves one out is read with its class's default)
+_DIT_REQUIRED = {"activation_fn": "gelu-approximate", "norm_eps": 1e-5, "norm_elementwise_affine": False,
+                 "attention_bias": True, "cross_attention_dim": None, "caption_channels": None,
+                 "num_vector_embeds": None, "attention_type": "default", "use_additional_conditions": None}
+
+
+def _square(value, key: str, where: str) -> Optional[int]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise CheckpointError(f"{where}: {key} {list(value)}; only square inputs are supported")
+        value = value[0]
+    return None if value is None else int(value)
+
+
+def _dit_config(config: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The config with its class's defaults filled in, refused where the DiT network differs."""
+    config = {**DIT_DEFAULTS[config["_class_name"]], **config}
+    for key, wanted in _DIT_REQUIRED.items():
+        value = config.get(key, wanted)
+        if wanted is None and not value:  # None, False and 0 all mean "not used"
+            continue
+        if value != wanted:
+            raise CheckpointError(f"{where}: a DiT with {key}={value!r} is not supported (the DiT layout has {wanted!r})")
+    for key in ("patch_size", "sample_size", "in_channels"):
+        config[key] = _square(config.get(key), key, where)
+        if config[key] is None:
+            raise CheckpointError(f"{where}: the config gives no {key}; a DiT needs one (add it to config.json)")
+    scale = config.get("interpolation_scale")
+    if config["_class_name"] == "Transformer2DModel":
+        scale = scale if scale is not None else max(config["sample_size"] // 64, 1)
+    if scale not in (None, 1, 1.0):
+        raise CheckpointError(f"{where}: position table interpolation_scale {scale}; only 1 (the DiT table) is supported")
+    return config
+
+
+def _dit_args(config: Dict[str, Any], scheduler: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     args = {
         "model": "DiT-diffusers",
         "define_the_model": True,
@@ -143,6 +275,8 @@ def _dit_args(config: Dict[str, Any]) -> Dict[str, Any]:
     if config.get("num_embeds_ada_norm"):
         # diffusers' label table always has the null row (its dropout defaults to 0.1)
         args.update(num_classes=int(config["num_embeds_ada_norm"]), class_dropout_prob=0.1)
+    if scheduler is not None:
+        args["beta_schedule"] = scheduler["beta_schedule"]
     return args
 
 
@@ -192,7 +326,7 @@ def diffusers_to_official(tensors: Dict[str, torch.Tensor], config: Dict[str, An
     from .families.sit import sincos_pos_embed
 
     hidden = out["x_embedder.proj.weight"].shape[0]
-    grid = int(config["sample_size"]) // int(config["patch_size"])
+    grid = config["sample_size"] // config["patch_size"]
     out["pos_embed"] = sincos_pos_embed(hidden, grid).unsqueeze(0)
     return out
 
@@ -268,10 +402,16 @@ def _check_unet_config(config: Dict[str, Any], where: str) -> None:
     unsupported = {
         "time_embedding_type": ("positional",), "center_input_sample": (False, None), "resnet_time_scale_shift": ("default",),
         "class_embed_type": (None,), "act_fn": ("silu",), "add_attention": (True, None), "num_train_timesteps": (None,),
+        "mid_block_type": ("UNetMidBlock2D",), "downsample_type": ("conv",), "upsample_type": ("conv",),
+        "mid_block_scale_factor": (1, 1.0), "attn_norm_num_groups": (None, 32),
     }
     for key, allowed in unsupported.items():
         if config.get(key, allowed[0]) not in allowed:
             raise CheckpointError(f"{where}: UNet2DModel with {key}={config[key]!r} is not supported (only {allowed[0]!r})")
+    widths = config.get("block_out_channels") or (224, 448, 672, 896)
+    if config.get("time_embedding_dim") not in (None, 4 * widths[0]):
+        raise CheckpointError(f"{where}: UNet2DModel with time_embedding_dim {config['time_embedding_dim']} is not "
+                              f"supported (only 4 x the first width, {4 * widths[0]})")
     if int(config.get("norm_num_groups") or 32) != 32:
         raise CheckpointError(f"{where}: UNet2DModel with {config['norm_num_groups']} GroupNorm groups is not supported (only 32)")
     kinds = {"DownBlock2D", "AttnDownBlock2D"}
@@ -288,7 +428,11 @@ def unet_to_adm(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], where:
     out: Dict[str, torch.Tensor] = {}
     used = set()
 
-    def move(theirs: str, ours: str, conv1d: bool = False):
+    def move(theirs: str, ours: str, conv1d: bool = False, optional: bool = False):
+        if f"{theirs}.weight" not in tensors:
+            if optional:
+                return
+            raise CheckpointError(f"{where}: missing {theirs}.weight; not a complete UNet2DModel of this config")
         for p in ("weight", "bias"):
             name = f"{theirs}.{p}"
             if name in tensors:
@@ -298,10 +442,10 @@ def unet_to_adm(tensors: Dict[str, torch.Tensor], config: Dict[str, Any], where:
 
     for theirs, ours, kind in _unet_modules(config):
         if kind == "plain":
-            move(theirs, ours)
+            move(theirs, ours, optional=theirs == "class_embedding" and not config.get("num_class_embeds"))
         elif kind == "res":
-            for a, b in _RES_PAIRS:
-                move(f"{theirs}.{a}", f"{ours}.{b}")
+            for a, b in _RES_PAIRS:  # the shortcut exists only where the width changes
+                move(f"{theirs}.{a}", f"{ours}.{b}", optional=a == "conv_shortcut")
         else:
             for a, b, conv1d in _ATTN_PAIRS:
                 move(f"{theirs}.{a}", f"{ours}.{b}", conv1d)
@@ -341,28 +485,28 @@ def adm_to_unet(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> 
     return out
 
 
-def _unet_args(config: Dict[str, Any], folder: Path) -> Dict[str, Any]:
+def _unet_args(config: Dict[str, Any], folder: Path, scheduler: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     widths = config["block_out_channels"]
+    size = _square(config.get("sample_size"), "sample_size", str(folder))
     args: Dict[str, Any] = {
         "model": "DDPM-UNet2DModel",
         "define_the_model": True,
         "attention_order": "new",  # to_q, to_k, to_v stack as [q of all heads | k | v]
-        "image_size": int(config["sample_size"]) if config.get("sample_size") else None,
+        "image_size": size,
         "time_frequency_shift": int(config.get("freq_shift", 0)),
         "time_sin_first": not bool(config.get("flip_sin_to_cos", True)),
         "norm_eps": float(config.get("norm_eps", 1e-5)),
         "downsample_padding": int(config.get("downsample_padding", 1)),
     }
-    head_dim = config.get("attention_head_dim")
+    head_dim = config.get("attention_head_dim", 8)  # UNet2DModel's default when the key is absent
     if head_dim:
         args["num_head_channels"] = int(head_dim)
     else:  # diffusers: one head as wide as the block
         args["num_heads"] = 1
     if config.get("num_class_embeds"):
         args["num_classes"] = int(config["num_class_embeds"])
-    scheduler = folder.parent / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():
-        args["beta_schedule"] = _scheduler_betas(json.loads(scheduler.read_text()), scheduler)
+    if scheduler is not None:
+        args["beta_schedule"] = scheduler["beta_schedule"]
     if widths[0] % 32:
         raise CheckpointError(f"{folder}: UNet2DModel widths {widths} do not split into 32 GroupNorm groups")
     return args

@@ -8,7 +8,7 @@ a conversion reads it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
@@ -33,11 +33,13 @@ def is_routed(path) -> bool:
         return False  # not readable as safetensors: let the checkpoint reader say why
 
 
-def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None) -> Tuple[Family, nn.Module]:
+def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None,
+               on_warning: Optional[Callable[[str], None]] = None) -> Tuple[Family, nn.Module]:
     """(family, model in eval mode) for a routed file or a source checkpoint.
 
     ``hints`` are what flags would add for a source checkpoint (``num_heads``, ``path``...); a
-    routed file describes itself and ignores them.
+    routed file describes itself and ignores them. ``on_warning`` hears what was assumed about a
+    source checkpoint (an image size its weights cannot show, ...).
     """
     if is_routed(path):
         from .routed import load
@@ -50,6 +52,12 @@ def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None) -> Tu
     checkpoint = read_checkpoint(path)
     merged = hints_from_args(checkpoint.args)
     merged.update({k: v for k, v in (hints or {}).items() if v is not None})
-    family, _ = detect(checkpoint.state_dict, merged)
+    family, notes = detect(checkpoint.state_dict, merged)
+    if on_warning is not None:
+        from .errors import is_warning
+
+        for note in notes + checkpoint.notes:
+            if is_warning(note):
+                on_warning(note)
     model = family.instantiate(family.config, checkpoint.state_dict)
     return family, model.to(device).eval().requires_grad_(False)

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import bundled_or_given, read_checkpoint
+from .checkpoint import bundled_or_given, model_name, read_checkpoint, source_files
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
@@ -107,7 +107,7 @@ def _expert_groups(layout) -> Dict[int, Any]:
 
 
 def default_output(checkpoint: str, k: int) -> Path:
-    return Path.cwd() / f"{Path(checkpoint).stem}-cbs-k{k}.safetensors"
+    return Path.cwd() / f"{model_name(bundled_or_given(checkpoint))}-cbs-k{k}.safetensors"
 
 
 def resolve_recipe(user_layers: List[Dict[str, Any]], source_config_stem=None) -> Recipe:
@@ -151,8 +151,9 @@ class Conversion:
         source_path = Path(settings["checkpoint"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 owns the output and the work directory; the others only read them
-        if source_path.exists() and self.output.exists() and self.output.resolve() == source_path.resolve():
-            raise WorkdirError(f"--out {self.output} is the source checkpoint; choose another output path")
+        if self.output.exists() and any(self.output.resolve() == f.resolve() for f in source_files(source_path) if f.exists()):
+            raise WorkdirError(f"--out {self.output} is {'the source checkpoint' if self.output.resolve() == source_path.resolve() else 'a file of the source model'}; "
+                               "choose another output path")
         if self.output.is_dir():
             raise WorkdirError(f"--out {self.output} is a directory; give a file name such as {self.output / 'model.safetensors'}")
         if self.output.exists() and not force and not preview:
@@ -266,7 +267,8 @@ class Conversion:
             raise CheckpointError("the teacher's ODE samples diverged (NaN/Inf); check --family/--path or pass --data")
         return x0, labels
 
-    def profile(self):
+    def profile(self, rank: int = 0, world: int = 1):
+        """Every rank measures its share of the grid points; rank 0 writes the whole profile."""
         began = time.time()
         path = self.work.path("profile.json")
         r = self.recipe
@@ -276,14 +278,16 @@ class Conversion:
             self.profile_result = None
         else:
             grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
-            bar = _bar(self.progress, r.grid * r.profile_batches, "profile")
+            bar = _bar(self.progress and rank == 0, len(range(rank, r.grid, world)) * r.profile_batches,
+                       "profile" if world == 1 else f"profile (1/{world} of the grid per process)")
             self.profile_result = profile_model(
                 self.family, self.teacher, self.x0_pool, self.labels_pool, grid, r.monitors,
                 r.profile_batches, r.profile_batch_size, r.seed, self.pool_source, bar,
-                student=self._sensitivity_student, derivatives=r.derivatives,
+                student=self._sensitivity_student, derivatives=r.derivatives, rank=rank, world=world,
             )
             bar.close()
-            atomic_write_json(path, self.profile_result.to_dict())
+            if rank == 0:
+                atomic_write_json(path, self.profile_result.to_dict())
         self.timings["profile"] = time.time() - began
 
     def _sensitivity_student(self):
@@ -610,13 +614,17 @@ class Conversion:
         torch.manual_seed(self.recipe.seed)
         if rank == 0:
             self.pool()
-            self.profile()
+        _barrier(world)
+        if rank != 0:
+            self.pool()  # read back from the work directory
+        # Every rank has checked for a stored profile before any can finish the gather that precedes
+        # rank 0's writing it, so all of them either read it or measure their share.
+        self.profile(rank, world)
+        if rank == 0:
             self.split()
             self.check_trainable()
         _barrier(world)
         if rank != 0:
-            self.pool()
-            self.profile()
             self.split()
         if self.preview:
             return self.write_preview() if rank == 0 else ConversionResult(None, {})

@@ -223,12 +223,14 @@ def per_sample_monitors(
     gaussian: Optional[GaussianFit] = None,
     student: Optional[nn.Module] = None,
     derivatives: str = "jvp",
+    probe: Optional[torch.Tensor] = None,
 ) -> Dict[str, torch.Tensor]:
     """One value per sample for each monitor, normalised by the number of output dimensions.
 
     ``gaussian`` is needed by ``nonlinear`` and ``nonlinear_acceleration``, ``student`` by
     ``sensitivity``. ``derivatives``: ``"jvp"`` (forward-mode autodiff) or ``"fd"`` (central
-    differences, see :func:`directional_derivative`).
+    differences, see :func:`directional_derivative`). ``probe``: the Rademacher directions of the
+    Jacobian monitors, drawn from ``generator`` when not given.
     """
     if derivatives not in DERIVATIVES:
         raise ValueError(f"unknown derivatives {derivatives!r}; choose from {', '.join(DERIVATIVES)}")
@@ -260,7 +262,8 @@ def per_sample_monitors(
     # forward-mode autodiff needs the MATH attention kernel; finite differences run the model's own
     with family.attention_context() if derivatives == "jvp" else contextlib.nullcontext():
         if any(m in monitors for m in X_JACOBIAN_MONITORS):
-            probe = rademacher(x.shape, generator, x.device, x.dtype)
+            if probe is None:
+                probe = rademacher(x.shape, generator, x.device, x.dtype)
             v_here, jvp = directional_derivative(v_of_x, x, probe, derivatives)
             if "dirichlet" in monitors:
                 out["dirichlet"] = sq_norm(jvp)
@@ -349,12 +352,19 @@ def profile_model(
     gaussian: Optional[GaussianFit] = None,
     student: Union[nn.Module, Callable[[], nn.Module], None] = None,
     derivatives: str = "jvp",
+    rank: int = 0,
+    world: int = 1,
 ) -> Profile:
     """Measure every monitor at every grid time over ``batches`` batches of x_t drawn from the pool.
 
     ``gaussian`` (for the nonlinear monitors) defaults to :meth:`GaussianFit.from_pool` of
     ``x0_pool``; pass the exact moments when they are known. ``student`` (for ``sensitivity``) is a
     model or a callable that builds one (:func:`pruned_student`), called only when needed.
+
+    Under ``torch.distributed`` with ``world`` > 1, rank r measures grid points r, r + world, ... and
+    every rank returns the whole profile. Each rank still draws every point's samples, noise and
+    probes from the one seeded stream (cheap next to the model's derivatives), so the profile is the
+    same, point for point, as one process's.
     """
     unknown = [m for m in monitors if m not in MONITORS]
     if unknown:
@@ -380,22 +390,34 @@ def profile_model(
     generator = torch.Generator().manual_seed(seed)
     values: Dict[str, List[List[float]]] = {m: [] for m in monitors}
     model.eval()
-    for t_value in grid:
+    probed = any(m in monitors for m in X_JACOBIAN_MONITORS)
+    for point, t_value in enumerate(grid):
+        mine = point % world == rank
         collected: Dict[str, List[torch.Tensor]] = {m: [] for m in monitors}
         for _ in range(batches):
             index = torch.randint(0, x0_pool.shape[0], (batch_size,), generator=generator)
+            noise = torch.randn((batch_size, *x0_pool.shape[1:]), generator=generator)
+            probe = rademacher(noise.shape, generator, device, x0_pool.dtype) if probed else None
+            if not mine:
+                continue
             x0 = x0_pool[index.to(device)]
             y = labels_pool[index.to(device)] if labels_pool is not None else None
-            noise = torch.randn(x0.shape, generator=generator).to(device)
             t = torch.full((batch_size,), float(t_value), device=device)
-            x_t = noised(family, x0, t, noise)
-            result = per_sample_monitors(family, model, x_t, t, y, monitors, generator, gaussian, student, derivatives)
+            x_t = noised(family, x0, t, noise.to(device))
+            result = per_sample_monitors(family, model, x_t, t, y, monitors, generator, gaussian, student, derivatives,
+                                         probe=probe)
             for m in monitors:
                 collected[m].append(result[m].detach().cpu())
             if progress is not None:
                 progress.update(1)
         for m in monitors:
-            values[m].append(torch.cat(collected[m]).tolist())
+            values[m].append(torch.cat(collected[m]).tolist() if mine else [])
+    if world > 1:
+        import torch.distributed as dist
+
+        shares: List[Dict[str, List[List[float]]]] = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(shares, values)
+        values = {m: [shares[point % world][m][point] for point in range(len(grid))] for m in monitors}
     mean = {m: [float(np.mean(v)) for v in values[m]] for m in monitors}
     stderr = {m: [float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0 for v in values[m]] for m in monitors}
     for m in monitors:

@@ -213,3 +213,160 @@ def test_a_routed_unet_drops_into_the_ddpm_pipelines(tmp_path):
     experts = cbs_convert.load(pruned.output).experts
     assert all(e.config["downsample_padding"] == 0 and e.config["norm_eps"] == 1e-6 for e in experts)
     assert any(sum(e.config["res_groups"]) < 32 * len(e.config["res_groups"]) for e in experts)
+
+
+# --- what a diffusers folder must never lose, and what it must not be misread as --------------
+
+def _edit_config(file, **changes):
+    config = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    file.write_text(json.dumps(config))
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("target", ["transformer/diffusion_pytorch_model.safetensors", "transformer/config.json"])
+def test_an_output_onto_a_file_of_the_source_folder_is_refused(tmp_path, target):
+    import subprocess
+    import sys
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    before = {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+    result = subprocess.run([sys.executable, "-m", "cbs_convert", str(folder), "--k", "2", "--steps", "0",
+                             "--out", str(folder / target), "--force", "--quiet"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert "a file of the source model" in result.stderr and "Traceback" not in result.stderr
+    assert {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"mid_block_scale_factor": 2.0}, "mid_block_scale_factor"),
+    ({"attn_norm_num_groups": 8}, "attn_norm_num_groups"),
+    ({"time_embedding_dim": 64}, "time_embedding_dim"),
+    ({"downsample_type": "resnet"}, "downsample_type"),
+    ({"sample_size": [16, 8]}, "only square inputs"),
+], ids=["mid scale", "attention groups", "time width", "resnet downsampling", "oblong"])
+def test_unet_configs_that_change_the_function_are_refused(tmp_path, changes, message):
+    from cbs_convert import CheckpointError
+
+    folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
+    _edit_config(folder / "unet" / "config.json", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(folder)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
+    ({"trained_betas": [0.1] * 1000}, "trained_betas"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"beta_schedule": "scaled_linear"}, "beta schedule 'scaled_linear'"),
+])
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_schedulers_the_families_do_not_model_are_refused(tmp_path, changes, message, kind):
+    from cbs_convert import CheckpointError
+
+    if kind == "dit":
+        folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+        diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    else:
+        folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
+    _edit_config(folder / "scheduler" / "scheduler_config.json", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(folder)
+
+
+def test_a_dit_pipelines_scheduler_sets_its_betas(tmp_path):
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").save_pretrained(folder / "scheduler")
+    source = read_checkpoint(folder)
+    family, _ = detect(source.state_dict, source.hints)
+    assert family.config["beta_schedule"] == "cosine"
+    assert any(f.name == "scheduler_config.json" for f in source.files)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"activation_fn": "geglu"}, "activation_fn='geglu'"),
+    ({"norm_eps": 1e-6}, "norm_eps=1e-06"),
+    ({"norm_elementwise_affine": True}, "norm_elementwise_affine"),
+])
+def test_dit_configs_that_change_the_function_are_refused(tmp_path, changes, message):
+    from cbs_convert import CheckpointError
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    _edit_config(folder / "transformer" / "config.json", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(folder)
+
+
+def test_a_hand_written_config_takes_the_class_defaults(tmp_path):
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    assert CONFIG["patch_size"] == 2  # DiTTransformer2DModel's default
+    _edit_config(folder / "transformer" / "config.json", patch_size=_DELETE, sample_size=[8, 8])
+    source = read_checkpoint(folder)
+    family, _ = detect(source.state_dict, source.hints)
+    assert family.config["patch_size"] == 2 and family.config["input_size"] == 8
+
+
+def _same_function(folder, model):
+    source = read_checkpoint(folder)
+    family, _ = detect(source.state_dict, source.hints)
+    ours = family.instantiate(family.config, source.state_dict).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        expected = model(x, t, class_labels=y).sample
+        got = ours(x, t, y)
+    return (got - expected).abs().max().item()
+
+
+def test_sharded_bin_weights_and_a_lone_variant_are_read(tmp_path):
+    model = tiny_diffusers_dit()
+    model.save_pretrained(tmp_path / "bin" / "transformer", safe_serialization=False, max_shard_size="20KB")
+    assert (tmp_path / "bin" / "transformer" / "diffusion_pytorch_model.bin.index.json").is_file()
+    assert _same_function(tmp_path / "bin", model) < 1e-5
+    model.half().save_pretrained(tmp_path / "fp16" / "transformer", variant="fp16")
+    assert _same_function(tmp_path / "fp16", model.float()) < 1e-2  # the fp16 rounding of the weights
+    assert "float16" in read_checkpoint(tmp_path / "fp16").dtype
+
+
+def test_a_named_variant_file_is_the_one_read(tmp_path):
+    model = tiny_diffusers_dit()
+    folder = tmp_path / "pipe" / "transformer"
+    model.save_pretrained(folder)
+    tiny_diffusers_dit(seed=5).save_pretrained(folder, variant="ema")
+    plain, ema = read_checkpoint(folder), read_checkpoint(folder / "diffusion_pytorch_model.ema.safetensors")
+    assert plain.sha256 != ema.sha256
+    assert not torch.equal(plain.state_dict["blocks.0.attn.qkv.weight"], ema.state_dict["blocks.0.attn.qkv.weight"])
+
+
+def test_damaged_folders_are_named_for_what_is_wrong(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cbs_convert import CheckpointError
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    (folder / "transformer" / "config.json").write_text("{ not json")
+    with pytest.raises(CheckpointError, match=r"config.json: not readable as JSON"):
+        read_checkpoint(folder)
+
+    unet = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm") / "unet"
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors["down_blocks.0.resnets.0.conv1.weight"]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing down_blocks\.0\.resnets\.0\.conv1\.weight"):
+        read_checkpoint(unet.parent)
+
+
+def test_outputs_are_named_after_the_model_not_its_folder_layout(tmp_path, monkeypatch):
+    from cbs_convert.pipeline import default_output
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "DiT-tiny")
+    monkeypatch.chdir(folder)
+    for given in (".", "transformer", "transformer/diffusion_pytorch_model.safetensors"):
+        assert default_output(given, 2).name == "DiT-tiny-cbs-k2.safetensors", given

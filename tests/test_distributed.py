@@ -87,6 +87,10 @@ def test_data_parallel_experts_match_one_process(source, world, k):
     assert many.returncode == 0, many.stderr[-2000:]
     for e in range(k):
         assert expert_distance(source / "one.safetensors", source / "many.safetensors", e) < 1e-5
+    # the ranks measured the grid points in turns: the profile is one process's, to the bit
+    profiles = [json.loads((source / f"{n}.safetensors.work" / "profile.json").read_text()) for n in ("one", "many")]
+    assert profiles[0]["mean"] == profiles[1]["mean"] and profiles[0]["stderr"] == profiles[1]["stderr"]
+    assert len(profiles[0]["grid"]) == 6 and all(len(v) == 6 for v in profiles[1]["mean"].values())
     group = world // k
     assert ranks_of(source / "many.report.json") == {
         "world_size": world, "experts": [list(range(e * group, (e + 1) * group)) for e in range(k)]}

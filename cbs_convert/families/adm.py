@@ -533,10 +533,10 @@ class ADMFamily(NoisePredictionDDPM, Family):
             notes.append(f"image size {base['image_size']} ({tag})")
         else:
             base["image_size"] = 8 * 2 ** (levels - 1)
-            notes.append(
-                f"image size {base['image_size']} ASSUMED (not in the weights; the published models all end at 8x8); "
-                "pass image_size to change it"
-            )
+            notes.append(WarningNote(
+                f"image size {base['image_size']} ASSUMED (not in the weights, nor in the file's args; the published "
+                "models all end at 8x8); pass --image-size to change it"
+            ))
         try:
             config = complete_config(base)
             expected = cls.expected_shapes(config)

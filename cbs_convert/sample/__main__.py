@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=("sit", "dit", "adm"), help="source checkpoints only, as for a conversion")
     p.add_argument("--num-heads", type=int, help="source checkpoints only, as for a conversion")
     p.add_argument("--path", choices=("linear", "gvp"), help="SiT source checkpoints only")
+    p.add_argument("--image-size", type=int, help="ADM source checkpoints whose files do not say it")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -111,9 +112,22 @@ class Decoder:
                 raise RecipeError(f"--vae {vae_dir} is not a folder; give a local diffusers AutoencoderKL folder "
                                   "(config.json and its weights), e.g. a download of stabilityai/sd-vae-ft-ema")
             try:
+                config = json.loads((Path(vae_dir) / "config.json").read_text())
+            except (OSError, ValueError):
+                config = None
+            if not isinstance(config, dict) or config.get("_class_name") != "AutoencoderKL":
+                kind = f"a {config.get('_class_name')} folder" if isinstance(config, dict) else "a folder without a readable config.json"
+                raise RecipeError(f"--vae {vae_dir} is {kind}, not an AutoencoderKL; give the VAE folder "
+                                  "(e.g. a download of stabilityai/sd-vae-ft-ema, or a pipeline's vae/ folder)")
+            channels = family.sample_shape(family.config)[0]
+            if int(config.get("latent_channels", 4)) != channels:
+                raise RecipeError(f"--vae {vae_dir} decodes {config.get('latent_channels', 4)}-channel latents; this model "
+                                  f"samples {channels} channels: give the VAE it was trained with")
+            try:
                 self.vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
-            except (OSError, ValueError) as exc:
-                raise RecipeError(f"--vae {vae_dir} is not a readable AutoencoderKL folder: {str(exc).splitlines()[0]}") from None
+            except Exception as exc:  # diffusers raises many kinds for a damaged folder
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise RecipeError(f"--vae {vae_dir} is not a readable AutoencoderKL folder: {message[:200]}") from None
             self.scale = family.latent_scale
         self.kind = "latents" if self.latent and self.vae is None else "images"
 
@@ -126,10 +140,14 @@ class Decoder:
         return to_uint8_nhwc(samples).cpu().numpy()
 
 
-def _settings(args, family, model_path: Path) -> Dict:
-    stat = model_path.stat()
+def _settings(args, family, model_files: List[Path]) -> Dict:
+    """Everything that decides the samples: a shard folder is continued only under the same ones. The
+    model is named by its content, so a copy, a move or a touch keeps the shards and new weights do not."""
+    from ..checkpoint import content_sha256
+
     return {
-        "model": str(model_path.resolve()), "model_bytes": stat.st_size, "model_mtime_ns": stat.st_mtime_ns,
+        "model_sha256": content_sha256(model_files),
+        "family": args.family, "num_heads": args.num_heads, "path": args.path, "image_size": args.image_size,
         "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
         "sampler": args.sampler or family.default_sampler, "steps": args.steps or DEFAULT_STEPS,
         "respacing": args.respacing, "method": args.method, "atol": args.atol, "rtol": args.rtol, "eta": args.eta,
@@ -139,20 +157,47 @@ def _settings(args, family, model_path: Path) -> Dict:
 
 
 def default_out(model: Path, settings: Dict) -> Path:
+    from ..checkpoint import model_name
+
     guidance = f"-cfg{settings['cfg_scale']:g}" if settings["cfg_scale"] != 1.0 else ""
-    return Path.cwd() / (f"{model.stem}-{settings['sampler']}{settings['steps']}{guidance}-seed{settings['seed']}"
+    return Path.cwd() / (f"{model_name(model)}-{settings['sampler']}{settings['steps']}{guidance}-seed{settings['seed']}"
                          f"-{settings['num_samples']}.npz")
 
 
-def _check(args, family, settings) -> None:
+def _check_flags(args) -> None:
+    """What the flags alone can show, before the model loads and before any folder is made."""
+    for flag in ("cfg_scale", "eta", "diffusion_norm", "last_step", "atol", "rtol"):
+        if not math.isfinite(getattr(args, flag)):
+            raise RecipeError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a finite number")
     if args.num_samples < 1 or args.batch_size < 1:
         raise RecipeError("--num-samples and --batch-size must be at least 1")
+    if args.seed < 0:
+        raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
     if args.steps is not None and args.steps < 1:
         raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
     if not 0 < args.last_step < 1:
         raise RecipeError(f"--last-step {args.last_step:g} must lie between 0 and 1 (SiT's default is 0.04)")
     if args.eta < 0 or args.diffusion_norm < 0:
         raise RecipeError("--eta and --diffusion-norm must not be negative")
+    if args.atol <= 0 or args.rtol <= 0:
+        raise RecipeError("--atol and --rtol must be positive")
+    if args.out:
+        _check_out(Path(args.out), args.force)
+
+
+def _check_out(out: Path, force: bool) -> None:
+    from ..files import check_writable
+
+    if out.is_dir():
+        raise RecipeError(f"--out {out} is a folder; give the .npz file to write, such as {out / 'samples.npz'}")
+    if out.suffix != ".npz":
+        raise RecipeError(f"--out {out}: the evaluator reads .npz files; name it *.npz")
+    if out.exists() and not force:
+        raise RecipeError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
+    check_writable(out.parent, "--out")
+
+
+def _check(args, family, settings) -> None:
     if settings["sampler"] in ("ddpm", "ddim") and getattr(family, "alphas_cumprod", None) is None:
         raise RecipeError(f"--sampler {settings['sampler']} needs a model trained as a discrete DDPM (DiT, ADM); "
                           f"a {family.name} model samples with --sampler ode or sde")
@@ -210,12 +255,20 @@ def _write_npz(path: Path, **arrays) -> None:
     atomic_write(path, write)
 
 
-def _readable(path: Path) -> bool:
+def _read_shard(path: Path, size: int, conditional: bool) -> Optional[Dict[str, np.ndarray]]:
+    """The shard's arrays when it is whole (readable, ``size`` finite samples, labels when the model
+    is conditional), else None: a shard cut short or damaged is drawn again, never used."""
     try:
         with np.load(path) as shard:
-            return "samples" in shard.files
+            arrays = {name: shard[name] for name in shard.files}
     except Exception:
-        return False
+        return None
+    samples = arrays.get("samples")
+    if samples is None or len(samples) != size or (samples.dtype.kind == "f" and not np.isfinite(samples).all()):
+        return None
+    if conditional and len(arrays.get("labels", ())) != size:
+        return None
+    return arrays
 
 
 def sample_to_npz(argv: Optional[List[str]] = None) -> int:
@@ -223,7 +276,9 @@ def sample_to_npz(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     messages: List[str] = []
-    code = _guarded(lambda: messages.extend(_run(args)), args.debug)
+    rerun = ("rerun the same command to continue from the batches already written",
+             "then rerun the same command (it continues from the batches already written)")
+    code = _guarded(lambda: messages.extend(_run(args)), args.debug, rerun)
     if code == 0 and int(os.environ.get("RANK", "0")) == 0:
         for line in messages:
             print(line)
@@ -231,28 +286,34 @@ def sample_to_npz(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args) -> List[str]:
-    from ..loading import load_model
+    from ..checkpoint import bundled_or_given, source_files
+    from ..loading import is_routed, load_model
     from ..ranks import barrier, distributed, resolve_device
 
-    from ..checkpoint import bundled_or_given
-
+    _check_flags(args)
     model_path = bundled_or_given(args.model)
     if not model_path.exists():
         raise CheckpointError(f"{args.model}: no such file or folder; give a routed .safetensors or a source checkpoint")
+    hints = {"family": args.family, "num_heads": args.num_heads, "path": args.path, "image_size": args.image_size}
+    routed = is_routed(model_path)
+    if routed and any(v is not None for v in hints.values()):
+        given = ", ".join(f"--{k.replace('_', '-')}" for k, v in hints.items() if v is not None)
+        raise RecipeError(f"{given}: {model_path} is a routed file, which records its own architecture; drop {given}")
+    model_files = [model_path] if routed else source_files(model_path)
     rank, world = distributed()
     device = resolve_device(args.device)
-    hints = {"family": args.family, "num_heads": args.num_heads, "path": args.path}
-    family, model = load_model(model_path, device=device, hints=hints)
-    settings = _settings(args, family, model_path)
+    warnings: List[str] = []
+    family, model = load_model(model_path, device=device, hints=hints, on_warning=warnings.append)
+    if rank == 0:
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr)
+    settings = _settings(args, family, model_files)
     _check(args, family, settings)
     decoder = Decoder(family, args.vae, device)
     out = Path(args.out) if args.out else default_out(model_path, settings)
-    if out.suffix != ".npz":
-        raise RecipeError(f"--out {out}: the evaluator reads .npz files; name it *.npz")
-    if out.exists() and out.resolve() == model_path.resolve():
+    if out.exists() and any(out.resolve() == f.resolve() for f in model_files):
         raise RecipeError(f"--out {out} is the model being sampled; choose another output path")
-    if out.exists() and not args.force:
-        raise RecipeError(f"--out {out} exists; pass --force to overwrite it, or choose another --out")
+    _check_out(out, args.force)
     shards = out.with_name(out.name + ".shards")
     # rank 0 makes or checks the folder first; torchrun stops the others if it refuses
     if rank == 0:
@@ -262,7 +323,9 @@ def _run(args) -> List[str]:
         _open_shards(shards, settings, rank)
 
     batches = math.ceil(args.num_samples / args.batch_size)
-    mine = [b for b in range(rank, batches, world) if not _readable(shard_path(shards, b))]
+    conditional = bool(family.num_classes(family.config))
+    # every batch is drawn whole, the last one too, so the first n samples are the same for any n
+    mine = [b for b in range(rank, batches, world) if _read_shard(shard_path(shards, b), args.batch_size, conditional) is None]
     bar = None
     if not args.quiet and rank == 0:
         from tqdm.auto import tqdm
@@ -270,6 +333,9 @@ def _run(args) -> List[str]:
         bar = tqdm(total=len(mine), desc=f"sampling ({world} process{'es' if world > 1 else ''})", file=sys.stderr)
     for b in mine:
         samples, labels = draw_batch(family, model, settings, b, args.batch_size, device)
+        if not torch.isfinite(samples).all():
+            raise UserError(f"batch {b} came out with NaN/Inf values: the sampler diverged; try more --steps"
+                            f"{' or a smaller --cfg-scale' if args.cfg_scale != 1.0 else ''}")
         stored = {"samples": decoder(samples)}
         if labels is not None:
             stored["labels"] = labels.numpy()
@@ -284,10 +350,12 @@ def _run(args) -> List[str]:
 
     parts, labels = [], []
     for b in range(batches):
-        with np.load(shard_path(shards, b)) as shard:
-            parts.append(shard["samples"])
-            if "labels" in shard.files:
-                labels.append(shard["labels"])
+        shard = _read_shard(shard_path(shards, b), args.batch_size, conditional)
+        if shard is None:
+            raise UserError(f"batch {b}'s shard in {shards} is missing or damaged; rerun the same command to draw it again")
+        parts.append(shard["samples"])
+        if "labels" in shard:
+            labels.append(shard["labels"])
     samples = np.concatenate(parts)[: args.num_samples]
     arrays = {("arr_0" if decoder.kind == "images" else "latents"): samples}
     if labels:
