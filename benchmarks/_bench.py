@@ -40,6 +40,10 @@ ROW_KEYS = ("steps_factor", "best_of")
 #: bumped when what a cached conversion or score means changes (sampler, labels, pairing)
 CACHE_VERSION = 1
 REAL, TEACHER = "real training images", "teacher"
+#: library defaults that changed after rows were cached under them: a row that does not set one runs
+#: with the value it was cached with, and that value stays out of the cache key (it was never in it),
+#: so no cached row reruns and a conversion in progress resumes under the same recipe
+PINNED = {"derivatives": "jvp", "monitor": "dirichlet", "monitors": ["dirichlet", "acceleration"]}
 
 
 def slug(text: str) -> str:
@@ -98,7 +102,8 @@ def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, A
     began = time.time()
     try:
         # resume: a conversion killed mid-way (the session ended) continues from its work directory.
-        result = cbs_convert.convert(out=out, workdir=out + ".work", progress=False, force=True, resume=True, **settings)
+        result = cbs_convert.convert(out=out, workdir=out + ".work", progress=False, force=True, resume=True,
+                                     **{k: v for k, v in settings.items() if k != "_pinned"})
     except RecipeError as exc:
         return {"name": name, "train_seed": settings["seed"], "unavailable": str(exc).splitlines()[0]}
     report = result.report
@@ -210,11 +215,13 @@ class Bench:
         settings["steps"] = max(1, int(round(self.steps * factor)) // settings.get("k", 2))
         settings["seed"] = train_seed
         settings["checkpoint"] = self.checkpoint
-        return settings
+        pinned = {k: v for k, v in PINNED.items() if k not in settings}
+        return {**settings, **pinned, "_pinned": sorted(pinned)}
 
     def stem(self, name: str, train_seed: int, settings: Dict[str, Any]) -> str:
         key = {"v": CACHE_VERSION, "teacher": self.teacher_digest,
-               "settings": {k: v for k, v in settings.items() if k not in ("checkpoint", "data")}}
+               "settings": {k: v for k, v in settings.items()
+                            if k not in ("checkpoint", "data", "_pinned") and k not in settings.get("_pinned", ())}}
         return f"{slug(name)}_t{train_seed}_{digest(key)}"
 
     def score_path(self, model_key: str, seed: int) -> Path:

@@ -82,7 +82,7 @@ ROWS = {
     "K=2 2x uniform": dict(k=2, budget="2x", **PLAIN, **FULL),
     "K=2 2x best cbs": dict(best_of=K2_CBS, k=2, budget="2x", **FULL),
 }
-CURVE_FACTORS = (0.25, 1.0, 2.0)
+CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
 CURVE_MODELS = {HALF: ROWS[HALF], UNIFORM: ROWS[UNIFORM], BEST: dict(best_of=K2_CBS, k=2)}
 for _factor in CURVE_FACTORS:
     for _model, _settings in CURVE_MODELS.items():

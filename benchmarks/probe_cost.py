@@ -124,8 +124,11 @@ def main(argv=None):
     return result
 
 
+AGREEMENT_MONITORS = ["denoiser", "dirichlet", "acceleration"]
+
+
 def agreement(checkpoint: Path, device) -> dict:
-    """The Dirichlet and acceleration curves of a trained model by jvp and by fd: same pool, probes."""
+    """The default monitors' curves (and acceleration's) of a trained model by jvp and by fd: same pool, probes."""
     from cbs_convert.loading import load_model
     from cbs_convert.profile import profile_model
     from cbs_convert.sample import sample_ode
@@ -140,13 +143,13 @@ def agreement(checkpoint: Path, device) -> dict:
     curves, seconds = {}, {}
     for derivatives in ("jvp", "fd"):
         began = time.perf_counter()
-        curves[derivatives] = profile_model(family, model, pool, labels.to(device), grid, ["dirichlet", "acceleration"],
+        curves[derivatives] = profile_model(family, model, pool, labels.to(device), grid, AGREEMENT_MONITORS,
                                             batches=2, batch_size=32, seed=0, derivatives=derivatives)
         seconds[derivatives] = time.perf_counter() - began
     out = {"checkpoint": str(checkpoint), "grid": grid, "seconds": seconds}
-    print(f"{checkpoint.name}: profile of 12 times x 64 samples, dirichlet and acceleration: jvp "
+    print(f"{checkpoint.name}: profile of 12 times x 64 samples, {', '.join(AGREEMENT_MONITORS)}: jvp "
           f"{seconds['jvp']:.1f} s, fd {seconds['fd']:.1f} s ({seconds['fd'] / seconds['jvp']:.2f}x)")
-    for monitor in ("dirichlet", "acceleration"):
+    for monitor in AGREEMENT_MONITORS:
         exact = torch.tensor(curves["jvp"].mean[monitor])
         fd = torch.tensor(curves["fd"].mean[monitor])
         stderr = torch.tensor(curves["jvp"].stderr[monitor])

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RecipeError
 
 SAFE_GLOBALS = [argparse.Namespace]
 WEIGHT_KEYS_IN_ORDER = ("ema", "model", "state_dict", "module")
@@ -69,6 +69,23 @@ def content_sha256(files: List[Path]) -> str:
     for file in files:
         digest.update(f"{file.name} {file_sha256(file)}\n".encode())
     return digest.hexdigest()
+
+
+def source_folder(path) -> Optional[Path]:
+    """The folder of a diffusers source, inside which nothing of the tool's may be written (a loader
+    would take a stray weights file there for the model's own); None for a single-file checkpoint."""
+    path = bundled_or_given(path)
+    from .diffusers_io import source_root
+
+    return source_root(path) if path.exists() else None
+
+
+def is_inside(path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def source_files(path) -> List[Path]:
@@ -277,7 +294,7 @@ def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
     if "path_type" in args:
         hints["args_path_type"] = str(args["path_type"])
         hints["path"] = str(args["path_type"]).lower()
-    for key in ("num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
+    for key in ("family", "num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
                 "beta_schedule", "attention_order", "numerics", "time_frequency_shift", "time_sin_first", "norm_eps",
                 "downsample_padding"):
         if args.get(key) is not None:
@@ -287,3 +304,30 @@ def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
     if args.get("noise_schedule") is not None:  # guided-diffusion's name for it
         hints.setdefault("args_beta_schedule", args["noise_schedule"])
     return hints
+
+
+#: the flags that describe a source's architecture, as they are named among the hints
+ARCHITECTURE_FLAGS = ("family", "path", "num_heads", "num_classes", "beta_schedule", "num_head_channels",
+                      "attention_order", "image_size", "use_checkpoint")
+
+
+def with_user_hints(hints: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, Any]:
+    """The file's hints with the user's architecture flags on top.
+
+    A file whose config builds the network (a diffusers config, a bundled teacher) is not a claim
+    to check: a flag that contradicts it would make the tool compute another function than the
+    one the file holds, so it is refused rather than obeyed."""
+    merged = dict(hints)
+    for key in ARCHITECTURE_FLAGS:
+        value = user.get(key)
+        if value is None:
+            continue
+        defined = hints.get(f"args_{key}")
+        if key == "path" and hints.get("args_path_type") is not None:
+            defined = str(hints["args_path_type"]).lower()
+        if hints.get("args_define_the_model") and defined is not None and value != defined:
+            flag = f"--{key.replace('_', '-')}"
+            raise RecipeError(f"{flag} {value}: the model's own config gives {key} {defined}, and that config builds "
+                              f"the network; drop {flag}")
+        merged[key] = value
+    return merged

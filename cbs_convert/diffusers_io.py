@@ -55,6 +55,14 @@ UNET_CLASS_NAMES = ("UNet2DModel",)
 UNET_DEFAULTS = {"block_out_channels": [224, 448, 672, 896], "layers_per_block": 2,
                  "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
                  "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+#: diffusers' schedulers over a discrete DDPM beta schedule: any of them may ship with a DDPM model
+DDPM_SCHEDULERS = (
+    "DDPMScheduler", "DDIMScheduler", "DDIMInverseScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler",
+    "PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "SASolverScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
+)
 #: diffusers' names for the beta schedules the DDPM families know
 SCHEDULER_BETAS = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 
@@ -68,7 +76,23 @@ def _model_folder(path: Path) -> Optional[Path]:
     for folder in (path / "transformer", path / "unet", path):
         if (folder / "config.json").is_file():
             return folder
+    for folder in (path / "transformer", path / "unet", path):
+        if folder.is_dir() and _weights_beside(folder):
+            raise CheckpointError(f"{folder}: diffusers weights without their config.json, which defines the network; "
+                                  "restore it from the model's download")
     return None
+
+
+def source_root(path) -> Optional[Path]:
+    """The folder the user named as a diffusers source (the pipeline's, when it holds the model):
+    nothing of the tool's may be written inside it, where loaders would take it for the model's own."""
+    found = _model_folder(Path(path))
+    if found is None:
+        return None
+    pipeline = found.parent
+    if found.name in ("transformer", "unet") and (pipeline / "model_index.json").is_file():
+        return pipeline
+    return found
 
 
 def _read_json(file: Path) -> Dict[str, Any]:
@@ -124,10 +148,16 @@ def model_files(path) -> Optional[List[Path]]:
         return None
     folder, _ = found
     files = [folder / "config.json", *_weight_files(folder, Path(path))]
-    scheduler = folder.parent / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():
+    scheduler = _scheduler_file(folder)
+    if scheduler is not None:
         files.append(scheduler)
     return files
+
+
+def _scheduler_file(folder: Path) -> Optional[Path]:
+    """The pipeline's scheduler config, when the model folder is a pipeline's transformer/ or unet/."""
+    file = folder.parent / "scheduler" / "scheduler_config.json"
+    return file if folder.name in ("transformer", "unet") and file.is_file() else None
 
 
 def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any], List[Path]]]:
@@ -142,49 +172,76 @@ def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, An
     weights = _weight_files(folder, Path(path))
     tensors = _read_weights(weights)
     where = str(weights[0])
-    scheduler = _read_scheduler(folder)
-    if kind == "dit":
-        config = _dit_config(config, where)
-        return diffusers_to_official(tensors, config, where), _dit_args(config, scheduler), files
-    config = {**UNET_DEFAULTS, **config}
-    return unet_to_adm(tensors, config, where), _unet_args(config, folder, scheduler), files
+    try:
+        scheduler = _read_scheduler(folder)
+        if kind == "dit":
+            config = _dit_config(config, where)
+            return diffusers_to_official(tensors, config, where), _dit_args(config, scheduler), files
+        config = {**UNET_DEFAULTS, **config}
+        return unet_to_adm(tensors, config, where), _unet_args(config, folder, scheduler), files
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ZeroDivisionError) as exc:
+        # a hand-edited or damaged config: a value of the wrong type or range, a key set to null
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{folder}: a config value this reader cannot use ({type(exc).__name__}: {detail}); "
+                              "compare config.json and scheduler_config.json with the model's download") from None
 
 
-def _variants(folder: Path) -> List[Path]:
-    """save_pretrained(variant=...) files: diffusion_pytorch_model.fp16.safetensors and the like."""
-    return sorted(f for f in folder.glob("diffusion_pytorch_model.*.*")
-                  if f.suffix in (".safetensors", ".bin") and len(f.name.split(".")) == 3)
+def _weight_sets(folder: Path) -> Dict[Tuple[str, str], Path]:
+    """Every set of weights save_pretrained may have left in ``folder``, by (variant, format), "" the
+    plain one: a weights file, or the index of a sharded set
+    (``diffusion_pytorch_model[.VARIANT].safetensors``, ``diffusion_pytorch_model.safetensors.index[.VARIANT].json``)."""
+    sets: Dict[Tuple[str, str], Path] = {}
+    for file in sorted(folder.glob("diffusion_pytorch_model*")):
+        parts = file.name.split(".")
+        if parts[-1] == "json" and len(parts) in (4, 5) and parts[2] == "index" and parts[1] in ("safetensors", "bin"):
+            sets[(parts[3] if len(parts) == 5 else "", parts[1])] = file
+        elif "-of-" not in file.name and parts[-1] in ("safetensors", "bin") and len(parts) in (2, 3):
+            sets.setdefault((parts[1] if len(parts) == 3 else "", parts[-1]), file)
+    return sets
+
+
+def _with_shards(weights: Path) -> List[Path]:
+    """A weights file alone, or an index followed by the shards it names."""
+    if not weights.name.endswith(".json"):
+        return [weights]
+    try:
+        names = json.loads(weights.read_text())["weight_map"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{weights}: not a readable shard index ({str(exc).splitlines()[0][:160]})") from None
+    if not all(isinstance(name, str) and name and "/" not in name for name in names):
+        raise CheckpointError(f"{weights}: its weight_map names something other than shard files beside it; restore "
+                              "the index from the model's download")
+    return [weights, *(weights.parent / name for name in sorted(set(names)))]
 
 
 def _weight_files(folder: Path, given: Path) -> List[Path]:
-    """The weights to read: the file the user named, else the folder's plain weights (one file, or an
-    index and its shards), else its only variant. An index comes first in the list."""
-    if given.is_file() and given.name.startswith("diffusion_pytorch_model") and not given.name.endswith(".json"):
-        return [given]
-    for name in WEIGHT_FILES:
-        index = folder / f"{name}.index.json"
-        if index.is_file():  # weights saved in shards (save_pretrained's max_shard_size)
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{index}: not a readable shard index ({str(exc).splitlines()[0][:160]})") from None
-            return [index, *(folder / shard for shard in shards)]
-        if (folder / name).is_file():
-            return [folder / name]
-    variants = _variants(folder)
+    """The weights to read: the file the user named, else the folder's plain weights, else its only
+    variant (each one file, or an index and its shards; an index comes first)."""
+    if given.is_file() and given.name.startswith("diffusion_pytorch_model"):
+        if "-of-" in given.name:
+            raise CheckpointError(f"{given} is one shard of sharded weights; give the folder, or the .index.json "
+                                  "file that lists the shards")
+        return _with_shards(given)
+    sets = _weight_sets(folder)
+    for fmt in ("safetensors", "bin"):
+        if ("", fmt) in sets:
+            return _with_shards(sets[("", fmt)])
+    variants = sorted({variant for variant, _ in sets})
     if len(variants) == 1:
-        return variants
+        fmt = "safetensors" if (variants[0], "safetensors") in sets else "bin"
+        return _with_shards(sets[(variants[0], fmt)])
     if variants:
-        raise CheckpointError(f"{folder}: no plain weights but {len(variants)} variants ({', '.join(v.name for v in variants)}); "
-                              "give the one to convert as the checkpoint path")
+        named = ", ".join(sets[(v, f)].name for v, f in sorted(sets))
+        raise CheckpointError(f"{folder}: no plain weights but {len(variants)} variants ({named}); give the one to "
+                              "convert as the checkpoint path")
     raise CheckpointError(f"{folder}: a diffusers config without weights; expected {WEIGHT_FILES[0]} (or "
-                          f"{WEIGHT_FILES[1]}, or sharded weights with their .index.json) beside it")
+                          f"{WEIGHT_FILES[1]}, sharded weights with their .index.json, or a variant) beside it")
 
 
 def _read_weights(files: List[Path]) -> Dict[str, torch.Tensor]:
     tensors: Dict[str, torch.Tensor] = {}
     for file in files:
-        if file.name.endswith(".index.json"):
+        if file.suffix == ".json":  # an index: its shards follow it in the list
             continue
         if not file.is_file():
             raise CheckpointError(f"{file}: named by the shard index but missing; restore it from the model's download")
@@ -202,10 +259,15 @@ def _read_weights(files: List[Path]) -> Dict[str, torch.Tensor]:
 
 def _read_scheduler(folder: Path) -> Optional[Dict[str, Any]]:
     """The pipeline's scheduler config beside the model folder, checked, or None without one."""
-    file = folder.parent / "scheduler" / "scheduler_config.json"
-    if not file.is_file():
+    file = _scheduler_file(folder)
+    if file is None:
         return None
     scheduler = _read_json(file)
+    name = scheduler.get("_class_name")
+    if name not in DDPM_SCHEDULERS:
+        raise CheckpointError(f"{file}: a {name or 'scheduler without _class_name'}; the DDPM families here need one of "
+                              "diffusers' discrete-beta schedulers (DDPMScheduler, DDIMScheduler, ...), which sample "
+                              "the process the model was trained on")
     unsupported = [(key, scheduler[key]) for key in ("trained_betas", "rescale_betas_zero_snr") if scheduler.get(key)]
     if scheduler.get("prediction_type", "epsilon") != "epsilon":
         unsupported.insert(0, ("prediction_type", scheduler["prediction_type"]))
@@ -267,6 +329,7 @@ def _dit_config(config: Dict[str, Any], where: str) -> Dict[str, Any]:
 def _dit_args(config: Dict[str, Any], scheduler: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     args = {
         "model": "DiT-diffusers",
+        "family": "dit",
         "define_the_model": True,
         "num_heads": int(config["num_attention_heads"]),
         "numerics": "diffusers",
@@ -490,6 +553,7 @@ def _unet_args(config: Dict[str, Any], folder: Path, scheduler: Optional[Dict[st
     size = _square(config.get("sample_size"), "sample_size", str(folder))
     args: Dict[str, Any] = {
         "model": "DDPM-UNet2DModel",
+        "family": "adm",
         "define_the_model": True,
         "attention_order": "new",  # to_q, to_k, to_v stack as [q of all heads | k | v]
         "image_size": size,

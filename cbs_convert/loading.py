@@ -46,12 +46,11 @@ def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None,
 
         model = load(path, device=device)
         return model.family, model
-    from .checkpoint import hints_from_args, read_checkpoint
+    from .checkpoint import read_checkpoint, with_user_hints
     from .families import detect
 
     checkpoint = read_checkpoint(path)
-    merged = hints_from_args(checkpoint.args)
-    merged.update({k: v for k, v in (hints or {}).items() if v is not None})
+    merged = with_user_hints(checkpoint.hints, hints or {})
     family, notes = detect(checkpoint.state_dict, merged)
     if on_warning is not None:
         from .errors import is_warning

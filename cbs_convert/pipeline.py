@@ -22,7 +22,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import bundled_or_given, model_name, read_checkpoint, source_files
+from .checkpoint import (bundled_or_given, is_inside, model_name, read_checkpoint, source_files, source_folder,
+                         with_user_hints)
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
@@ -53,8 +54,9 @@ def work_files(k: int) -> List[str]:
     """Every file a run of ``k`` experts may write into its work directory (the marker's list)."""
     names = [MARKER, "pool.safetensors", "profile.json", "split.json"]
     for e in range(k):
-        names += [f"pruned/expert_{e}.safetensors", f"pruned/expert_{e}.kept.json", f"finetune/expert_{e}.safetensors",
-                  f"finetune/expert_{e}.state.pt", f"finetune/expert_{e}.log.json"]
+        names += [f"pruned/expert_{e}.safetensors", f"pruned/expert_{e}.kept.json", f"pruned/expert_{e}.measured.safetensors",
+                  f"finetune/expert_{e}.safetensors", f"finetune/expert_{e}.state.pt", f"finetune/expert_{e}.log.json",
+                  f"finetune/expert_{e}.measured.safetensors"]
     return names
 
 
@@ -151,6 +153,11 @@ class Conversion:
         source_path = Path(settings["checkpoint"])
         if int(os.environ.get("RANK", "0")) != 0:
             return  # rank 0 owns the output and the work directory; the others only read them
+        model_folder = source_folder(source_path)
+        for flag, target in (("--out", self.output), ("--workdir", self.workdir)):
+            if model_folder is not None and is_inside(target, model_folder):
+                raise WorkdirError(f"{flag} {target} is inside the source model's folder {model_folder}, where diffusers "
+                                   f"would take it for part of the model; give {flag} a path outside it")
         if self.output.exists() and any(self.output.resolve() == f.resolve() for f in source_files(source_path) if f.exists()):
             raise WorkdirError(f"--out {self.output} is {'the source checkpoint' if self.output.resolve() == source_path.resolve() else 'a file of the source model'}; "
                                "choose another output path")
@@ -170,11 +177,7 @@ class Conversion:
     def load(self):
         began = time.time()
         self.source = read_checkpoint(self.user_settings["checkpoint"])
-        hints = self.source.hints
-        for key in ("family", "path", "num_heads", "num_classes", "beta_schedule", "num_head_channels",
-                    "attention_order", "image_size", "use_checkpoint"):
-            if self.user_settings.get(key) is not None:
-                hints[key] = self.user_settings[key]
+        hints = with_user_hints(self.source.hints, self.user_settings)
         self.family, self.notes = detect(self.source.state_dict, hints)
         for note in self.notes + self.source.notes:
             if is_warning(note):
@@ -335,14 +338,22 @@ class Conversion:
     # stage reads an expert from the work directory, measures it, and lets it go. What the report
     # needs of an expert is kept as numbers and small velocity tensors (``self.measured``).
 
-    def prune(self):
+    def prune(self, rank: int = 0, world: int = 1):
+        """Each expert is pruned and measured by the rank that will write it, so under torchrun the
+        experts are pruned side by side; rank 0 then collects the measurements."""
         began = time.time()
         r = self.recipe
-        self.measured = {"before": {}, "after": {}}
-        for k, (segment, config) in enumerate(zip(self.split_result.segments, self.expert_configs)):
+        mine = [k for k in range(r.k) if self.layout.writer_of(k) == rank]
+        if world > 1 and rank == 0:
+            self.say(f"pruning the {r.k} experts on {min(world, r.k)} processes side by side")
+        for k in mine:
+            segment, config = self.split_result.segments[k], self.expert_configs[k]
             path = self.work.path(f"pruned/expert_{k}.safetensors")
             kept_path = self.work.path(f"pruned/expert_{k}.kept.json")
+            measured_path = self.work.path(f"pruned/expert_{k}.measured.safetensors")
             if path.exists() and kept_path.exists():
+                if measured_path.exists():
+                    continue
                 from safetensors.torch import load_file
 
                 sd = load_file(str(path))
@@ -360,9 +371,28 @@ class Conversion:
                 atomic_write_json(kept_path, {name: index.tolist() for name, index in kept_tensors.items()})
                 save_safetensors_atomic(sd, path)
             self.say(f"measuring expert {k} against the teacher ({r.eval_samples} samples of its segment)")
-            self.measured["before"][k] = self._measure(k, self.family.instantiate(config, sd).to(self.device))
+            self._save_measurement(measured_path, self._measure(k, self.family.instantiate(config, sd).to(self.device)))
             del sd
+        _barrier(world)
+        self.measured = {"before": {}, "after": {}}
+        if rank == 0:
+            self.measured["before"] = {k: self._load_measurement(self.work.path(f"pruned/expert_{k}.measured.safetensors"))
+                                       for k in range(r.k)}
         self.timings["prune"] = time.time() - began
+
+    @staticmethod
+    def _save_measurement(path: Path, measured: Dict[str, Any]) -> None:
+        tensors = {"error": torch.tensor([measured["error"]], dtype=torch.float64)}
+        tensors.update({f"edge_{j}": v.detach().float().cpu().contiguous() for j, v in measured["edges"].items()})
+        save_safetensors_atomic(tensors, path)
+
+    @staticmethod
+    def _load_measurement(path: Path) -> Dict[str, Any]:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        return {"error": float(tensors.pop("error")[0]),
+                "edges": {int(name.split("_")[1]): value for name, value in tensors.items()}}
 
     def trains(self, k: int) -> bool:
         """Whether expert k is fine-tuned: not with --steps 0, and not a full-width copy of the teacher
@@ -431,18 +461,24 @@ class Conversion:
         edges = {j: boundary_velocity(self.family, model, inner[j], *args) for j in (k - 1, k) if 0 <= j < len(inner)}
         return {"error": relative_error(self.family, model, self.teacher, self.split_result.segments[k], *args), "edges": edges}
 
-    def measure_final(self):
+    def measure_final(self, rank: int = 0, world: int = 1):
+        """Each trained expert is measured by the rank that wrote it; rank 0 collects them."""
         from safetensors.torch import load_file
 
-        if any(self.trains(k) for k in range(len(self.expert_configs))):
-            self.say(f"measuring the fine-tuned experts against the teacher ({self.recipe.eval_samples} samples each)")
+        r = self.recipe
+        if rank == 0 and any(self.trains(k) for k in range(r.k)):
+            self.say(f"measuring the fine-tuned experts against the teacher ({r.eval_samples} samples each)")
         for k, config in enumerate(self.expert_configs):
-            if not self.trains(k):
-                self.measured["after"][k] = self.measured["before"][k]
-                continue
-            model = self.family.instantiate(config, load_file(str(self.expert_file(k)))).to(self.device)
-            self.measured["after"][k] = self._measure(k, model)
-            del model
+            if self.trains(k) and self.layout.writer_of(k) == rank:
+                model = self.family.instantiate(config, load_file(str(self.expert_file(k)))).to(self.device)
+                self._save_measurement(self.work.path(f"finetune/expert_{k}.measured.safetensors"), self._measure(k, model))
+                del model
+        _barrier(world)
+        if rank != 0:
+            return
+        for k in range(r.k):
+            self.measured["after"][k] = (self._load_measurement(self.work.path(f"finetune/expert_{k}.measured.safetensors"))
+                                         if self.trains(k) else self.measured["before"][k])
 
     def finetune_summary(self) -> Dict[str, Any]:
         """The fine-tuning settings and each expert's loss curve, from the logs in the work directory."""
@@ -628,18 +664,15 @@ class Conversion:
             self.split()
         if self.preview:
             return self.write_preview() if rank == 0 else ConversionResult(None, {})
-        if rank == 0:
-            self.prune()
-        _barrier(world)  # every rank then reads its experts' pruned weights from the work directory
+        self.prune(rank, world)  # ends at a barrier: every rank then reads its experts' pruned weights
         self.finetune(rank, world)
-        _barrier(world)
+        self.measure_final(rank, world)
         if world > 1:
             import torch.distributed as dist
 
             dist.destroy_process_group()
         if rank != 0:
             return ConversionResult(self.output, {})
-        self.measure_final()
         evaluation = self.evaluate()
         self.timings["total"] = time.time() - began
         return self.write(evaluation)

@@ -79,9 +79,11 @@ class WorkDir:
             before = {**(defaults or {}), **stored.get("recipe", {})}
             changed = [k for k in identity.get("recipe", {}) if before.get(k) != identity["recipe"][k]]
             if changed:
+                # name the earlier values: after a default changed, the user has to pass them to continue
+                was = "; ".join(f"{k} was {before.get(k)!r}, now {identity['recipe'][k]!r}" for k in changed[:4])
                 raise WorkdirError(
-                    f"{self.root} was made with different settings ({', '.join(changed[:4])}); "
-                    "rerun with the same settings or --force to start over"
+                    f"{self.root} was made with different settings ({was}); rerun with the earlier values "
+                    "to continue, or --force to start over"
                 )
             planned = sorted(set(planned) | set(stored["files"]))
         elif stored is not None:  # --force: the earlier run's own files go, nothing else

@@ -241,7 +241,7 @@ def test_an_output_onto_a_file_of_the_source_folder_is_refused(tmp_path, target)
                              "--out", str(folder / target), "--force", "--quiet"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr[-1500:]
-    assert "a file of the source model" in result.stderr and "Traceback" not in result.stderr
+    assert "inside the source model's folder" in result.stderr and "Traceback" not in result.stderr
     assert {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()} == before
 
 
@@ -370,3 +370,99 @@ def test_outputs_are_named_after_the_model_not_its_folder_layout(tmp_path, monke
     monkeypatch.chdir(folder)
     for given in (".", "transformer", "transformer/diffusion_pytorch_model.safetensors"):
         assert default_output(given, 2).name == "DiT-tiny-cbs-k2.safetensors", given
+
+
+
+def _cli(args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cbs_convert", *map(str, args), "--steps", "0", "--quiet"],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_nothing_is_written_inside_the_source_models_folder(tmp_path):
+    model = tiny_diffusers_dit()
+    variant_only = tmp_path / "B"
+    model.half().save_pretrained(variant_only / "transformer", variant="fp16")
+    pipeline = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "A")
+    (pipeline / "vae").mkdir()
+    (pipeline / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"the user's VAE")
+    cases = [(variant_only, variant_only / "transformer" / "diffusion_pytorch_model.safetensors", []),
+             (pipeline, pipeline / "model_index.json", ["--force"]),
+             (pipeline, pipeline / "vae" / "diffusion_pytorch_model.safetensors", ["--force"]),
+             (pipeline, tmp_path / "elsewhere.safetensors", ["--workdir", pipeline / "work"])]
+    for source, out, extra in cases:
+        before = {f: f.read_bytes() for f in source.rglob("*") if f.is_file()}
+        result = _cli([source, "--k", "2", "--out", out, *extra], tmp_path)
+        assert result.returncode == 2, (out, result.stderr[-1500:])
+        assert "inside the source model's folder" in result.stderr
+        assert {f: f.read_bytes() for f in source.rglob("*") if f.is_file()} == before
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-heads", "8"], "--num-heads 8: the model's own config gives num_heads 4"),
+    (["--family", "sit"], "--family sit: the model's own config gives family dit"),
+])
+def test_flags_that_contradict_a_diffusers_config_are_refused(tmp_path, flags, message):
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    result = _cli([folder, "--k", "2", "--out", tmp_path / "x.safetensors", *flags], tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-1500:]
+    agreeing = _cli([folder, "--k", "2", "--out", tmp_path / "y.safetensors", "--num-heads", "4", "--pool-size", "8",
+                     "--grid", "4", "--profile-batches", "1", "--profile-batch-size", "4", "--calib-batches", "1",
+                     "--eval-samples", "4", "--ode-steps", "3"], tmp_path)
+    assert agreeing.returncode == 0, agreeing.stderr[-1500:]
+
+
+@pytest.mark.parametrize("where,changes", [
+    ("transformer/config.json", {"patch_size": "two"}),
+    ("transformer/config.json", {"num_attention_heads": None}),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": "1e3"}),
+    ("scheduler/scheduler_config.json", {"beta_start": None}),
+])
+def test_damaged_config_values_are_named_not_crashed_on(tmp_path, where, changes):
+    from cbs_convert import CheckpointError
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    _edit_config(folder / where, **changes)
+    with pytest.raises(CheckpointError, match="a config value this reader cannot use"):
+        read_checkpoint(folder)
+
+
+def test_unet_configs_with_damaged_values_are_named(tmp_path):
+    from cbs_convert import CheckpointError
+
+    folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
+    _edit_config(folder / "unet" / "config.json", layers_per_block=None)
+    with pytest.raises(CheckpointError, match="a config value this reader cannot use"):
+        read_checkpoint(folder)
+
+
+def test_sharded_variants_are_read(tmp_path):
+    model = tiny_diffusers_dit()
+    folder = tmp_path / "pipe" / "transformer"
+    model.half().save_pretrained(folder, variant="fp16", max_shard_size="20KB")
+    assert len(list(folder.glob("*-of-*"))) > 1
+    assert _same_function(tmp_path / "pipe", model.float()) < 1e-2
+    index = next(folder.glob("*.index.fp16.json"))
+    assert read_checkpoint(index).sha256 == read_checkpoint(tmp_path / "pipe").sha256
+
+
+def test_schedulers_of_other_processes_are_refused(tmp_path):
+    from cbs_convert import CheckpointError
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    diffusers.FlowMatchEulerDiscreteScheduler().save_pretrained(folder / "scheduler")
+    with pytest.raises(CheckpointError, match="a FlowMatchEulerDiscreteScheduler; the DDPM families here need"):
+        read_checkpoint(folder)
+
+
+def test_weights_without_their_config_are_named(tmp_path):
+    from cbs_convert import CheckpointError
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    (folder / "transformer" / "config.json").unlink()
+    for given in (folder, folder / "transformer" / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(CheckpointError, match="diffusers weights without their config.json"):
+            read_checkpoint(given)

@@ -91,6 +91,13 @@ def test_data_parallel_experts_match_one_process(source, world, k):
     profiles = [json.loads((source / f"{n}.safetensors.work" / "profile.json").read_text()) for n in ("one", "many")]
     assert profiles[0]["mean"] == profiles[1]["mean"] and profiles[0]["stderr"] == profiles[1]["stderr"]
     assert len(profiles[0]["grid"]) == 6 and all(len(v) == 6 for v in profiles[1]["mean"].values())
+    # each expert was pruned and measured by its own group's first rank: the same numbers as one process
+    reports = [json.loads((source / f"{n}.report.json").read_text()) for n in ("one", "many")]
+    assert [e["error_before"] for e in reports[0]["evaluation"]["experts"]] == [e["error_before"] for e in reports[1]["evaluation"]["experts"]]
+    for a, b in zip(reports[0]["evaluation"]["experts"], reports[1]["evaluation"]["experts"]):
+        assert abs(a["error_after"] - b["error_after"]) < 1e-4 * a["error_after"]
+    kept = sorted(p.name for p in (source / "many.safetensors.work" / "pruned").glob("*.kept.json"))
+    assert kept == [f"expert_{e}.kept.json" for e in range(k)]
     group = world // k
     assert ranks_of(source / "many.report.json") == {
         "world_size": world, "experts": [list(range(e * group, (e + 1) * group)) for e in range(k)]}

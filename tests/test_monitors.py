@@ -100,7 +100,8 @@ def test_jacobian_monitors_match_the_gaussian_closed_forms(case):
     family, model = gaussian_model(case)
     exact = GaussianFit.from_moments(torch.zeros(STDS.numel()), torch.diag(STDS.double().pow(2).flatten()))
     monitors = ["dirichlet", "denoiser", "nonlinear", "nonlinear_acceleration"]
-    prof = profile_model(family, model, gaussian_pool(64), None, GRID, monitors, batches=1, batch_size=8, gaussian=exact)
+    prof = profile_model(family, model, gaussian_pool(64), None, GRID, monitors, batches=1, batch_size=8, gaussian=exact,
+                         derivatives="jvp")  # the exact maths; fd is checked on its own below
     for i, t in enumerate(GRID):
         h, g, _, _, _ = closed_forms(family, t)
         assert prof.mean["dirichlet"][i] == pytest.approx(h.pow(2).mean().item(), rel=2e-4), (case, t)
@@ -127,7 +128,8 @@ def test_acceleration_matches_the_closed_form_per_sample_and_in_expectation(case
         # at fixed x, dv/dt = h'(t) x per dimension
         expected = (dh.float() * x.flatten(1)).pow(2).mean(1)
         assert torch.allclose(got, expected, rtol=2e-3), (case, t_value)
-    prof = profile_model(family, model, gaussian_pool(256), None, GRID, ["acceleration"], batches=4, batch_size=16)
+    prof = profile_model(family, model, gaussian_pool(256), None, GRID, ["acceleration"], batches=4, batch_size=16,
+                         derivatives="jvp")
     for i, t_value in enumerate(GRID):
         # E x_d^2 = alpha^2 s_d^2 + sigma^2
         expected = dh_scale(family, t_value)
@@ -137,7 +139,8 @@ def test_acceleration_matches_the_closed_form_per_sample_and_in_expectation(case
 def test_denoiser_peaks_at_intermediate_noise_for_unit_variance():
     family, model = gaussian_model("sit linear", stds=torch.ones(SHAPE))
     grid = np.linspace(0.02, 0.98, 25).tolist()
-    prof = profile_model(family, model, torch.randn((16, *SHAPE)), None, grid, ["denoiser"], batches=1, batch_size=4)
+    prof = profile_model(family, model, torch.randn((16, *SHAPE)), None, grid, ["denoiser"], batches=1, batch_size=4,
+                         derivatives="jvp")
     curve = np.asarray(prof.mean["denoiser"])
     peak = int(curve.argmax())
     # bounded, unlike the Dirichlet energy: g = alpha / (alpha^2 + sigma^2) <= 1.21 on the linear path
@@ -149,7 +152,8 @@ def test_a_fitted_pool_gives_nearly_zero_nonlinear_energy_for_gaussian_data():
     pool = gaussian_pool(20000)
     fitted = GaussianFit.from_pool(pool)
     assert "exact sample covariance" in fitted.description
-    prof = profile_model(family, model, pool, None, GRID, ["dirichlet", "nonlinear"], batches=1, batch_size=8, gaussian=fitted)
+    prof = profile_model(family, model, pool, None, GRID, ["dirichlet", "nonlinear"], batches=1, batch_size=8, gaussian=fitted,
+                         derivatives="jvp")
     ratio = np.asarray(prof.mean["nonlinear"]) / np.asarray(prof.mean["dirichlet"])
     assert ratio.max() < 2e-3, ratio
 
@@ -198,7 +202,7 @@ def test_nonlinear_energy_is_clearly_nonzero_for_a_two_point_mixture():
     pool = signs.reshape(-1, 1, 1, 1) * point
     grid = [0.1, 0.3, 0.5, 0.7, 0.9]
     prof = profile_model(family, model, pool, None, grid, ["dirichlet", "nonlinear", "nonlinear_acceleration"],
-                         batches=2, batch_size=16)
+                         batches=2, batch_size=16, derivatives="jvp")
     ratio = np.asarray(prof.mean["nonlinear"]) / np.asarray(prof.mean["dirichlet"])
     assert ratio.max() > 0.05, ratio
     assert max(prof.mean["nonlinear_acceleration"]) > 1e-3

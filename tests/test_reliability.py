@@ -94,7 +94,9 @@ def test_after_success_only_the_small_artifacts_stay_and_every_file_was_listed(t
             p for p in present if p.endswith(".state.pt")}
         assert not [p for p in present if p.endswith(".state.pt")]  # spent once each expert's weights are saved
         if keep:
-            assert len(weights) == 4  # two pruned, two fine-tuned experts
+            # two pruned and two fine-tuned experts, each with its measurement against the teacher
+            assert len([p for p in weights if not p.endswith(".measured.safetensors")]) == 4
+            assert len([p for p in weights if p.endswith(".measured.safetensors")]) == 4
         else:
             assert weights == set()
             assert {"profile.json", "split.json", "pool.safetensors", MARKER} <= present

@@ -127,6 +127,8 @@ def test_a_rerun_with_other_settings_is_refused_and_the_samples_kept(tmp_path):
     (["--out", "."], "is a folder; give the .npz file to write"),
     (["--out", "/proc/nowhere/x.npz"], "--out"),
     (["--family", "sit"], None),
+    (["--num-heads", "0"], "--num-heads 0: give a positive whole number"),
+    (["--image-size", "-16"], "--image-size -16: give a positive whole number"),
 ])
 def test_bad_requests_get_one_line_and_exit_2(tmp_path, flags, expected):
     result = sample_cli([DIGITS, *FAST, *flags], tmp_path)
@@ -205,10 +207,21 @@ def test_damaged_shards_are_drawn_again_and_a_touched_model_keeps_its_shards(tmp
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], reference)
 
     (tmp_path / "s.npz").unlink()
-    other_heads = sample_cli([*args, "--num-heads", "2"], tmp_path)
-    assert other_heads.returncode == 2 and "num_heads differ" in other_heads.stderr
+    # a flag that agrees with the model's own config is allowed, and a different one keys other shards
+    other_hints = sample_cli([*args, "--family", "sit"], tmp_path)
+    assert other_hints.returncode == 2 and "family differ" in other_hints.stderr and "delete" in other_hints.stderr
+    contradicting = sample_cli([*args, "--num-heads", "2"], tmp_path)
+    assert contradicting.returncode == 2 and "the model's own config gives num_heads 4" in contradicting.stderr
     data = bytearray(model.read_bytes())
     data[-1] ^= 0x01  # other weights under the same name, size and place
     model.write_bytes(bytes(data))
     retrained = sample_cli(args, tmp_path)
     assert retrained.returncode == 2 and "model_sha256 differ" in retrained.stderr
+
+
+def test_a_run_that_failed_before_its_first_batch_does_not_block_the_next(tmp_path):
+    failed = sample_cli([DIGITS, *FAST, "--cfg-scale", "1e30", "--out", "g.npz"], tmp_path)
+    assert failed.returncode == 2 and "NaN/Inf" in failed.stderr
+    assert not list((tmp_path / "g.npz.shards").glob("batch_*.npz"))
+    fixed = sample_cli([DIGITS, *FAST, "--cfg-scale", "1.5", "--out", "g.npz"], tmp_path)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]

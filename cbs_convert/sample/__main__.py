@@ -173,6 +173,9 @@ def _check_flags(args) -> None:
         raise RecipeError("--num-samples and --batch-size must be at least 1")
     if args.seed < 0:
         raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
+    for flag in ("num_heads", "image_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise RecipeError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive whole number")
     if args.steps is not None and args.steps < 1:
         raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
     if not 0 < args.last_step < 1:
@@ -233,9 +236,15 @@ def _open_shards(shards: Path, settings: Dict, rank: int) -> None:
         except (OSError, ValueError):
             raise UserError(f"{marker} is unreadable: delete {shards} to start over") from None
         differs = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
-        if differs:
-            raise UserError(f"{shards} holds samples drawn with other settings ({', '.join(differs)} differ): "
-                            f"rerun with those settings to continue, or choose another --out")
+        if not differs:
+            return
+        drawn = len(list(shards.glob("batch_*.npz")))
+        if drawn:
+            raise UserError(f"{shards} holds {drawn} batches drawn with other settings ({', '.join(differs)} differ): "
+                            f"rerun with those settings to continue, delete {shards} to start over, or choose another --out")
+        # an earlier run that stopped before its first batch: there is nothing to keep
+        if rank == 0:
+            atomic_write_json(marker, settings)
         return
     if shards.exists() and any(shards.iterdir()):
         raise UserError(f"{shards} exists and is not a shard folder of this command: move it or choose another --out")
