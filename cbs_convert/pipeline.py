@@ -220,7 +220,8 @@ class Conversion:
         if self.on_warning is not None:
             self.on_warning(str(message))
 
-    def pool(self):
+    def pool(self, rank: int = 0, world: int = 1):
+        """The x0 pool: the user's data, or the teacher's own samples, drawn by all ranks in turns."""
         began = time.time()
         path = self.work.path("pool.safetensors")
         r = self.recipe
@@ -238,34 +239,46 @@ class Conversion:
             x0, labels = stored["x0"], stored.get("labels")
             self.pool_source = f"teacher ODE samples ({x0.shape[0]}, {r.ode_steps} Heun steps)"
         else:
-            x0, labels = self._teacher_samples()
+            x0, labels = self._teacher_samples(rank, world)
             tensors = {"x0": x0}
             if labels is not None:
                 tensors["labels"] = labels
-            save_safetensors_atomic(tensors, path)
+            if rank == 0:
+                save_safetensors_atomic(tensors, path)
             self.pool_source = f"teacher ODE samples ({x0.shape[0]}, {r.ode_steps} Heun steps)"
         self.x0_pool = x0.to(self.device)
         self.labels_pool = None if labels is None else labels.to(self.device)
         self.timings["pool"] = time.time() - began
 
-    def _teacher_samples(self):
+    def _teacher_samples(self, rank: int = 0, world: int = 1):
         r = self.recipe
         generator = torch.Generator().manual_seed(r.seed)
         classes = self.family.num_classes(self.config)
         labels = torch.randint(0, classes, (r.pool_size,), generator=generator) if classes else None
         shape = self.family.sample_shape(self.config)
-        chunks = []
         chunk = 64
-        bar = _bar(self.progress, (r.pool_size + chunk - 1) // chunk, "teacher samples")
-        for start in range(0, r.pool_size, chunk):
+        starts = list(range(0, r.pool_size, chunk))
+        bar = _bar(self.progress and rank == 0, len(starts[rank::world]),
+                   "teacher samples" if world == 1 else f"teacher samples (1/{world} per process)")
+        chunks: Dict[int, torch.Tensor] = {}
+        for i, start in enumerate(starts):
             n = min(chunk, r.pool_size - start)
+            # every rank draws every chunk's noise, so the pool is one process's whatever the launch
             noise = torch.randn((n, *shape), generator=generator)
+            if i % world != rank:
+                continue
             y = None if labels is None else labels[start:start + n].to(self.device)
             x = sample_ode(self.family, self.teacher, (n, *shape), y, steps=r.ode_steps, device=self.device, noise=noise.to(self.device))
-            chunks.append(x.cpu())
+            chunks[i] = x.cpu()
             bar.update(1)
         bar.close()
-        x0 = torch.cat(chunks)
+        if world > 1:
+            import torch.distributed as dist
+
+            shares: List[Dict[int, torch.Tensor]] = [None] * world  # type: ignore[list-item]
+            dist.all_gather_object(shares, chunks)
+            chunks = {i: x for share in shares for i, x in share.items()}
+        x0 = torch.cat([chunks[i] for i in range(len(starts))])
         if not torch.isfinite(x0).all():
             raise CheckpointError("the teacher's ODE samples diverged (NaN/Inf); check --family/--path or pass --data")
         return x0, labels
@@ -648,13 +661,9 @@ class Conversion:
             self.prepare_workdir()
         _barrier(world)
         torch.manual_seed(self.recipe.seed)
-        if rank == 0:
-            self.pool()
-        _barrier(world)
-        if rank != 0:
-            self.pool()  # read back from the work directory
-        # Every rank has checked for a stored profile before any can finish the gather that precedes
-        # rank 0's writing it, so all of them either read it or measure their share.
+        # Pool and profile: every rank has checked for the stored file before any can finish the gather
+        # that precedes rank 0's writing it, so all of them either read it or compute their share.
+        self.pool(rank, world)
         self.profile(rank, world)
         if rank == 0:
             self.split()

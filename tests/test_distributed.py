@@ -81,15 +81,18 @@ def test_plan_ranks_turns_groups_and_refusals():
 
 @pytest.mark.parametrize("world,k", [(2, 1), (4, 2)])
 def test_data_parallel_experts_match_one_process(source, world, k):
-    one = convert(source, 1, k, "one.safetensors")
+    # a pool of two 64-sample chunks, so that the ranks share its drawing
+    one = convert(source, 1, k, "one.safetensors", "--pool-size", "128")
     assert one.returncode == 0, one.stderr[-2000:]
-    many = convert(source, world, k, "many.safetensors")
+    many = convert(source, world, k, "many.safetensors", "--pool-size", "128")
     assert many.returncode == 0, many.stderr[-2000:]
     for e in range(k):
         assert expert_distance(source / "one.safetensors", source / "many.safetensors", e) < 1e-5
-    # the ranks measured the grid points in turns: the profile is one process's, to the bit
+    # the ranks drew the pool and measured the grid points in turns: both are one process's, to the bit
     profiles = [json.loads((source / f"{n}.safetensors.work" / "profile.json").read_text()) for n in ("one", "many")]
     assert profiles[0]["mean"] == profiles[1]["mean"] and profiles[0]["stderr"] == profiles[1]["stderr"]
+    pools = [load_file(str(source / f"{n}.safetensors.work" / "pool.safetensors")) for n in ("one", "many")]
+    assert pools[0].keys() == pools[1].keys() and all(torch.equal(pools[0][k], pools[1][k]) for k in pools[0])
     assert len(profiles[0]["grid"]) == 6 and all(len(v) == 6 for v in profiles[1]["mean"].values())
     # each expert was pruned and measured by its own group's first rank: the same numbers as one process
     reports = [json.loads((source / f"{n}.report.json").read_text()) for n in ("one", "many")]
