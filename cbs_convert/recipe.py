@@ -247,7 +247,8 @@ def validate(r: Recipe) -> None:
     need(r.margin >= 0, f"margin={r.margin} must be >= 0")
     need(r.label_dropout is None or 0.0 <= r.label_dropout < 1.0, f"label_dropout={r.label_dropout} must be in [0, 1)")
     need(r.monitor in r.monitors or r.split != "cbs",
-         f"monitor {r.monitor!r} drives the cuts, so it must be among monitors {r.monitors}")
+         f"monitor {r.monitor!r} drives the cuts, so it must be among monitors {r.monitors}: add it "
+         f"(--monitors {','.join([*r.monitors, r.monitor])}), or let another drive them (--monitor {r.monitors[0] if r.monitors else 'NAME'})")
     for m in r.monitors:
         need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
     from .split import parse_allocation
