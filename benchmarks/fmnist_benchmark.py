@@ -315,7 +315,8 @@ def learning_curve(result):
     pairs = []
     for factor in CURVE_FACTORS:
         best = curve_name(BEST, factor, result.get("resolved"))
-        pairs += [(curve_name(UNIFORM, factor), curve_name(HALF, factor)), (best, curve_name(UNIFORM, factor))]
+        pairs += [(curve_name(UNIFORM, factor), curve_name(HALF, factor)), (best, curve_name(UNIFORM, factor)),
+                  (best, curve_name(HALF, factor))]
     lines += _bench.markdown_pairs(result["rows"], pairs)
     return lines
 

@@ -86,7 +86,7 @@ def undertraining_verdicts(report: Dict[str, Any]) -> List[str]:
         drop = expert.get("late_improvement")
         if drop is not None and drop > STILL_IMPROVING:
             verdicts.append(f"expert {k} was still improving when fine-tuning stopped: its loss fell {drop:.0%} over the "
-                            f"last 40% of its {expert['steps_run']} steps; more --steps (now {steps}) would help")
+                            f"last 40% of its {steps} steps; more --steps would help")
     quality = report.get("sample_quality") or {}
     if "delta_fd" in quality and quality["delta_fd"] > CLEARLY_WORSE_FD * quality["teacher"]["fd"]:
         verdicts.append(f"the routed model samples clearly worse than its teacher: FD {quality['converted']['fd']:.2f} "
