@@ -267,8 +267,9 @@ def read_checkpoint(path) -> SourceCheckpoint:
     sha256 = content_sha256(files)
     from .metrics import bundled_dataset
 
-    if bundled_dataset(sha256) is not None:  # our own teacher: its args are the ones it was built with
-        args = {**args, "define_the_model": True}
+    dataset = bundled_dataset(sha256)
+    if dataset is not None:  # our own teacher: its args are the ones it was built with
+        args = {**args, "define_the_model": True, "family": dataset.teacher_family}
     return SourceCheckpoint(
         path=path,
         state_dict=state_dict,
@@ -318,11 +319,18 @@ def with_user_hints(hints: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, An
     to check: a flag that contradicts it would make the tool compute another function than the
     one the file holds, so it is refused rather than obeyed."""
     merged = dict(hints)
+    heads = ("num_heads", "num_head_channels")  # two spellings of one setting: the split into heads
+    defined_heads = {k: hints[f"args_{k}"] for k in heads if hints.get(f"args_{k}") is not None}
     for key in ARCHITECTURE_FLAGS:
         value = user.get(key)
         if value is None:
             continue
         defined = hints.get(f"args_{key}")
+        if key in heads and defined is None and defined_heads and hints.get("args_define_the_model"):
+            other, count = next(iter(defined_heads.items()))
+            flag = f"--{key.replace('_', '-')}"
+            raise RecipeError(f"{flag} {value}: the model's own config splits attention by {other} {count}, and that "
+                              f"config builds the network; drop {flag}")
         if key == "path" and hints.get("args_path_type") is not None:
             defined = str(hints["args_path_type"]).lower()
         if hints.get("args_define_the_model") and defined is not None and value != defined:

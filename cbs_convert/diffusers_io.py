@@ -297,12 +297,19 @@ _DIT_REQUIRED = {"activation_fn": "gelu-approximate", "norm_eps": 1e-5, "norm_el
                  "num_vector_embeds": None, "attention_type": "default", "use_additional_conditions": None}
 
 
+def _positive(value, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{where}: {key} {value!r} in the config must be a positive whole number; compare "
+                              "config.json with the model's download")
+    return value
+
+
 def _square(value, key: str, where: str) -> Optional[int]:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise CheckpointError(f"{where}: {key} {list(value)}; only square inputs are supported")
         value = value[0]
-    return None if value is None else int(value)
+    return None if value is None else _positive(value, key, where)
 
 
 def _dit_config(config: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -318,6 +325,11 @@ def _dit_config(config: Dict[str, Any], where: str) -> Dict[str, Any]:
         config[key] = _square(config.get(key), key, where)
         if config[key] is None:
             raise CheckpointError(f"{where}: the config gives no {key}; a DiT needs one (add it to config.json)")
+    for key in ("num_attention_heads", "num_layers"):
+        config[key] = _positive(config.get(key), key, where)
+    if config["sample_size"] % config["patch_size"]:
+        raise CheckpointError(f"{where}: sample_size {config['sample_size']} is not a multiple of patch_size "
+                              f"{config['patch_size']}; compare config.json with the model's download")
     scale = config.get("interpolation_scale")
     if config["_class_name"] == "Transformer2DModel":
         scale = scale if scale is not None else max(config["sample_size"] // 64, 1)
@@ -388,7 +400,16 @@ def diffusers_to_official(tensors: Dict[str, torch.Tensor], config: Dict[str, An
                               "only the DiT layout (norm_type ada_norm_zero) is supported")
     from .families.sit import sincos_pos_embed
 
-    hidden = out["x_embedder.proj.weight"].shape[0]
+    patch = out["x_embedder.proj.weight"]
+    if tuple(patch.shape[1:]) != (config["in_channels"], config["patch_size"], config["patch_size"]):
+        raise CheckpointError(f"{where}: the patch embedding's weights are {tuple(patch.shape[1:])} (channels, patch, "
+                              f"patch) but the config says in_channels {config['in_channels']}, patch_size "
+                              f"{config['patch_size']}; the config does not belong to these weights")
+    hidden = patch.shape[0]
+    heads, head_dim = config["num_attention_heads"], config.get("attention_head_dim")
+    if hidden % heads or (head_dim and heads * head_dim != hidden):
+        raise CheckpointError(f"{where}: {heads} attention heads{f' of {head_dim}' if head_dim else ''} do not make the "
+                              f"weights' width {hidden}; the config does not belong to these weights")
     grid = config["sample_size"] // config["patch_size"]
     out["pos_embed"] = sincos_pos_embed(hidden, grid).unsqueeze(0)
     return out

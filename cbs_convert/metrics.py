@@ -198,6 +198,7 @@ class Dataset:
     scorer: Callable[[], FeatureScorer]
     teacher: Path
     classifier: Path
+    teacher_family: str = "sit"  # the family the bundled teacher was trained as (benchmarks/train_*_teacher.py)
 
 
 DATASETS: Dict[str, Dataset] = {

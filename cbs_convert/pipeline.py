@@ -31,7 +31,7 @@ from .finetune import FinetuneSettings, boundary_velocity, finetune_expert, rela
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
 from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
-from .recipe import RUN_ONLY, Recipe, build_recipe, bundled_recipe, read_recipe_file
+from .recipe import FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, bundled_recipe, read_recipe_file
 from .routed import run_description, save_routed_from_files, save_safetensors_atomic
 from .sample import sample_ode
 from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
@@ -202,8 +202,8 @@ class Conversion:
         self.timings["load"] = time.time() - began
 
     def prepare_workdir(self):
-        current = {k: v for k, v in self.recipe.to_dict().items() if k not in RUN_ONLY}
-        defaults = {k: v for k, v in Recipe().to_dict().items() if k not in RUN_ONLY}
+        current = {k: v for k, v in self.recipe.to_dict().items() if k not in NOT_IDENTITY}
+        defaults = {**{k: v for k, v in Recipe().to_dict().items() if k not in NOT_IDENTITY}, **FIRST_DEFAULTS}
         self.work.start({"source_sha256": self.source.sha256, "recipe": current}, work_files(self.recipe.k),
                         resume=self.resume, force=self.force, defaults=defaults)
 

@@ -94,6 +94,12 @@ CHOICES = {
 }
 #: settings that do not change what is computed, so they may differ on --resume
 RUN_ONLY = ("out", "workdir", "device", "checkpoint_every")
+#: settings left out of a run's identity: how the source is named (its sha256 is the identity) and
+#: where the run's files go
+NOT_IDENTITY = (*RUN_ONLY, "checkpoint")
+#: the default a setting had when it was added, where today's differs: a work directory made before
+#: the setting existed ran with that value, so a resumed run is compared against it
+FIRST_DEFAULTS = {"derivatives": "jvp"}
 
 
 def _base_type(name: str):
@@ -246,11 +252,11 @@ def validate(r: Recipe) -> None:
     need(r.grad_clip >= 0, f"grad_clip={r.grad_clip} must be >= 0")
     need(r.margin >= 0, f"margin={r.margin} must be >= 0")
     need(r.label_dropout is None or 0.0 <= r.label_dropout < 1.0, f"label_dropout={r.label_dropout} must be in [0, 1)")
+    for m in r.monitors:
+        need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
     need(r.monitor in r.monitors or r.split != "cbs",
          f"monitor {r.monitor!r} drives the cuts, so it must be among monitors {r.monitors}: add it "
          f"(--monitors {','.join([*r.monitors, r.monitor])}), or let another drive them (--monitor {r.monitors[0] if r.monitors else 'NAME'})")
-    for m in r.monitors:
-        need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
     from .split import parse_allocation
 
     _, allocation_monitor = parse_allocation(r.allocation)

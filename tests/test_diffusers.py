@@ -426,7 +426,7 @@ def test_damaged_config_values_are_named_not_crashed_on(tmp_path, where, changes
     folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
     diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
     _edit_config(folder / where, **changes)
-    with pytest.raises(CheckpointError, match="a config value this reader cannot use"):
+    with pytest.raises(CheckpointError, match="a config value this reader cannot use|must be a positive whole number"):
         read_checkpoint(folder)
 
 
@@ -466,3 +466,37 @@ def test_weights_without_their_config_are_named(tmp_path):
     for given in (folder, folder / "transformer" / "diffusion_pytorch_model.safetensors"):
         with pytest.raises(CheckpointError, match="diffusers weights without their config.json"):
             read_checkpoint(given)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads 0 in the config must be a positive whole number"),
+    ({"num_attention_heads": -4}, "num_attention_heads -4 in the config must be a positive whole number"),
+    ({"sample_size": True}, "sample_size True in the config must be a positive whole number"),
+    ({"patch_size": 4}, "the config does not belong to these weights"),
+    ({"num_attention_heads": 3}, "the config does not belong to these weights"),
+])
+def test_dit_config_values_out_of_range_or_not_matching_the_weights_are_named(tmp_path, changes, message):
+    from cbs_convert import CheckpointError
+
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
+    _edit_config(folder / "transformer" / "config.json", **changes)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(folder)
+
+
+def test_a_unet_configs_head_split_is_not_overridden(tmp_path):
+    from cbs_convert import RecipeError
+    from cbs_convert.checkpoint import with_user_hints
+
+    one_head = read_checkpoint(save_ddpm_folder(tiny_unet(attention_head_dim=None), tmp_path / "one"))
+    with pytest.raises(RecipeError, match="--num-head-channels 16: the model's own config splits attention by num_heads 1"):
+        with_user_hints(one_head.hints, {"num_head_channels": 16})
+    by_width = read_checkpoint(save_ddpm_folder(tiny_unet(), tmp_path / "eight"))
+    with pytest.raises(RecipeError, match="--num-heads 2: the model's own config splits attention by num_head_channels 8"):
+        with_user_hints(by_width.hints, {"num_heads": 2})
+    assert with_user_hints(by_width.hints, {"num_head_channels": 8})["num_head_channels"] == 8
+    _edit_config(tmp_path / "eight" / "unet" / "config.json", sample_size=0)
+    from cbs_convert import CheckpointError
+
+    with pytest.raises(CheckpointError, match="sample_size 0 in the config must be a positive whole number"):
+        read_checkpoint(tmp_path / "eight")

@@ -342,3 +342,48 @@ def test_an_unreadable_marker_is_named_and_nothing_beside_it_is_touched(tiny_pt,
     assert_one_line_error(code, err, "holds no cbs_convert run", "not a run marker")
     _assert_user_files(folder)
     assert (folder / MARKER).read_text() == "not json"
+
+
+# -- a config that builds the network is obeyed, not overridden -------------------------------------
+
+
+def test_flags_that_contradict_a_bundled_teacher_are_refused(tmp_path, capsys):
+    for flags, needle in ((["--family", "dit"], "the model's own config gives family sit"),
+                          (["--num-heads", "2"], "the model's own config gives num_heads 4"),
+                          (["--num-head-channels", "16"], "splits attention by num_heads 4")):
+        code, _, err = cli(["digits_sit", "--k", "2", "--out", tmp_path / "x.safetensors", *flags, *QUICK], capsys)
+        assert_one_line_error(code, err, needle)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_run_resumes_under_new_defaults_only_with_its_own_values(tmp_pt_run):
+    folder, run, capsys = tmp_pt_run
+    marker = json.loads((folder / MARKER).read_text())
+    # as a work directory made before --derivatives existed (it ran with jvp, the default of the time)
+    del marker["recipe"]["derivatives"]
+    (folder / MARKER).write_text(json.dumps(marker))
+    code, _, err = run([], capsys)
+    assert_one_line_error(code, err, "derivatives was 'jvp', now 'fd'")
+    code, _, err = run(["--derivatives", "jvp"], capsys)
+    assert code == 0, err
+
+
+@pytest.fixture
+def tmp_pt_run(tiny_pt, tmp_path, capsys, monkeypatch):
+    """A conversion stopped after its profile, to resume; the source named by another spelling each time."""
+    folder = tmp_path / "work"
+    base = ["--k", "2", "--workdir", folder, "--out", tmp_path / "o.safetensors", *QUICK]
+    code, _, err = cli([tiny_pt, *base, "--num-heads", "4"], capsys)
+    assert code == 0, err
+    (tmp_path / "o.safetensors").unlink()
+    monkeypatch.chdir(Path(tiny_pt).parent)
+
+    def run(extra, capsys):
+        return cli([Path(tiny_pt).name, *base, "--num-heads", "4", "--resume", *extra], capsys)
+
+    return folder, run, capsys
+
+
+def test_an_unknown_monitor_is_named_before_anything_else(tmp_path, capsys):
+    code, _, err = cli(["digits_sit", "--k", "2", "--monitors", "bogus", *QUICK], capsys)
+    assert_one_line_error(code, err, "monitors: 'bogus' is unknown; choose from")

@@ -112,7 +112,7 @@ def test_a_loss_still_falling_at_the_end_is_called_under_training_and_a_flat_one
         {"trained": True, "steps_run": 500, "late_improvement": late_improvement(flat)},
         {"trained": False}]}}
     verdicts = undertraining_verdicts(report)
-    assert len(verdicts) == 1 and verdicts[0].startswith("expert 0 was still improving") and "--steps (now 500)" in verdicts[0]
+    assert len(verdicts) == 1 and verdicts[0].startswith("expert 0 was still improving") and "of its 500 steps; more --steps" in verdicts[0]
     report["sample_quality"] = {"samples": 500, "teacher": {"fd": 10.0}, "converted": {"fd": 11.0}, "delta_fd": 1.0}
     assert len(undertraining_verdicts(report)) == 1  # 10% worse: within what the experts can be expected to reach
     report["sample_quality"].update(converted={"fd": 17.0}, delta_fd=7.0)
