@@ -40,6 +40,9 @@ ROW_KEYS = ("steps_factor", "best_of")
 #: bumped when what a cached conversion or score means changes (sampler, labels, pairing)
 CACHE_VERSION = 1
 REAL, TEACHER = "real training images", "teacher"
+#: an FD difference this small is a tie: two identical models (snr's cut equals uniform's on the linear
+#: path) score apart by float reduction order only
+TIE = 1e-6
 #: library defaults that changed after rows were cached under them: a row that does not set one runs
 #: with the value it was cached with, and that value stays out of the cache key (it was never in it),
 #: so no cached row reruns and a conversion in progress resumes under the same recipe
@@ -401,7 +404,7 @@ def paired(rows: List[Dict[str, Any]], name: str, base: str) -> Optional[Dict[st
     if not diffs:
         return None
     mean, std = summarise(diffs)
-    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs), "worse": int(sum(d > 0 for d in diffs))}
+    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs), "worse": int(sum(d > TIE for d in diffs))}
 
 
 def sampler_times(steps: int) -> np.ndarray:
