@@ -295,7 +295,7 @@ def hints_from_args(args: Dict[str, Any]) -> Dict[str, Any]:
     if "path_type" in args:
         hints["args_path_type"] = str(args["path_type"])
         hints["path"] = str(args["path_type"]).lower()
-    for key in ("family", "num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
+    for key in ("family", "cbs_convert_config", "num_heads", "num_head_channels", "num_classes", "class_dropout_prob", "image_size", "learn_sigma",
                 "beta_schedule", "attention_order", "numerics", "time_frequency_shift", "time_sin_first", "norm_eps",
                 "downsample_padding"):
         if args.get(key) is not None:
@@ -333,7 +333,8 @@ def with_user_hints(hints: Dict[str, Any], user: Dict[str, Any]) -> Dict[str, An
                               f"config builds the network; drop {flag}")
         if key == "path" and hints.get("args_path_type") is not None:
             defined = str(hints["args_path_type"]).lower()
-        if hints.get("args_define_the_model") and defined is not None and value != defined:
+        same = str(value).lower() == str(defined).lower() if isinstance(value, str) else value == defined
+        if hints.get("args_define_the_model") and defined is not None and not same:
             flag = f"--{key.replace('_', '-')}"
             raise RecipeError(f"{flag} {value}: the model's own config gives {key} {defined}, and that config builds "
                               f"the network; drop {flag}")

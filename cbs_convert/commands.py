@@ -89,8 +89,15 @@ def extract(path, expert: int, out, force: bool = False) -> List[str]:
     state = expert_state_dict(path, expert)
     family = family_from_config(meta["family"], meta["family_config"])
     config = meta["experts"][expert]["config"]
+    lossy = family.nonofficial_numerics(config)
+    if out.suffix != ".safetensors" and lossy:
+        raise WorkdirError(f"--out {out}: this expert computes differently from the official {family.name} code "
+                           f"({', '.join(f'{k} {v}' for k, v in lossy.items())}), which a bare .pt cannot say; the "
+                           "official loader would build another function. Write .safetensors")
     if out.suffix == ".safetensors":
-        save_safetensors_atomic(state, out, {"args": json.dumps(family.saved_args(config)),
+        # the whole config, so that widths the shapes cannot resolve (ADM's per-block groups) read back exactly
+        args = {**family.saved_args(config), "family": family.name, "cbs_convert_config": config, "define_the_model": True}
+        save_safetensors_atomic(state, out, {"args": json.dumps(args),
                                              "cbs_convert_expert": json.dumps({"source": str(path), "expert": expert,
                                                                                "segment": meta["experts"][expert]["segment"]})})
     else:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (bundled_or_given, is_inside, model_name, read_checkpoint, source_files, source_folder,
+from .checkpoint import (ARCHITECTURE_FLAGS, bundled_or_given, is_inside, model_name, read_checkpoint, source_files, source_folder,
                          with_user_hints)
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
@@ -202,9 +202,13 @@ class Conversion:
         self.timings["load"] = time.time() - began
 
     def prepare_workdir(self):
-        current = {k: v for k, v in self.recipe.to_dict().items() if k not in NOT_IDENTITY}
-        defaults = {**{k: v for k, v in Recipe().to_dict().items() if k not in NOT_IDENTITY}, **FIRST_DEFAULTS}
-        self.work.start({"source_sha256": self.source.sha256, "recipe": current}, work_files(self.recipe.k),
+        # the architecture flags count through the model they resolve to, not as typed
+        skip = (*NOT_IDENTITY, *ARCHITECTURE_FLAGS)
+        current = {k: v for k, v in self.recipe.to_dict().items() if k not in skip}
+        defaults = {**{k: v for k, v in Recipe().to_dict().items() if k not in skip}, **FIRST_DEFAULTS}
+        architecture = json.loads(json.dumps(self.config, default=str))  # as the marker stores it
+        identity = {"source_sha256": self.source.sha256, "recipe": current, "architecture": architecture}
+        self.work.start(identity, work_files(self.recipe.k),
                         resume=self.resume, force=self.force, defaults=defaults)
 
     def say(self, message: str) -> None:

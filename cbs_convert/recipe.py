@@ -96,7 +96,7 @@ CHOICES = {
 RUN_ONLY = ("out", "workdir", "device", "checkpoint_every")
 #: settings left out of a run's identity: how the source is named (its sha256 is the identity) and
 #: where the run's files go
-NOT_IDENTITY = (*RUN_ONLY, "checkpoint")
+NOT_IDENTITY = (*RUN_ONLY, "checkpoint", "use_checkpoint")  # activation checkpointing saves memory only
 #: the default a setting had when it was added, where today's differs: a work directory made before
 #: the setting existed ran with that value, so a resumed run is compared against it
 FIRST_DEFAULTS = {"derivatives": "jvp"}

@@ -77,13 +77,17 @@ class WorkDir:
             if stored.get("source_sha256") != identity.get("source_sha256"):
                 raise WorkdirError(f"{self.root} belongs to another source checkpoint; use --force to start over")
             before = {**(defaults or {}), **stored.get("recipe", {})}
+            if "architecture" in stored and stored["architecture"] != identity.get("architecture"):
+                raise WorkdirError(f"{self.root} was made for another reading of the model's architecture (other "
+                                   "--family/--num-heads/... flags); rerun with the earlier flags to continue, or "
+                                   "--force without --resume to start over")
             changed = [k for k in identity.get("recipe", {}) if before.get(k) != identity["recipe"][k]]
             if changed:
                 # name the earlier values: after a default changed, the user has to pass them to continue
                 was = "; ".join(f"{k} was {before.get(k)!r}, now {identity['recipe'][k]!r}" for k in changed[:4])
                 raise WorkdirError(
                     f"{self.root} was made with different settings ({was}); rerun with the earlier values "
-                    "to continue, or --force to start over"
+                    "to continue, or --force without --resume to start over"
                 )
             planned = sorted(set(planned) | set(stored["files"]))
         elif stored is not None:  # --force: the earlier run's own files go, nothing else

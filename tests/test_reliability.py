@@ -387,3 +387,24 @@ def tmp_pt_run(tiny_pt, tmp_path, capsys, monkeypatch):
 def test_an_unknown_monitor_is_named_before_anything_else(tmp_path, capsys):
     code, _, err = cli(["digits_sit", "--k", "2", "--monitors", "bogus", *QUICK], capsys)
     assert_one_line_error(code, err, "monitors: 'bogus' is unknown; choose from")
+
+
+def test_a_resume_compares_the_model_flags_build_not_how_they_are_typed(tmp_pt_run, tiny_pt, tmp_path, capsys):
+    folder, run, capsys = tmp_pt_run
+    # --num-heads 4 was given at the start; the file's own args say 4 as well
+    code, _, err = cli([Path(tiny_pt).name, "--k", "2", "--workdir", folder, "--out", tmp_path / "o.safetensors",
+                        *QUICK, "--resume", "--use-checkpoint", "--force"], capsys)
+    assert code == 0, err  # the same model, and activation checkpointing only saves memory
+    (tmp_path / "o.safetensors").unlink()
+    code, _, err = run(["--num-heads", "2", "--force"], capsys)
+    assert_one_line_error(code, err, "another reading of the model's architecture")
+
+
+def test_a_flag_that_agrees_with_a_bundled_teacher_in_another_case_is_accepted():
+    from cbs_convert import RecipeError, read_checkpoint
+    from cbs_convert.checkpoint import with_user_hints
+
+    hints = read_checkpoint("digits_sit").hints
+    assert with_user_hints(hints, {"path": "Linear", "family": "SiT"})["path"] == "Linear"
+    with pytest.raises(RecipeError, match="--path gvp: the model's own config gives path linear"):
+        with_user_hints(hints, {"path": "gvp"})

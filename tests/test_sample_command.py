@@ -207,9 +207,13 @@ def test_damaged_shards_are_drawn_again_and_a_touched_model_keeps_its_shards(tmp
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], reference)
 
     (tmp_path / "s.npz").unlink()
-    # a flag that agrees with the model's own config is allowed, and a different one keys other shards
-    other_hints = sample_cli([*args, "--family", "sit"], tmp_path)
-    assert other_hints.returncode == 2 and "family differ" in other_hints.stderr and "delete" in other_hints.stderr
+    # a flag that agrees with the model's own config builds the same model: the shards are its own
+    agreeing = sample_cli([*args, "--family", "sit"], tmp_path)
+    assert agreeing.returncode == 0, agreeing.stderr[-2000:]
+    assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], reference)
+    (tmp_path / "s.npz").unlink()
+    other = sample_cli([*args, "--seed", "5"], tmp_path)
+    assert other.returncode == 2 and "seed differ" in other.stderr and "delete" in other.stderr
     contradicting = sample_cli([*args, "--num-heads", "2"], tmp_path)
     assert contradicting.returncode == 2 and "the model's own config gives num_heads 4" in contradicting.stderr
     data = bytearray(model.read_bytes())
@@ -225,3 +229,15 @@ def test_a_run_that_failed_before_its_first_batch_does_not_block_the_next(tmp_pa
     assert not list((tmp_path / "g.npz.shards").glob("batch_*.npz"))
     fixed = sample_cli([DIGITS, *FAST, "--cfg-scale", "1.5", "--out", "g.npz"], tmp_path)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
+
+
+def test_a_write_cut_short_inside_the_shard_folder_is_cleared(tmp_path):
+    args = [DIGITS, *FAST, "--out", "p.npz", "--keep-shards"]
+    assert sample_cli(args, tmp_path).returncode == 0
+    shards = tmp_path / "p.npz.shards"
+    (shards / "batch_000001.npz").unlink()
+    (shards / ".batch_000001.npz.abc123.partial").write_bytes(b"cut short by a kill")
+    (tmp_path / "p.npz").unlink()
+    again = sample_cli([DIGITS, *FAST, "--out", "p.npz"], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not shards.exists() and "kept" not in again.stdout

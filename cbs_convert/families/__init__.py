@@ -13,7 +13,7 @@ import torch
 
 from ..errors import CheckpointError
 from .adm import ADMFamily
-from .base import Family
+from .base import check_keys, Family
 from .sit import DiTFamily, SiTFamily
 
 FAMILIES: Dict[str, Type[Family]] = {"sit": SiTFamily, "dit": DiTFamily, "adm": ADMFamily}
@@ -38,6 +38,12 @@ def detect(state_dict: Dict[str, torch.Tensor], hints: Dict[str, Any]) -> Tuple[
     predictor echoes pure noise, a SiT velocity points away from it).
     """
     notes: List[str] = []
+    stored = hints.get("args_cbs_convert_config")
+    if isinstance(stored, dict) and hints.get("args_family") in FAMILIES:
+        # an expert written by `cbs_convert extract`: its config is exact, where shapes can be ambiguous
+        family = family_from_config(hints["args_family"], stored)
+        check_keys(state_dict, family.expected_shapes(stored), f"this {family.name} expert does not match its own config")
+        return family, [f"family {family.name} and widths from the file's own config (written by cbs_convert extract)"]
     candidates = [name for name, cls in FAMILIES.items() if cls.matches(state_dict)]
     chosen = hints.get("family")
     if chosen:

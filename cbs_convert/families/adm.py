@@ -666,6 +666,10 @@ class ADMFamily(NoisePredictionDDPM, Family):
             f"{c['image_size']}px, {c['num_classes'] or 'no'} classes"
         )
 
+    def nonofficial_numerics(self, config):
+        c = complete_config(config)
+        return {k: c[k] for k, v in GUIDED_DIFFUSION_NUMERICS.items() if c[k] != v}
+
     def saved_args(self, config):
         c = complete_config(config)
         heads = {"num_head_channels": c["num_head_channels"]} if c["num_head_channels"] > 0 else {"num_heads": c["num_heads"]}

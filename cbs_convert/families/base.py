@@ -115,6 +115,12 @@ class Family:
         metadata) for ``detect`` to read it back exactly: the settings shapes do not show."""
         raise NotImplementedError
 
+    def nonofficial_numerics(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        """Where ``config`` computes differently from the family's official code (a diffusers
+        source's numerics): a bare state dict loses these, so the official loader would build
+        another function from it."""
+        return {}
+
     def sample_shape(self, config: Dict[str, Any]) -> Tuple[int, ...]:
         raise NotImplementedError
 

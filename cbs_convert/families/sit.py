@@ -416,6 +416,10 @@ class TransformerFamily(Family):
             f"heads, mlp {config['mlp_hidden']}, {config['input_size']}px latents of {config['in_channels']} channels"
         )
 
+    def nonofficial_numerics(self, config):
+        numerics = config.get("numerics", "official")
+        return {} if numerics == "official" else {"numerics": numerics}
+
     def saved_args(self, config):
         args = {"model": f"{self.name.upper()}-pruned", "num_heads": config["num_heads"]}
         if config["label_rows"]:

@@ -146,8 +146,9 @@ def _settings(args, family, model_files: List[Path]) -> Dict:
     from ..checkpoint import content_sha256
 
     return {
-        "model_sha256": content_sha256(model_files),
-        "family": args.family, "num_heads": args.num_heads, "path": args.path, "image_size": args.image_size,
+        # the flags that describe a source count through the model they build, not as typed
+        "model_sha256": content_sha256(model_files), "model": family.name,
+        "model_config": json.loads(json.dumps(family.config, default=str)),  # as the marker stores it
         "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
         "sampler": args.sampler or family.default_sampler, "steps": args.steps or DEFAULT_STEPS,
         "respacing": args.respacing, "method": args.method, "atol": args.atol, "rtol": args.rtol, "eta": args.eta,
@@ -230,6 +231,9 @@ def _check(args, family, settings) -> None:
 def _open_shards(shards: Path, settings: Dict, rank: int) -> None:
     """Make the shard folder, or continue one begun by the same command; refuse anything else."""
     marker = shards / SHARD_MARKER
+    if marker.exists() and rank == 0:
+        for stale in shards.glob(".batch_*.npz.*.partial"):  # a write cut short by a kill: ours to clear
+            stale.unlink(missing_ok=True)
     if marker.exists():
         try:
             earlier = json.loads(marker.read_text())
@@ -378,6 +382,8 @@ def _run(args) -> List[str]:
     if not args.keep_shards:
         for b in range(batches):
             shard_path(shards, b).unlink(missing_ok=True)
+        for stale in shards.glob(".batch_*.npz.*.partial"):
+            stale.unlink(missing_ok=True)
         (shards / SHARD_MARKER).unlink(missing_ok=True)
         try:
             shards.rmdir()
