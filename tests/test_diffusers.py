@@ -230,6 +230,14 @@ def _edit_config(file, **changes):
 _DELETE = object()
 
 
+def _assert_refused(folder, config_file, changes, message):
+    from cbs_convert import CheckpointError
+
+    _edit_config(folder / config_file, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        read_checkpoint(folder)
+
+
 @pytest.mark.parametrize("target", ["transformer/diffusion_pytorch_model.safetensors", "transformer/config.json"])
 def test_an_output_onto_a_file_of_the_source_folder_is_refused(tmp_path, target):
     import subprocess
@@ -253,12 +261,7 @@ def test_an_output_onto_a_file_of_the_source_folder_is_refused(tmp_path, target)
     ({"sample_size": [16, 8]}, "only square inputs"),
 ], ids=["mid scale", "attention groups", "time width", "resnet downsampling", "oblong"])
 def test_unet_configs_that_change_the_function_are_refused(tmp_path, changes, message):
-    from cbs_convert import CheckpointError
-
-    folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
-    _edit_config(folder / "unet" / "config.json", **changes)
-    with pytest.raises(CheckpointError, match=message):
-        read_checkpoint(folder)
+    _assert_refused(save_ddpm_folder(tiny_unet(), tmp_path / "ddpm"), "unet/config.json", changes, message)
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -269,16 +272,12 @@ def test_unet_configs_that_change_the_function_are_refused(tmp_path, changes, me
 ])
 @pytest.mark.parametrize("kind", ["dit", "unet"])
 def test_schedulers_the_families_do_not_model_are_refused(tmp_path, changes, message, kind):
-    from cbs_convert import CheckpointError
-
     if kind == "dit":
         folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
         diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
     else:
         folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
-    _edit_config(folder / "scheduler" / "scheduler_config.json", **changes)
-    with pytest.raises(CheckpointError, match=message):
-        read_checkpoint(folder)
+    _assert_refused(folder, "scheduler/scheduler_config.json", changes, message)
 
 
 def test_a_dit_pipelines_scheduler_sets_its_betas(tmp_path):
@@ -301,12 +300,8 @@ def test_a_dit_pipelines_scheduler_sets_its_betas(tmp_path):
     ({"num_attention_heads": 3}, "the config does not belong to these weights"),
 ])
 def test_dit_configs_that_change_the_function_or_do_not_fit_the_weights_are_refused(tmp_path, changes, message):
-    from cbs_convert import CheckpointError
-
-    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
-    _edit_config(folder / "transformer" / "config.json", **changes)
-    with pytest.raises(CheckpointError, match=message):
-        read_checkpoint(folder)
+    _assert_refused(save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe"), "transformer/config.json", changes,
+                    message)
 
 
 def test_a_hand_written_config_takes_the_class_defaults(tmp_path):
@@ -426,22 +421,14 @@ def test_flags_that_contradict_a_diffusers_config_are_refused(tmp_path, flags, m
     ("scheduler/scheduler_config.json", {"beta_start": None}),
 ])
 def test_damaged_config_values_are_named_not_crashed_on(tmp_path, where, changes):
-    from cbs_convert import CheckpointError
-
     folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "pipe")
     diffusers.DDIMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
-    _edit_config(folder / where, **changes)
-    with pytest.raises(CheckpointError, match="a config value this reader cannot use|must be a positive whole number"):
-        read_checkpoint(folder)
+    _assert_refused(folder, where, changes, "a config value this reader cannot use|must be a positive whole number")
 
 
 def test_unet_configs_with_damaged_values_are_named(tmp_path):
-    from cbs_convert import CheckpointError
-
-    folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
-    _edit_config(folder / "unet" / "config.json", layers_per_block=None)
-    with pytest.raises(CheckpointError, match="a config value this reader cannot use"):
-        read_checkpoint(folder)
+    _assert_refused(save_ddpm_folder(tiny_unet(), tmp_path / "ddpm"), "unet/config.json", {"layers_per_block": None},
+                    "a config value this reader cannot use")
 
 
 def test_sharded_variants_are_read(tmp_path):
