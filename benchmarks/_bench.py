@@ -15,6 +15,11 @@ cache as JSON the moment it is done, under a name that carries a hash of everyth
 rest, so one benchmark can span several sessions; changing a setting changes the hash and reruns
 exactly what it touches. The routed files themselves live in ``<cache>/models`` (not committed):
 a model whose scores are all cached is never needed again.
+
+What no key carries is held once per cache in ``manifest.json``: the pinned defaults and the
+scoring classifier's digest. A run whose values differ refuses to mix its rows into that cache.
+Code changes are not in the keys, so that a run can span commits; a change that alters what a
+cached row would measure bumps ``CACHE_VERSION``. New conversion records keep their commit.
 """
 
 from __future__ import annotations
@@ -98,15 +103,19 @@ def worker_init(threads: int):
 
 
 def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, Any]:
-    """One conversion; a setting this commit does not offer yet comes back as ``unavailable``."""
+    """One conversion; a setting this commit does not offer yet comes back as ``unavailable``, a
+    training that blows up as ``diverged`` (a result: that row lost)."""
     import cbs_convert
-    from cbs_convert.errors import RecipeError
+    from cbs_convert.errors import RecipeError, TrainingDiverged
 
     began = time.time()
     try:
         # resume: a conversion killed mid-way (the session ended) continues from its work directory.
         result = cbs_convert.convert(out=out, workdir=out + ".work", progress=False, force=True, resume=True,
                                      **{k: v for k, v in settings.items() if k != "_pinned"})
+    except TrainingDiverged as exc:
+        return {"name": name, "train_seed": settings["seed"], "settings": settings, "commit": git_commit(),
+                "diverged": str(exc).splitlines()[0], "seconds": time.time() - began}
     except RecipeError as exc:
         return {"name": name, "train_seed": settings["seed"], "unavailable": str(exc).splitlines()[0]}
     report = result.report
@@ -115,6 +124,7 @@ def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, A
         "name": name,
         "train_seed": settings["seed"],
         "settings": settings,
+        "commit": git_commit(),
         "path": out,
         "boundaries": report["split"]["boundaries"],
         "shares": report["split"]["shares"],
@@ -194,6 +204,7 @@ class Bench:
     conversions: Dict[Tuple[str, int], Dict[str, Any]] = field(default_factory=dict)
     scores: List[Dict[str, Any]] = field(default_factory=list)
     unavailable: Dict[str, str] = field(default_factory=dict)
+    diverged: Dict[str, str] = field(default_factory=dict)  # row -> why its training blew up
     resolved: Dict[str, str] = field(default_factory=dict)  # best_of row -> the row it copies
     work: Dict[str, int] = field(default_factory=lambda: {"conversions": 0, "scores": 0})
     compute: bool = True
@@ -202,6 +213,23 @@ class Bench:
         self.cache = Path(self.cache)
         self.models = self.cache / "models"
         self.teacher_digest = file_digest(self.checkpoint)
+
+    def check_manifest(self) -> None:
+        """Refuse to mix rows made under other pinned defaults or another scoring classifier."""
+        from cbs_convert.metrics import DATASETS
+
+        wanted = {"pinned": PINNED, "classifier": file_digest(DATASETS[self.dataset].classifier)}
+        path = self.cache / "manifest.json"
+        if not path.exists():
+            write_json(path, wanted)
+            return
+        held = json.loads(path.read_text())
+        changed = [key for key in wanted if held.get(key) != wanted[key]]
+        if changed:
+            print(f"error: the cache {self.cache} was built with another {' and '.join(changed)} "
+                  f"({'; '.join(f'{k}: {held.get(k)}' for k in changed)}); give this run its own --cache folder, "
+                  "or restore what changed", file=sys.stderr)
+            raise SystemExit(2)
 
     # -- settings and cache names -------------------------------------------------------------
     def settings_for(self, name: str, train_seed: int) -> Optional[Dict[str, Any]]:
@@ -240,11 +268,16 @@ class Bench:
         for name in candidates:
             if name in self.unavailable or name not in self.rows:
                 continue
+            if name in self.diverged:
+                gaps[name] = float("inf")
+                continue
             runs = self.paired_gaps(name)
             if len(runs) < len(self.seeds) * len(self.train_seeds):
                 return None
-            gaps[name] = float(np.mean(runs))
-        return min(gaps, key=gaps.get) if gaps else None
+            # a run whose samples blew up loses; a NaN mean would never compare and could "win"
+            gaps[name] = float(np.mean(runs)) if np.all(np.isfinite(runs)) else float("inf")
+        contenders = {name: gap for name, gap in gaps.items() if np.isfinite(gap)}
+        return min(contenders, key=contenders.get) if contenders else None
 
     def paired_gaps(self, name: str) -> List[float]:
         teacher = {s["seed"]: s["fd"] for s in self.scores if s["name"] == TEACHER}
@@ -258,6 +291,7 @@ class Bench:
         """
         self.compute = compute
         self.models.mkdir(parents=True, exist_ok=True)
+        self.check_manifest()
         context = get_context("spawn")
         with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=worker_init, initargs=(1,)) as pool:
             pending: Dict[Any, Tuple[str, Any]] = {}
@@ -309,6 +343,9 @@ class Bench:
                         self.log(f"  {result['name']}: not available at this commit ({result['unavailable']})")
                         continue
                     write_json(info[0], result)
+                    if "diverged" in result:
+                        self._note_divergence(result)
+                        continue
                     self._note_conversion(result)
                     model_key = info[0].stem
                     for seed in self.seeds:
@@ -336,6 +373,9 @@ class Bench:
         model_key = stem
         if record.exists():
             result = json.loads(record.read_text())
+            if "diverged" in result:
+                self._note_divergence(result)
+                return True
             missing = [s for s in self.seeds if not self.score_path(model_key, s).exists()]
             # with scores missing and the routed file gone (another machine), it is converted again
             if not missing or Path(result["path"]).exists():
@@ -349,6 +389,10 @@ class Bench:
         job = pool.submit(run_conversion, name, settings, out)
         pending[job] = ("convert", (record, name))
         return True
+
+    def _note_divergence(self, result):
+        self.diverged[result["name"]] = f"training seed {result['train_seed']}: {result['diverged']}"
+        self.log(f"  {result['name']} (training seed {result['train_seed']}): training diverged ({result['diverged']})")
 
     def _note_conversion(self, result, cached=False):
         self.conversions[(result["name"], result["train_seed"])] = result
@@ -371,12 +415,14 @@ class Bench:
             for s in mine:
                 if s["seed"] in teacher_fd:
                     gaps.setdefault(s["train_seed"], []).append(s["fd"] - teacher_fd[s["seed"]])
-            gap_mean, gap_std = summarise([g for values in gaps.values() for g in values])
+            every_gap = [g for values in gaps.values() for g in values]
+            gap_mean, gap_std = summarise(every_gap)
             first = converted[0] if converted else None
             rows.append({
                 "name": name, "fd_mean": fd_mean, "fd_std": fd_std, "class_match_mean": cm_mean,
                 "class_match_std": cm_std, "gap_mean": gap_mean, "gap_std": gap_std,
-                "gap_n": sum(len(v) for v in gaps.values()),
+                "gap_n": int(np.isfinite(every_gap).sum()) if every_gap else 0,
+                "gap_nonfinite": int((~np.isfinite(every_gap)).sum()) if every_gap else 0,
                 "gap_by_train_seed": {str(k): float(np.mean(v)) for k, v in gaps.items() if k is not None},
                 "runs": mine,
                 "params": None if name == REAL else (sum(first["expert_params"]) if first else teacher_params),
@@ -397,14 +443,20 @@ def paired(rows: List[Dict[str, Any]], name: str, base: str) -> Optional[Dict[st
     if name not in runs or base not in runs:
         return None
     diffs = []
+    by_train_seed: Dict[Any, List[float]] = {}
     for (train_seed, seed), value in sorted(runs[name].items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
         other = runs[base].get((train_seed, seed), runs[base].get((None, seed)))
         if other is not None and np.isfinite(value) and np.isfinite(other):
             diffs.append(value - other)
+            by_train_seed.setdefault(train_seed, []).append(value - other)
     if not diffs:
         return None
     mean, std = summarise(diffs)
-    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs), "worse": int(sum(d > TIE for d in diffs))}
+    # The sampling seeds of one trained model share its weights, so the trained models are the
+    # independent units: their means are what a reader should count.
+    per_model = {str(k): float(np.mean(v)) for k, v in by_train_seed.items()}
+    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs), "worse": int(sum(d > TIE for d in diffs)),
+            "by_train_seed": per_model, "train_worse": int(sum(m > TIE for m in per_model.values()))}
 
 
 def sampler_times(steps: int) -> np.ndarray:
@@ -497,6 +549,8 @@ def markdown_table(rows: List[Dict[str, Any]]) -> List[str]:
             params += " (" + " + ".join(f"{p:,}" for p in converted[0]["expert_params"]) + ")"
         cost = fmt(row["sampling_flops_vs_teacher"], ".2f") if row["sampling_flops_vs_teacher"] is not None else "–"
         gap = "–" if baseline else f"{fmt(row['gap_mean'])} ± {fmt(row['gap_std'], '.3f')} ({row['gap_n']})"
+        if row.get("gap_nonfinite"):
+            gap += f", {row['gap_nonfinite']} run(s) blew up"
         per_seed = "–" if baseline else " / ".join(fmt(v) for v in row["gap_by_train_seed"].values())
         name = row["name"] + (f" (= {row['resolved_from']})" if row.get("resolved_from") else "")
         lines.append(
@@ -512,8 +566,13 @@ def markdown_pairs(rows, pairs: Sequence[Tuple[str, str]]) -> List[str]:
         return []
     lines = ["", "Paired differences (same training seed, same sampling seed; positive: the first is worse):", ""]
     for p in found:
-        lines.append(f"- {p['name']} − {p['base']}: FD {p['mean']:+.3f} ± {p['std']:.3f} (n = {p['n']}), "
-                     f"worse in {p['worse']} of {p['n']}")
+        line = (f"- {p['name']} − {p['base']}: FD {p['mean']:+.3f} ± {p['std']:.3f} (n = {p['n']}), "
+                f"worse in {p['worse']} of {p['n']}")
+        per_model = p.get("by_train_seed", {})
+        if len(per_model) > 1:
+            line += (f"; per training seed {' / '.join(format(v, '+.3f') for v in per_model.values())}, "
+                     f"worse for {p['train_worse']} of {len(per_model)}")
+        lines.append(line)
     return lines
 
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _bench  # noqa: E402
-from _bench import REAL, RESULTS, TEACHER  # noqa: E402
+from _bench import RESULTS  # noqa: E402
 
 DOCS = ROOT / "docs"
 
@@ -167,7 +167,7 @@ def main(argv=None):
         "wall_seconds": wall, "teacher_params": teacher_params, "steps": steps, "loss": args.loss, "lr": args.lr,
         "batch_size": args.batch_size, "samples": samples, "seeds": seeds, "train_seeds": train_seeds,
         "sample_steps": args.sample_steps, "jobs": args.jobs, "work_done": bench.work,
-        "unavailable": bench.unavailable, "rows": rows,
+        "unavailable": bench.unavailable, "diverged": bench.diverged, "rows": rows,
     }
     text = markdown(result)
     print()
@@ -192,7 +192,7 @@ def markdown(result) -> str:
         "",
         f"Command: `{result['command']}` (wall time {result['wall_seconds'] / 60:.1f} min, {result['jobs']} worker processes "
         f"of one thread, code at commit {result.get('git_commit') or 'unknown'} plus the working tree; cached "
-        "conversions and scores are reused, so the wall time covers only what this run computed).",
+        "conversions and scores, possibly from earlier commits of the same cache version, are reused, so the wall time covers only what this run computed).",
         "",
         f"Teacher: the bundled digits SiT, {result['teacher_params']:,} parameters. Every conversion: budget 1x "
         f"(all experts together) unless the row says otherwise, {result['steps']} fine-tuning steps in total split evenly "
@@ -209,6 +209,8 @@ def markdown(result) -> str:
     lines += _bench.markdown_table(result["rows"])
     for name, reason in result.get("unavailable", {}).items():
         lines.append(f"\n{name}: not available at this commit ({reason})")
+    for name, reason in result.get("diverged", {}).items():
+        lines.append(f"\n{name}: its training diverged ({reason}), so the row lost")
     lines += _bench.markdown_pairs(result["rows"], PAIRED)
     lines += _bench.markdown_errors(result["rows"])
     lines.append("")

@@ -204,7 +204,8 @@ def main(argv=None):
         "loss": args.loss, "lr": args.lr, "batch_size": args.batch_size, "pool_size": args.pool_size,
         "samples": samples, "seeds": seeds, "train_seeds": train_seeds, "sample_steps": sample_steps,
         "jobs": args.jobs, "work_done": bench.work, "unavailable": bench.unavailable, "resolved": bench.resolved,
-        "waiting": [n for n in names if not any(r["name"] == n for r in rows)],
+        "diverged": bench.diverged,
+        "waiting": [n for n in names if n not in bench.diverged and not any(r["name"] == n for r in rows)],
         "classifier_test_accuracy": _classifier_accuracy(), "rows": rows,
     }
     text = markdown(result)
@@ -265,7 +266,8 @@ def markdown(result) -> str:
     lines = [
         "# Fashion-MNIST benchmark: time-segment experts of a capacity-limited SiT",
         "",
-        f"Command: `{result['command']}` (code at commit {result.get('git_commit') or 'unknown'} plus the working tree; "
+        f"Command: `{result['command']}` (code at commit {result.get('git_commit') or 'unknown'} plus the working tree; cached "
+        "rows may come from earlier commits of the same cache version; "
         f"{result['jobs']} worker processes of one thread; this run computed {result['work_done']['conversions']} "
         f"conversions and {result['work_done']['scores']} scorings in {result['wall_seconds'] / 60:.1f} min, the rest "
         "came from the cache).",
@@ -288,6 +290,8 @@ def markdown(result) -> str:
         lines += ["", "Best cbs rows copy: " + "; ".join(f"{k} → {v}" for k, v in result["resolved"].items())]
     for name, reason in result.get("unavailable", {}).items():
         lines += ["", f"{name}: not available at this commit ({reason})"]
+    for name, reason in result.get("diverged", {}).items():
+        lines += ["", f"{name}: its training diverged ({reason}), so the row lost"]
     if result.get("waiting"):
         lines += ["", "Not run yet: " + "; ".join(result["waiting"])]
     lines += _bench.markdown_pairs(result["rows"], PAIRED)
@@ -318,6 +322,14 @@ def learning_curve(result):
         pairs += [(curve_name(UNIFORM, factor), curve_name(HALF, factor)), (best, curve_name(UNIFORM, factor)),
                   (best, curve_name(HALF, factor))]
     lines += _bench.markdown_pairs(result["rows"], pairs)
+    # With one device per expert the K=2 experts train side by side, so the wall-clock match for a
+    # single model is the K=2 row with twice the total steps: the same steps per model.
+    per_model = [(curve_name(BEST, 2 * factor, result.get("resolved")), curve_name(HALF, factor))
+                 for factor in CURVE_FACTORS if 2 * factor in CURVE_FACTORS]
+    if any(first in rows and second in rows for first, second in per_model):
+        lines += ["", "The same steps per model (K=2 at twice the total steps against the single model; the "
+                  "wall-clock match when each expert trains on its own device):"]
+        lines += _bench.markdown_pairs(result["rows"], per_model)
     return lines
 
 

@@ -91,11 +91,12 @@ class GaussianFit:
       used when the pool has more samples than dimensions and D <= ``exact_dims``;
     * rank r plus a diagonal rest, for large D or small pools (a pool of N samples shows at most
       N - 1 directions, and the smallest of those are poorly estimated): the top r principal
-      directions, r <= (N - 1) / 2, and per coordinate j the variance the rest of the spectrum
-      leaves there, d_j = Sigma_jj - sum_i lambda_i U_ji^2. The rest acts as
-      P diag(h(d)) P with P = I - U U^T. It keeps the total variance, is exact when the rest of
-      Sigma is isotropic, and gives a constant pixel (d_j = 0) its exact h(0); it is an
-      approximation when the rest is neither diagonal nor isotropic.
+      directions, r <= (N - 1) / 2, and a diagonal rest acting as P diag(h(d)) P with
+      P = I - U U^T. Per coordinate j, d_j = (Sigma_jj - sum_i lambda_i U_ji^2) / P_jj: the variance
+      the rest of the spectrum leaves at j, divided by the share of j that P keeps, so that
+      P diag(d) P has the rest's total variance and equals it exactly when the rest is isotropic,
+      whatever the directions of U. A constant pixel (Sigma_jj = 0, U_j = 0) gets d_j = 0 and its
+      exact h(0). It is an approximation when the rest is neither isotropic nor diagonal.
     """
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, variances: torch.Tensor,
@@ -142,10 +143,19 @@ class GaussianFit:
             basis = centred.T @ sample_vectors[:, :rank] / torch.sqrt(variances * (n - 1))
         else:
             basis = sample_vectors[:, :rank]
-        per_coordinate = centred.pow(2).sum(0) / (n - 1)
-        rest = per_coordinate - (basis.pow(2) * variances).sum(1)
-        return cls(mean, basis, variances, rest,
-                   f"rank {rank} principal directions plus a diagonal rest (D={d}, {n} samples)")
+        return cls.low_rank(mean, basis, variances, centred.pow(2).sum(0) / (n - 1),
+                            f"rank {rank} principal directions plus a diagonal rest (D={d}, {n} samples)")
+
+    @classmethod
+    def low_rank(cls, mean: torch.Tensor, basis: torch.Tensor, variances: torch.Tensor,
+                 diagonal: torch.Tensor, description: str = "") -> "GaussianFit":
+        """Orthonormal ``basis`` [D, r] with its ``variances``, and the covariance's ``diagonal``."""
+        basis, variances = basis.double(), variances.double()
+        left = diagonal.double() - (basis.pow(2) * variances).sum(1)
+        # P_jj -> 0 where the basis holds all of coordinate j; the rest there is then weighed by ~0
+        kept = (1.0 - basis.pow(2).sum(1)).clamp_min(1e-6)
+        return cls(mean, basis, variances, left.clamp_min(0.0) / kept,
+                   description or f"rank {basis.shape[1]} directions plus a diagonal rest (D={basis.shape[0]})")
 
     def _on(self, like: torch.Tensor):
         key = (like.device, like.dtype)

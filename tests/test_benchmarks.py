@@ -233,3 +233,72 @@ def test_a_setting_this_commit_does_not_offer_is_reported_not_raised(tmp_path):
     result = run_conversion("future row", {"checkpoint": str(DATASETS["digits"].teacher), "seed": 0,
                                            "split": "cbs", "monitor": "no_such_monitor"}, str(tmp_path / "x.safetensors"))
     assert "no_such_monitor" in result["unavailable"] and not (tmp_path / "x.safetensors").exists()
+
+
+def test_per_training_seed_means_are_reported_beside_the_pooled_difference():
+    from _bench import markdown_pairs, paired
+
+    def runs(name, values):
+        return {"name": name, "runs": [{"train_seed": t, "seed": s, "fd": v} for (t, s), v in values.items()]}
+
+    rows = [runs("a", {(0, 0): 11.0, (0, 1): 12.0, (1, 0): 10.0, (1, 1): 10.0}),
+            runs("b", {(0, 0): 10.0, (0, 1): 10.0, (1, 0): 10.5, (1, 1): 10.5})]
+    result = paired(rows, "a", "b")
+    assert result["by_train_seed"] == {"0": pytest.approx(1.5), "1": pytest.approx(-0.5)}
+    assert result["train_worse"] == 1 and result["worse"] == 2
+    assert "per training seed +1.500 / -0.500, worse for 1 of 2" in "\n".join(markdown_pairs(rows, [("a", "b")]))
+
+
+def _bench_with_candidates(tmp_path):
+    from _bench import TEACHER, Bench
+
+    rows = {"a": dict(k=2, monitor="dirichlet"), "b": dict(k=2, monitor="acceleration"),
+            "best": dict(best_of=["a", "b"], k=4)}
+    bench = Bench("digits", str(DATASETS["digits"].teacher), rows, {}, 40, 10, [0, 1], [0], 4, tmp_path)
+    for seed in (0, 1):
+        bench.scores.append({"name": TEACHER, "seed": seed, "train_seed": None, "fd": 5.0, "class_match": 0.5})
+    return bench
+
+
+def test_a_candidate_whose_samples_blew_up_loses_the_best_of_contest(tmp_path):
+    bench = _bench_with_candidates(tmp_path)
+    # "a" is far worse on the seed that worked; the NaN must not let it win by never comparing
+    bench.scores += [{"name": name, "seed": seed, "train_seed": 0, "fd": fd, "class_match": 0.5}
+                     for name, seed, fd in [("a", 0, 50.0), ("a", 1, float("nan")), ("b", 0, 6.0), ("b", 1, 6.0)]]
+    assert bench.best_of(["a", "b"]) == "b"
+    bench.conversions[("a", 0)] = {"name": "a", "train_seed": 0, "expert_params": [1, 1], "expert_flops": [1, 1],
+                                   "boundaries": [0.0, 0.5, 1.0]}
+    row = {r["name"]: r for r in bench.table_rows(["a"], 1.0, 2)}["a"]
+    assert row["gap_n"] == 1 and row["gap_nonfinite"] == 1
+
+
+def test_a_diverged_candidate_loses_and_is_not_reported_as_unavailable(tmp_path):
+    bench = _bench_with_candidates(tmp_path)
+    bench.scores += [{"name": "b", "seed": s, "train_seed": 0, "fd": 9.0} for s in (0, 1)]
+    assert bench.best_of(["a", "b"]) is None  # "a" is neither scored nor out yet
+    bench._note_divergence({"name": "a", "train_seed": 0, "diverged": "the loss became nan at step 1"})
+    assert bench.best_of(["a", "b"]) == "b" and "a" not in bench.unavailable
+
+
+def test_a_training_that_diverges_comes_back_as_a_result(tmp_path):
+    from _bench import run_conversion
+
+    result = run_conversion("unstable row", {"checkpoint": str(DATASETS["digits"].teacher), "seed": 0, "k": 2,
+                                             "split": "uniform", "monitors": [], "steps": 2, "lr": 1e6,
+                                             "pool_size": 64, "eval_samples": 8, "calib_batches": 1,
+                                             "batch_size": 8}, str(tmp_path / "x.safetensors"))
+    assert "nan" in result["diverged"].lower() and "unavailable" not in result
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_cache_refuses_rows_made_under_other_pinned_defaults(tmp_path, monkeypatch, capsys):
+    import _bench
+
+    bench = _bench_with_candidates(tmp_path)
+    bench.check_manifest()  # the first run records what its rows are made under
+    assert json.loads((tmp_path / "manifest.json").read_text())["pinned"] == _bench.PINNED
+    bench.check_manifest()
+    monkeypatch.setitem(_bench.PINNED, "derivatives", "fd")
+    with pytest.raises(SystemExit) as refused:
+        bench.check_manifest()
+    assert refused.value.code == 2 and "--cache" in capsys.readouterr().err

@@ -178,12 +178,38 @@ def test_the_low_rank_fit_is_exact_for_a_spiked_diagonal_covariance():
         assert torch.allclose(got.flatten(1)[:, 10:14], u.flatten(1)[:, 10:14] / sigma, rtol=1e-6)
 
 
-def test_a_small_pool_gives_a_low_rank_fit_that_keeps_the_total_variance():
-    pool = gaussian_pool(9)
+def gaussian_jacobians_agree(fitted, exact, t_values=(0.05, 0.5, 0.9), rtol=1e-8):
+    family = family_of("sit linear")
+    u = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for t_value in t_values:
+        schedule = schedule_and_derivative(family.schedule, torch.full((3,), t_value, dtype=torch.float64))
+        got, expected = fitted.jacobian_product(u, *schedule), exact.jacobian_product(u, *schedule)
+        assert torch.allclose(got, expected, rtol=rtol, atol=rtol * expected.abs().max().item()), t_value
+
+
+def test_the_low_rank_fit_is_exact_for_a_rotated_spike_on_an_isotropic_rest():
+    dims = int(np.prod(SHAPE))
+    basis, _ = torch.linalg.qr(torch.randn(dims, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    spike = torch.tensor([9.0, 6.0, 4.0, 3.0], dtype=torch.float64)
+    covariance = basis @ torch.diag(spike) @ basis.T + 0.2 * (torch.eye(dims, dtype=torch.float64) - basis @ basis.T)
+    mean = torch.zeros(dims, dtype=torch.float64)
+    fitted = GaussianFit.low_rank(mean, basis, spike, torch.diagonal(covariance))
+    gaussian_jacobians_agree(fitted, GaussianFit.from_moments(mean, covariance), rtol=1e-10)
+
+
+def test_a_small_pool_gives_the_exact_fit_of_its_samples_when_they_span_few_directions():
+    # 13 samples on a 4-dimensional affine subspace of 32 dimensions: the Gram branch (fewer samples
+    # than dimensions) must find exactly those four directions, largest first
+    generator = torch.Generator().manual_seed(2)
+    directions, _ = torch.linalg.qr(torch.randn(32, 4, generator=generator, dtype=torch.float64))
+    coefficients = torch.randn(13, 4, generator=generator, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5])
+    pool = (0.3 + coefficients @ directions.T).reshape(13, *SHAPE)
     fitted = GaussianFit.from_pool(pool)
-    assert fitted.basis.shape[1] == 4  # (9 - 1) / 2 directions of 32
-    total = pool.flatten(1).double().var(0).sum()
-    assert torch.isclose(fitted.variances.sum() + fitted.rest_variance.sum(), total, rtol=1e-9)
+    assert fitted.basis.shape[1] == 4 and "rank 4" in fitted.description  # at most (13 - 1) / 2 = 6
+    flat = pool.flatten(1)
+    exact = GaussianFit.from_moments(flat.mean(0), torch.cov(flat.T))
+    assert torch.allclose(fitted.variances, exact.variances.flip(0)[:4], rtol=1e-9)
+    gaussian_jacobians_agree(fitted, exact)
 
 
 def two_point_model(family, point):
@@ -237,6 +263,34 @@ def test_sensitivity_is_zero_without_pruning_and_positive_with_it():
     assert not built
     with pytest.raises(ValueError, match="student"):
         profile_model(family, model, pool, labels, grid, ["sensitivity"], batches=1, batch_size=4)
+
+
+class ScaledVelocity(nn.Module):
+    """A student whose native output is the teacher's times ``scale`` plus ``offset``."""
+
+    def __init__(self, teacher, scale=1.0, offset=0.0):
+        super().__init__()
+        self.teacher, self.scale, self.offset = teacher, scale, offset
+
+    def forward(self, x, native_t, y=None):
+        return self.scale * self.teacher(x, native_t, y) + self.offset
+
+
+def test_sensitivity_is_the_relative_velocity_error_in_closed_form():
+    family, teacher = gaussian_model("sit linear")
+    x = torch.randn(6, *SHAPE, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0.1, 0.3, 0.5, 0.5, 0.7, 0.9])
+
+    def sensitivity(student):
+        return per_sample_monitors(family, teacher, x, t, None, ["sensitivity"], torch.Generator().manual_seed(0),
+                                   student=student)["sensitivity"]
+
+    # a student that gets every velocity 0.7 times right is off by 0.3 of it, squared
+    assert torch.allclose(sensitivity(ScaledVelocity(teacher, scale=0.7)), torch.full((6,), 0.09), rtol=1e-5)
+    # a constant offset delta costs delta^2 D over the sample's own squared velocity
+    velocity = family.velocity(teacher, x, t, None).flatten(1)
+    expected = 0.05 ** 2 * velocity.shape[1] / velocity.pow(2).sum(1)
+    assert torch.allclose(sensitivity(ScaledVelocity(teacher, offset=0.05)), expected, rtol=1e-4)
 
 
 def test_the_pipeline_profiles_every_new_monitor_and_reports_every_rule(tmp_path, capsys, monkeypatch):
