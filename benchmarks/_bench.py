@@ -77,10 +77,14 @@ def write_json(path: Path, data) -> None:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with "+changes" when tracked code differs from it."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "cbs_convert", "benchmarks"],
+                                 cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return ""
+    return head + ("+changes" if head and changed else "")
 
 
 def summarise(values) -> Tuple[float, float]:
@@ -114,7 +118,7 @@ def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, A
         result = cbs_convert.convert(out=out, workdir=out + ".work", progress=False, force=True, resume=True,
                                      **{k: v for k, v in settings.items() if k != "_pinned"})
     except TrainingDiverged as exc:
-        return {"name": name, "train_seed": settings["seed"], "settings": settings, "commit": git_commit(),
+        return {"name": name, "train_seed": settings["seed"], "settings": settings,
                 "diverged": str(exc).splitlines()[0], "seconds": time.time() - began}
     except RecipeError as exc:
         return {"name": name, "train_seed": settings["seed"], "unavailable": str(exc).splitlines()[0]}
@@ -124,7 +128,6 @@ def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, A
         "name": name,
         "train_seed": settings["seed"],
         "settings": settings,
-        "commit": git_commit(),
         "path": out,
         "boundaries": report["split"]["boundaries"],
         "shares": report["split"]["shares"],
@@ -204,7 +207,7 @@ class Bench:
     conversions: Dict[Tuple[str, int], Dict[str, Any]] = field(default_factory=dict)
     scores: List[Dict[str, Any]] = field(default_factory=list)
     unavailable: Dict[str, str] = field(default_factory=dict)
-    diverged: Dict[str, str] = field(default_factory=dict)  # row -> why its training blew up
+    diverged: Dict[str, str] = field(default_factory=dict)  # row -> why its training blew up, per seed
     resolved: Dict[str, str] = field(default_factory=dict)  # best_of row -> the row it copies
     work: Dict[str, int] = field(default_factory=lambda: {"conversions": 0, "scores": 0})
     compute: bool = True
@@ -213,22 +216,28 @@ class Bench:
         self.cache = Path(self.cache)
         self.models = self.cache / "models"
         self.teacher_digest = file_digest(self.checkpoint)
+        self.commit = git_commit()  # the code this run's workers import, stamped on what they compute
 
     def check_manifest(self) -> None:
         """Refuse to mix rows made under other pinned defaults or another scoring classifier."""
         from cbs_convert.metrics import DATASETS
 
-        wanted = {"pinned": PINNED, "classifier": file_digest(DATASETS[self.dataset].classifier)}
+        # through JSON, so that a tuple and the list it is read back as compare equal
+        wanted = json.loads(json.dumps({"pinned": PINNED, "classifier": file_digest(DATASETS[self.dataset].classifier)}))
         path = self.cache / "manifest.json"
         if not path.exists():
+            # a cache from before manifests existed is adopted under the values of this run
             write_json(path, wanted)
             return
-        held = json.loads(path.read_text())
+        try:
+            held = json.loads(path.read_text())
+        except ValueError:
+            held = {}
         changed = [key for key in wanted if held.get(key) != wanted[key]]
         if changed:
             print(f"error: the cache {self.cache} was built with another {' and '.join(changed)} "
-                  f"({'; '.join(f'{k}: {held.get(k)}' for k in changed)}); give this run its own --cache folder, "
-                  "or restore what changed", file=sys.stderr)
+                  f"({'; '.join(f'{k}: {held.get(k)} there, {wanted[k]} here' for k in changed)}); give this run "
+                  f"its own --cache folder, or restore what changed", file=sys.stderr)
             raise SystemExit(2)
 
     # -- settings and cache names -------------------------------------------------------------
@@ -236,8 +245,12 @@ class Bench:
         """The convert() settings of a row, or None while a row it depends on is not scored."""
         row = dict(self.rows[name])
         if "best_of" in row:
-            winner = self.best_of(row.pop("best_of"))
+            candidates = row.pop("best_of")
+            winner = self.best_of(candidates)
             if winner is None:
+                here = [c for c in candidates if c in self.rows]
+                if here and all(c in self.unavailable or c in self.diverged for c in here):
+                    self.unavailable[name] = f"none of {', '.join(here)} can be copied (each diverged or is unavailable)"
                 return None
             self.resolved[name] = winner
             row = {**{k: v for k, v in self.rows[winner].items() if k not in ROW_KEYS}, **row}
@@ -342,6 +355,7 @@ class Bench:
                         self.unavailable[result["name"]] = result["unavailable"]
                         self.log(f"  {result['name']}: not available at this commit ({result['unavailable']})")
                         continue
+                    result["commit"] = self.commit
                     write_json(info[0], result)
                     if "diverged" in result:
                         self._note_divergence(result)
@@ -352,6 +366,7 @@ class Bench:
                         score(model_key, result["name"], result["path"], seed, result["train_seed"])
                 else:
                     self.work["scores"] += 1
+                    result["commit"] = self.commit
                     write_json(info, result)
                     self.scores.append(result)
                     self.log(f"  scored {result['name']} (training seed {result['train_seed']}) sampling seed "
@@ -391,7 +406,9 @@ class Bench:
         return True
 
     def _note_divergence(self, result):
-        self.diverged[result["name"]] = f"training seed {result['train_seed']}: {result['diverged']}"
+        said = f"training seed {result['train_seed']}: {result['diverged']}"
+        earlier = self.diverged.get(result["name"])
+        self.diverged[result["name"]] = f"{earlier}; {said}" if earlier else said
         self.log(f"  {result['name']} (training seed {result['train_seed']}): training diverged ({result['diverged']})")
 
     def _note_conversion(self, result, cached=False):
@@ -428,6 +445,7 @@ class Bench:
                 "params": None if name == REAL else (sum(first["expert_params"]) if first else teacher_params),
                 "sampling_flops_vs_teacher": None if name == REAL else sampling_cost(first, teacher_flops, self.sample_steps),
                 "resolved_from": self.resolved.get(name),
+                "diverged": self.diverged.get(name),
                 "conversions": converted,
             })
         return rows
@@ -443,20 +461,30 @@ def paired(rows: List[Dict[str, Any]], name: str, base: str) -> Optional[Dict[st
     if name not in runs or base not in runs:
         return None
     diffs = []
+    blown = {"first": 0, "base": 0}  # runs left out of the mean because their samples blew up
     by_train_seed: Dict[Any, List[float]] = {}
     for (train_seed, seed), value in sorted(runs[name].items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
         other = runs[base].get((train_seed, seed), runs[base].get((None, seed)))
-        if other is not None and np.isfinite(value) and np.isfinite(other):
+        if other is None:
+            continue
+        if np.isfinite(value) and np.isfinite(other):
             diffs.append(value - other)
             by_train_seed.setdefault(train_seed, []).append(value - other)
-    if not diffs:
+        else:
+            blown["first" if not np.isfinite(value) else "base"] += 1
+    if not diffs and not any(blown.values()):
         return None
+    if not diffs:
+        return {"name": name, "base": base, "mean": float("nan"), "std": float("nan"), "n": 0, "worse": blown["first"],
+                "by_train_seed": {}, "train_worse": 0, "blown": blown}
     mean, std = summarise(diffs)
     # The sampling seeds of one trained model share its weights, so the trained models are the
     # independent units: their means are what a reader should count.
     per_model = {str(k): float(np.mean(v)) for k, v in by_train_seed.items()}
-    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs), "worse": int(sum(d > TIE for d in diffs)),
-            "by_train_seed": per_model, "train_worse": int(sum(m > TIE for m in per_model.values()))}
+    # a run that blew up where its partner did not is worse, whatever the finite runs say
+    return {"name": name, "base": base, "mean": mean, "std": std, "n": len(diffs),
+            "worse": int(sum(d > TIE for d in diffs)) + blown["first"],
+            "by_train_seed": per_model, "train_worse": int(sum(m > TIE for m in per_model.values())), "blown": blown}
 
 
 def sampler_times(steps: int) -> np.ndarray:
@@ -553,6 +581,8 @@ def markdown_table(rows: List[Dict[str, Any]]) -> List[str]:
             gap += f", {row['gap_nonfinite']} run(s) blew up"
         per_seed = "–" if baseline else " / ".join(fmt(v) for v in row["gap_by_train_seed"].values())
         name = row["name"] + (f" (= {row['resolved_from']})" if row.get("resolved_from") else "")
+        if row.get("diverged"):
+            name += " (a training seed diverged: see below)"
         lines.append(
             f"| {name} | {bounds} | {params} | {cost} | {fmt(row['fd_mean'], '.3f')} ± {fmt(row['fd_std'], '.3f')} | "
             f"{gap} | {per_seed} | {fmt(row['class_match_mean'], '.3f')} ± {fmt(row['class_match_std'], '.3f')} |"
@@ -560,14 +590,22 @@ def markdown_table(rows: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
-def markdown_pairs(rows, pairs: Sequence[Tuple[str, str]]) -> List[str]:
+PAIRS_HEADER = "Paired differences (same training seed, same sampling seed; positive: the first is worse):"
+
+
+def markdown_pairs(rows, pairs: Sequence[Tuple[str, str]], header: str = PAIRS_HEADER) -> List[str]:
     found = [p for p in (paired(rows, a, b) for a, b in pairs) if p is not None]
     if not found:
         return []
-    lines = ["", "Paired differences (same training seed, same sampling seed; positive: the first is worse):", ""]
+    lines = ["", header, ""]
     for p in found:
-        line = (f"- {p['name']} − {p['base']}: FD {p['mean']:+.3f} ± {p['std']:.3f} (n = {p['n']}), "
-                f"worse in {p['worse']} of {p['n']}")
+        blown = p.get("blown", {})
+        runs = p["n"] + blown.get("first", 0) + blown.get("base", 0)
+        line = (f"- {p['name']} − {p['base']}: FD {fmt(p['mean'])} ± {fmt(p['std'], '.3f')} (n = {p['n']}), "
+                f"worse in {p['worse']} of {runs}")
+        for side, label in (("first", p["name"]), ("base", p["base"])):
+            if blown.get(side):
+                line += f"; {blown[side]} run(s) of {label} blew up (left out of the mean)"
         per_model = p.get("by_train_seed", {})
         if len(per_model) > 1:
             line += (f"; per training seed {' / '.join(format(v, '+.3f') for v in per_model.values())}, "

@@ -326,10 +326,9 @@ def learning_curve(result):
     # single model is the K=2 row with twice the total steps: the same steps per model.
     per_model = [(curve_name(BEST, 2 * factor, result.get("resolved")), curve_name(HALF, factor))
                  for factor in CURVE_FACTORS if 2 * factor in CURVE_FACTORS]
-    if any(first in rows and second in rows for first, second in per_model):
-        lines += ["", "The same steps per model (K=2 at twice the total steps against the single model; the "
-                  "wall-clock match when each expert trains on its own device):"]
-        lines += _bench.markdown_pairs(result["rows"], per_model)
+    lines += _bench.markdown_pairs(result["rows"], per_model, header=(
+        "The same steps per model, paired (K=2 at twice the total steps, so twice the training FLOPs, against the "
+        "single model; the wall-clock match when each expert trains on its own device):"))
     return lines
 
 

@@ -95,7 +95,8 @@ class GaussianFit:
       P = I - U U^T. Per coordinate j, d_j = (Sigma_jj - sum_i lambda_i U_ji^2) / P_jj: the variance
       the rest of the spectrum leaves at j, divided by the share of j that P keeps, so that
       P diag(d) P has the rest's total variance and equals it exactly when the rest is isotropic,
-      whatever the directions of U. A constant pixel (Sigma_jj = 0, U_j = 0) gets d_j = 0 and its
+      whatever the directions of U (up to rounding where U holds nearly all of a coordinate, whose
+      rest then weighs nothing). A constant pixel (Sigma_jj = 0, U_j = 0) gets d_j = 0 and its
       exact h(0). It is an approximation when the rest is neither isotropic nor diagonal.
     """
 
@@ -152,9 +153,12 @@ class GaussianFit:
         """Orthonormal ``basis`` [D, r] with its ``variances``, and the covariance's ``diagonal``."""
         basis, variances = basis.double(), variances.double()
         left = diagonal.double() - (basis.pow(2) * variances).sum(1)
-        # P_jj -> 0 where the basis holds all of coordinate j; the rest there is then weighed by ~0
+        # P_jj -> 0 where the basis holds all of coordinate j; the rest there is then weighed by ~0,
+        # but the quotient amplifies the cancellation in ``left``. With U the top directions, d_j is
+        # a weighted mean of the rest's eigenvalues, so the smallest kept variance bounds it.
         kept = (1.0 - basis.pow(2).sum(1)).clamp_min(1e-6)
-        return cls(mean, basis, variances, left.clamp_min(0.0) / kept,
+        ceiling = float(variances.min()) if variances.numel() else float("inf")
+        return cls(mean, basis, variances, (left.clamp_min(0.0) / kept).clamp_max(ceiling),
                    description or f"rank {basis.shape[1]} directions plus a diagonal rest (D={basis.shape[0]})")
 
     def _on(self, like: torch.Tensor):

@@ -262,9 +262,9 @@ def _bench_with_candidates(tmp_path):
 
 def test_a_candidate_whose_samples_blew_up_loses_the_best_of_contest(tmp_path):
     bench = _bench_with_candidates(tmp_path)
-    # "a" is far worse on the seed that worked; the NaN must not let it win by never comparing
+    # "a" is the best on the seed that worked; the NaN must not let it win, nor be averaged away
     bench.scores += [{"name": name, "seed": seed, "train_seed": 0, "fd": fd, "class_match": 0.5}
-                     for name, seed, fd in [("a", 0, 50.0), ("a", 1, float("nan")), ("b", 0, 6.0), ("b", 1, 6.0)]]
+                     for name, seed, fd in [("a", 0, 5.5), ("a", 1, float("nan")), ("b", 0, 6.0), ("b", 1, 6.0)]]
     assert bench.best_of(["a", "b"]) == "b"
     bench.conversions[("a", 0)] = {"name": "a", "train_seed": 0, "expert_params": [1, 1], "expert_flops": [1, 1],
                                    "boundaries": [0.0, 0.5, 1.0]}
@@ -302,3 +302,36 @@ def test_a_cache_refuses_rows_made_under_other_pinned_defaults(tmp_path, monkeyp
     with pytest.raises(SystemExit) as refused:
         bench.check_manifest()
     assert refused.value.code == 2 and "--cache" in capsys.readouterr().err
+
+
+def test_a_blown_up_run_counts_as_worse_in_the_pairs_and_is_said():
+    from _bench import markdown_pairs, paired
+
+    def runs(name, values):
+        return {"name": name, "runs": [{"train_seed": 0, "seed": s, "fd": v} for s, v in enumerate(values)]}
+
+    rows = [runs("a", [1.0, float("nan"), float("nan")]), runs("b", [2.0, 2.0, 2.0])]
+    result = paired(rows, "a", "b")
+    assert result["n"] == 1 and result["worse"] == 2 and result["blown"] == {"first": 2, "base": 0}
+    assert "worse in 2 of 3; 2 run(s) of a blew up" in markdown_pairs(rows, [("a", "b")])[-1]
+
+
+def test_a_cached_diverged_conversion_is_reported_and_its_best_of_row_settles(tmp_path):
+    bench = _bench_with_candidates(tmp_path)
+    for name in ("a", "b"):
+        stem = bench.stem(name, 0, bench.settings_for(name, 0))
+        (tmp_path / "conversions").mkdir(exist_ok=True)
+        (tmp_path / "conversions" / f"{stem}.json").write_text(json.dumps(
+            {"name": name, "train_seed": 0, "diverged": "the loss became nan at step 3", "seconds": 1.0}))
+    bench.run(["a", "b", "best"], compute=False)  # only reads the cache
+    assert set(bench.diverged) == {"a", "b"} and "nan at step 3" in bench.diverged["a"]
+    assert "can be copied" in bench.unavailable["best"]
+    assert bench.table_rows(["a", "b", "best"], 1.0, 2)[-1]["name"] == "teacher"  # no scores, no rows
+
+
+def test_a_run_refuses_a_cache_made_under_other_pinned_defaults(tmp_path, capsys):
+    bench = _bench_with_candidates(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"pinned": {"derivatives": "fd"}, "classifier": "0"}))
+    with pytest.raises(SystemExit) as refused:
+        bench.run(["a"], compute=False)
+    assert refused.value.code == 2 and "pinned" in capsys.readouterr().err
