@@ -51,7 +51,10 @@ TIE = 1e-6
 #: library defaults that changed after rows were cached under them: a row that does not set one runs
 #: with the value it was cached with, and that value stays out of the cache key (it was never in it),
 #: so no cached row reruns and a conversion in progress resumes under the same recipe
-PINNED = {"derivatives": "jvp", "monitor": "dirichlet", "monitors": ["dirichlet", "acceleration"]}
+PINNED = {"derivatives": "jvp", "monitor": "dirichlet", "monitors": ["dirichlet", "acceleration"],
+          # the fine-tuning recipe before warm-up, cosine decay and the anchored EMA (issue 18)
+          "lr_schedule": "constant", "warmup_steps": 0, "lr_floor": 0.1, "ema_warmup": True,
+          "distill_weight": 1.0, "data_weight": 1.0}
 
 
 def slug(text: str) -> str:

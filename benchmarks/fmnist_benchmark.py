@@ -14,6 +14,8 @@ Source: the bundled Fashion-MNIST SiT (``cbs_convert/assets/fmnist_sit.safetenso
 * K=2 at 1x: uniform, snr (equal log-SNR spacing), cbs on the published Dirichlet monitor, and cbs
   on each learning-burden monitor (denoiser, nonlinear, sensitivity);
 * K=2 at 2x (full-width experts, the data loss: the teacher's per-step FLOPs): uniform and the best cbs;
+* the "gentle" rows: dense fine-tuned (1x and 4x as long) and K=2 2x uniform under the full-width
+  recipe of issue 18 (lr 1e-4, warm-up, cosine to a tenth, EMA anchored at the teacher);
 * K=4 at 1x: uniform and the best cbs;
 * a learning curve, fine-tuning 0.25x, 1x and 2x as long (8x apart), for the half-width single
   model, K=2 uniform and the best K=2 cbs.
@@ -82,6 +84,14 @@ ROWS = {
     "K=2 2x uniform": dict(k=2, budget="2x", **PLAIN, **FULL),
     "K=2 2x best cbs": dict(best_of=K2_CBS, k=2, budget="2x", **FULL),
 }
+# Issue 18's fine-tuning for full-width experts: the source's final lr, a 5% warm-up, a cosine to a
+# tenth of it, and an EMA anchored at the source (no decay ramp). Spelled out, so that a later change
+# of the tool's defaults cannot change what a cached row means.
+GENTLE = dict(lr=1e-4, lr_schedule="cosine", warmup_steps=None, lr_floor=0.1, ema_warmup=False)
+DENSE_GENTLE = "dense fine-tuned, gentle"
+ROWS[DENSE_GENTLE] = dict(k=1, budget="1x", **PLAIN, **FULL, **GENTLE)
+ROWS[f"{DENSE_GENTLE}, 4x steps"] = dict(ROWS[DENSE_GENTLE], steps_factor=4.0)
+ROWS["K=2 2x uniform, gentle"] = dict(k=2, budget="2x", **PLAIN, **FULL, **GENTLE)
 CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
 CURVE_MODELS = {HALF: ROWS[HALF], UNIFORM: ROWS[UNIFORM], BEST: dict(best_of=K2_CBS, k=2)}
 for _factor in CURVE_FACTORS:
@@ -96,7 +106,8 @@ PAIRED = (
     + [(name, UNIFORM) for name in ["K=2 snr", *K2_CBS]]
     + [(name, HALF) for name in ["K=2 snr", *K2_CBS]]
     + [("K=2 2x best cbs", "K=2 2x uniform"), ("K=4 best cbs", "K=4 uniform"), ("K=4 uniform", UNIFORM),
-       ("dense fine-tuned", "K=2 2x uniform")]
+       ("dense fine-tuned", "K=2 2x uniform"), (DENSE_GENTLE, "dense fine-tuned"),
+       ("K=2 2x uniform, gentle", DENSE_GENTLE), ("K=2 2x uniform, gentle", "K=2 2x uniform")]
 )
 
 

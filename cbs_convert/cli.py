@@ -257,6 +257,8 @@ def _summary(result) -> None:
         print(f"  samples ({quality['samples']}, same noise, {quality['dataset']} classifier): FD {quality['teacher']['fd']:.3f} "
               f"teacher, {quality['converted']['fd']:.3f} routed (ΔFD {quality['delta_fd']:+.3f}); class match "
               f"{quality['teacher'].get('class_match', float('nan')):.3f} / {quality['converted'].get('class_match', float('nan')):.3f}")
+    elif quality:
+        print(f"  samples: not scored: {quality['skipped']}")
     for path in result.report_files:
         print(f"  report: {path}")
     if report.get("profile") and not any(str(p).endswith(".png") for p in result.report_files):

@@ -35,6 +35,11 @@ class WriteError(UserError):
     """A file could not be written: no space, no permission, a read-only file system."""
 
 
+class MissingDependency(UserError):
+    """An optional package that one step needs is not installed; the message names the extra that
+    brings it, so the step can be skipped with that line instead of ending the run."""
+
+
 class WarningNote(str):
     """A note about the source that the user should see at once, not only in the report: an
     assumption the file does not confirm. It is a plain string everywhere else."""

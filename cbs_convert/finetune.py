@@ -2,8 +2,16 @@
 
 Times are drawn uniformly from the segment widened by a small margin, so the expert also sees the
 neighbourhood of its boundaries. Losses: ``distill`` (match the teacher's native output, data-free),
-``data`` (the family's own training loss on real latents) or ``both``. Labels are dropped to the null
-class with the teacher's probability, so classifier-free guidance keeps working.
+``data`` (the family's own training loss on real latents) or ``both`` (``distill_weight`` x the first
+plus ``data_weight`` x the second). Labels are dropped to the null class with the teacher's
+probability, so classifier-free guidance keeps working.
+
+The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine down to
+``lr_floor`` x ``lr`` at the last step (or stays constant with ``lr_schedule="constant"``). The EMA
+starts at the student's initial weights; with ``ema_warmup`` its decay ramps up as (1 + s) / (10 + s),
+so that a poor start (a freshly pruned student) is forgotten within tens of steps; without it the EMA
+keeps its full decay from the first step, so a full-width expert's saved weights stay anchored to the
+source and drift from it no faster than the EMA horizon allows.
 
 Every random draw of step ``s`` comes from a generator seeded by (seed, s): a run resumed from a
 checkpoint follows exactly the path of an uninterrupted one. Models stay in eval mode because label
@@ -30,27 +38,50 @@ from .recipe import Recipe
 from .families.base import Family
 
 LOSSES = ("distill", "data", "both")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 # The library's defaults are the CLI's: one place (the recipe) says what they are.
 _CLI = Recipe()
+
+# The defaults the recipe leaves to the expert ("auto"), by case:
+# * a pruned student distils at 3e-4, the lr every pruned row of the benchmarks was measured at, and
+#   its EMA warms up, since its pruned start is far from where training takes it;
+# * a full-width expert continues the source's own training: the source's final lr (the bundled
+#   teachers ended their cosine at 1e-4), and an EMA anchored at the source, so that a short run
+#   cannot carry the saved weights far from a model that was already good.
+PRUNED_LR = 3e-4
+FULL_WIDTH_LR = 1e-4
+WARMUP_SHARE = 0.05
 
 
 @dataclass
 class FinetuneSettings:
     steps: int = _CLI.steps
     batch_size: int = _CLI.batch_size
-    lr: float = _CLI.lr
+    lr: float = PRUNED_LR
     weight_decay: float = _CLI.weight_decay
     ema_decay: float = _CLI.ema_decay
+    # the recipe's None ("auto") for these two is settled per expert by the pipeline
+    # (``expert_defaults``); a library caller gets that rule's pruned-student values here
+    ema_warmup: bool = True
+    lr_schedule: str = _CLI.lr_schedule
+    warmup_steps: Optional[int] = None  # None: WARMUP_SHARE of the steps
+    lr_floor: float = _CLI.lr_floor
     grad_clip: float = _CLI.grad_clip
     # the CLI reads it from the checkpoint (its class_dropout_prob); 0.1 is the published models'
     label_dropout: float = 0.1
     loss: str = _CLI.loss
+    distill_weight: float = _CLI.distill_weight
+    data_weight: float = _CLI.data_weight
     margin: float = _CLI.margin
     checkpoint_every: int = _CLI.checkpoint_every
     bf16: bool = _CLI.bf16  # autocast on CUDA only
     seed: int = _CLI.seed
+
+    def __post_init__(self):
+        if self.warmup_steps is None:
+            self.warmup_steps = int(round(WARMUP_SHARE * self.steps))
 
     def to_dict(self):
         return asdict(self)
@@ -67,6 +98,32 @@ class FinetuneResult:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+def expert_defaults(recipe: Recipe, full_width: bool) -> dict:
+    """The fine-tuning settings of one expert that the recipe leaves to its case (None there)."""
+    return {
+        "lr": recipe.lr if recipe.lr is not None else (FULL_WIDTH_LR if full_width else PRUNED_LR),
+        "ema_warmup": recipe.ema_warmup if recipe.ema_warmup is not None else not full_width,
+    }
+
+
+def learning_rate(settings: FinetuneSettings, step: int) -> float:
+    """The lr of 0-based ``step``: linear warm-up to ``lr``, then constant or a cosine that reaches
+    ``lr_floor * lr`` at the last step."""
+    peak = settings.lr
+    if step < settings.warmup_steps:
+        return peak * (step + 1) / settings.warmup_steps
+    if settings.lr_schedule == "constant":
+        return peak
+    decay_steps = settings.steps - settings.warmup_steps
+    progress = min(1.0, (step - settings.warmup_steps) / max(1, decay_steps - 1))
+    floor = settings.lr_floor * peak
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(settings: FinetuneSettings, step: int) -> float:
+    return min(settings.ema_decay, (1 + step) / (10 + step)) if settings.ema_warmup else settings.ema_decay
 
 
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
@@ -101,6 +158,8 @@ def finetune_expert(
     """
     if settings.loss not in LOSSES:
         raise ValueError(f"unknown loss {settings.loss!r}; choose from {', '.join(LOSSES)}")
+    if settings.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {settings.lr_schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
     member, members = 0, 1
     if group is not None:
         import torch.distributed as dist
@@ -171,15 +230,19 @@ def finetune_expert(
                 teacher_out = teacher(x_t, native_t, y).float()
         loss = 0.0
         if settings.loss in ("distill", "both"):
-            loss = loss + F.mse_loss(student_out.float(), teacher_out)
+            weight = settings.distill_weight if settings.loss == "both" else 1.0
+            loss = loss + weight * F.mse_loss(student_out.float(), teacher_out)
         if settings.loss in ("data", "both"):
-            loss = loss + family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
+            weight = settings.data_weight if settings.loss == "both" else 1.0
+            loss = loss + weight * family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = learning_rate(settings, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
         optimizer.step()
-        ema_update(ema, student, min(settings.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, student, ema_decay_at(settings, step))
         if members > 1:  # the log shows the full batch's loss, as one process would
             reduced = loss.detach().clone()
             dist.all_reduce(reduced, group=group)
@@ -188,7 +251,7 @@ def finetune_expert(
             value = float(loss.detach())
         if not math.isfinite(value):
             raise TrainingDiverged(
-                f"{description}: the fine-tuning loss became {value} at step {step} with lr {settings.lr:g}; "
+                f"{description}: the fine-tuning loss became {value} at step {step} with lr {learning_rate(settings, step):g}; "
                 "lower the learning rate (--lr, or lr: in the recipe) and start over with --force"
             )
         losses.append(value)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MissingDependency
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
 TEACHER_PATH = ASSETS / "digits_sit.safetensors"
@@ -47,8 +49,14 @@ class DigitsSplit:
 
 def load_digits_split() -> DigitsSplit:
     """The fixed train / held-out split every digits script and test uses."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise MissingDependency(
+            "scikit-learn is not installed, and its digits are the reference images of this check; "
+            "pip install 'cbs_convert[demo]' adds it"
+        ) from None
 
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 8.0 - 1.0)[:, None]

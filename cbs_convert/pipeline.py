@@ -27,7 +27,7 @@ from .checkpoint import (ARCHITECTURE_FLAGS, bundled_or_given, is_inside, model_
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
-from .finetune import FinetuneSettings, boundary_velocity, finetune_expert, relative_error, seam_gap_of
+from .finetune import FinetuneSettings, boundary_velocity, expert_defaults, finetune_expert, relative_error, seam_gap_of
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
 from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
@@ -440,14 +440,10 @@ class Conversion:
         layout = getattr(self, "layout", None) or plan_ranks(world, r.k, r.batch_size)
         from safetensors.torch import load_file
 
-        settings = FinetuneSettings(
-            steps=r.steps, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
-            grad_clip=r.grad_clip, label_dropout=r.label_dropout, loss=r.loss, margin=r.margin,
-            checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
-        )
         for k, segment in enumerate(self.split_result.segments):
             if k not in layout.experts_of(rank) or not self.trains(k):
                 continue
+            settings = self.finetune_settings(k)
             final = self.work.path(f"finetune/expert_{k}.safetensors")
             if final.exists():
                 continue
@@ -469,6 +465,18 @@ class Conversion:
             self.work.remove([f"finetune/expert_{k}.state.pt"])  # the weights are saved: the state is spent
             del student, result, weights
         self.timings["finetune"] = time.time() - began
+
+    def finetune_settings(self, k: int) -> FinetuneSettings:
+        """Expert k's fine-tuning settings: the recipe's, with its "auto" values settled by whether
+        the expert is a full-width copy of the source or a pruned student."""
+        r = self.recipe
+        return FinetuneSettings(
+            steps=r.steps, batch_size=r.batch_size, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
+            lr_schedule=r.lr_schedule, warmup_steps=r.warmup_steps, lr_floor=r.lr_floor, grad_clip=r.grad_clip, label_dropout=r.label_dropout,
+            loss=r.loss, distill_weight=r.distill_weight, data_weight=r.data_weight, margin=r.margin,
+            checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
+            **expert_defaults(r, full_width=self.expert_configs[k] == self.config),
+        )
 
     def _measure(self, k: int, model) -> Dict[str, Any]:
         """Expert k's error against the teacher on its segment, and its velocities at its cuts."""
@@ -500,12 +508,17 @@ class Conversion:
     def finetune_summary(self) -> Dict[str, Any]:
         """The fine-tuning settings and each expert's loss curve, from the logs in the work directory."""
         r = self.recipe
-        settings = {"steps": r.steps, "lr": r.lr, "loss": r.loss, "batch_size": r.batch_size, "ema_decay": r.ema_decay,
-                    "weight_decay": r.weight_decay, "grad_clip": r.grad_clip, "margin": r.margin,
-                    "label_dropout": r.label_dropout, "bf16": r.bf16}
+        # the recipe as given ("auto" left as None), and below each expert's settings as they ran
+        settings = {"steps": r.steps, "lr": r.lr, "lr_schedule": r.lr_schedule, "warmup_steps": r.warmup_steps,
+                    "lr_floor": r.lr_floor, "loss": r.loss, "distill_weight": r.distill_weight,
+                    "data_weight": r.data_weight, "batch_size": r.batch_size, "ema_decay": r.ema_decay,
+                    "ema_warmup": r.ema_warmup, "weight_decay": r.weight_decay, "grad_clip": r.grad_clip,
+                    "margin": r.margin, "label_dropout": r.label_dropout, "bf16": r.bf16}
         experts = []
         for k in range(r.k):
             entry: Dict[str, Any] = {"trained": self.trains(k)}
+            if entry["trained"]:
+                entry["settings"] = self.finetune_settings(k).to_dict()
             log_path = self.work.path(f"finetune/expert_{k}.log.json")
             if entry["trained"] and log_path.exists():
                 log = _read_json(log_path)

@@ -63,12 +63,18 @@ class Recipe:
     # fine-tuning
     steps: int = field(default=600, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
     batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
+    lr: Optional[float] = field(default=None, metadata={"help": "AdamW peak learning rate (default: 1e-4 for a full-width expert, 3e-4 for a pruned one; the README says why)"})
+    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (warm-up, then a cosine down to lr_floor x lr at the last step) or constant (after the warm-up)"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear lr warm-up steps (default: 5%% of --steps)"})
+    lr_floor: float = field(default=0.1, metadata={"help": "the cosine's final lr as a fraction of --lr"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved expert weights"})
+    ema_warmup: Optional[bool] = field(default=None, metadata={"help": "ramp the EMA decay up from 0 so the start is forgotten fast (default: on for a pruned expert, off for a full-width one, whose EMA stays anchored to the source)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 disables)"})
     label_dropout: Optional[float] = field(default=None, metadata={"help": "label dropout probability (default: the teacher's, 0.1 with a null row)"})
-    loss: str = field(default="distill", metadata={"help": "distill (data-free), data (needs --data) or both"})
+    loss: str = field(default="distill", metadata={"help": "distill (data-free), data (needs --data) or both (distill_weight x distill + data_weight x data)"})
+    distill_weight: float = field(default=0.9, metadata={"help": "weight of the distillation term under --loss both"})
+    data_weight: float = field(default=0.1, metadata={"help": "weight of the data term under --loss both"})
     margin: float = field(default=0.02, metadata={"help": "overlap margin around each segment for training times"})
     checkpoint_every: int = field(default=50, metadata={"help": "fine-tune checkpoint interval in steps"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast when fine-tuning on CUDA"})
@@ -88,6 +94,7 @@ CHOICES = {
     "prune": ("segment", "magnitude", "random"),
     "derivatives": ("jvp", "fd"),
     "loss": ("distill", "data", "both"),
+    "lr_schedule": ("cosine", "constant"),
     "allocation": ("auto", "mass", "equal", "mass:MONITOR"),  # checked by split.parse_allocation
     "family": None,  # checked against the family registry at load time
     "attention_order": ("legacy", "new"),
@@ -99,7 +106,8 @@ RUN_ONLY = ("out", "workdir", "device", "checkpoint_every")
 NOT_IDENTITY = (*RUN_ONLY, "checkpoint", "use_checkpoint")  # activation checkpointing saves memory only
 #: the default a setting had when it was added, where today's differs: a work directory made before
 #: the setting existed ran with that value, so a resumed run is compared against it
-FIRST_DEFAULTS = {"derivatives": "jvp"}
+FIRST_DEFAULTS = {"derivatives": "jvp", "lr_schedule": "constant", "warmup_steps": 0, "ema_warmup": True,
+                  "distill_weight": 1.0, "data_weight": 1.0}
 
 
 def _base_type(name: str):
@@ -247,7 +255,13 @@ def validate(r: Recipe) -> None:
     need(0.0 <= r.t_min < r.t_max <= 1.0, f"need 0 <= t_min < t_max <= 1, got t_min={r.t_min}, t_max={r.t_max}")
     need(r.gamma > 0, f"gamma={r.gamma} must be positive")
     need(0.0 <= r.floor < 1.0, f"floor={r.floor} must be in [0, 1)")
-    need(r.lr > 0, f"lr={r.lr} must be positive")
+    need(r.lr is None or r.lr > 0, f"lr={r.lr} must be positive")
+    need(r.warmup_steps is None or r.warmup_steps >= 0, f"warmup_steps={r.warmup_steps} must be 0 or more")
+    need(0.0 <= r.lr_floor <= 1.0, f"lr_floor={r.lr_floor} must be in [0, 1] (a fraction of --lr)")
+    need(r.distill_weight >= 0 and r.data_weight >= 0,
+         f"distill_weight={r.distill_weight}, data_weight={r.data_weight}: the loss weights must be 0 or more")
+    need(r.loss != "both" or r.distill_weight + r.data_weight > 0,
+         "--loss both with distill_weight 0 and data_weight 0 trains on nothing; give one of them a weight")
     need(0.0 <= r.ema_decay < 1.0, f"ema_decay={r.ema_decay} must be in [0, 1)")
     need(r.grad_clip >= 0, f"grad_clip={r.grad_clip} must be >= 0")
     need(r.margin >= 0, f"margin={r.margin} must be >= 0")

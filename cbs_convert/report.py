@@ -104,15 +104,24 @@ def _finetune_lines(finetune) -> List[str]:
     if not finetune:
         return []
     settings = finetune["settings"]
+    loss = f"`{settings['loss']}`"
+    if settings["loss"] == "both" and "distill_weight" in settings:
+        loss += f" ({settings['distill_weight']:g} x distill + {settings['data_weight']:g} x data)"
     lines = ["", "## Fine-tuning", "",
-             f"{settings['steps']} steps per expert, loss `{settings['loss']}`, AdamW lr {settings['lr']:g} "
+             f"{settings['steps']} steps per expert, loss {loss}, AdamW "
              f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "
              f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, times drawn from each segment widened by "
              f"{settings['margin']:g}, label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]
     for k, expert in enumerate(finetune["experts"]):
         if not expert["trained"]:
             lines.append(f"- expert {k}: not trained (no steps, or a full-width copy under the distillation loss)")
-        elif "loss_curve" in expert:
+            continue
+        ran = expert.get("settings")
+        if ran:
+            schedule = (f"a cosine down to {ran['lr_floor'] * ran['lr']:g}" if ran["lr_schedule"] == "cosine" else "constant")
+            lines.append(f"- expert {k}: lr {ran['lr']:g}, {ran['warmup_steps']} warm-up steps, then {schedule}; "
+                         f"EMA {'warmed up from 0' if ran['ema_warmup'] else 'anchored at its start'}")
+        if "loss_curve" in expert:
             curve = expert["loss_curve"]
             shown = curve[:: max(1, len(curve) // 8)][:8] + ([curve[-1]] if len(curve) > 8 else [])
             lines.append(

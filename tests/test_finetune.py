@@ -1,5 +1,6 @@
 """Fine-tuning: it learns, and an interrupted run resumes onto the uninterrupted path."""
 
+import pytest
 import torch
 
 from cbs_convert.finetune import FinetuneSettings, finetune_expert, relative_error
@@ -83,7 +84,9 @@ def test_training_on_data_lowers_the_data_loss_for_both_families():
         pool = patterns[labels]
         for loss in ("data", "both"):
             before = _held_out_data_loss(family, student(), pool, labels, segment)
-            settings = FinetuneSettings(steps=60, batch_size=16, lr=1e-3, ema_decay=0.9, loss=loss, seed=0)
+            # equal weights: under the default 0.1 the data term only nudges a distilling student
+            settings = FinetuneSettings(steps=60, batch_size=16, lr=1e-3, ema_decay=0.9, loss=loss, seed=0,
+                                        distill_weight=1.0, data_weight=1.0)
             result = finetune_expert(family, teacher, student(), segment, pool, labels, settings, progress=False)
             after = _held_out_data_loss(family, result.model, pool, labels, segment)
             assert after < 0.85 * before, (name, loss, before, after)
@@ -109,8 +112,79 @@ def test_library_defaults_are_the_clis():
     from cbs_convert.finetune import FinetuneSettings
     from cbs_convert.recipe import Recipe
 
+    from cbs_convert.finetune import expert_defaults
+
     cli = Recipe()
     library = FinetuneSettings()
+    # the CLI's "auto" (None) settles per expert; a library caller gets the pruned student's values
+    settled = {**expert_defaults(cli, full_width=False), "warmup_steps": round(0.05 * cli.steps)}
     for f in fields(FinetuneSettings):
         if f.name != "label_dropout":  # the CLI reads that one from the checkpoint
-            assert getattr(library, f.name) == getattr(cli, f.name), f.name
+            assert getattr(library, f.name) == settled.get(f.name, getattr(cli, f.name)), f.name
+
+
+def test_the_lr_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
+    from cbs_convert.finetune import learning_rate
+
+    settings = FinetuneSettings(steps=100, lr=1e-3, warmup_steps=10, lr_floor=0.1)
+    assert learning_rate(settings, 0) == pytest.approx(1e-4)
+    assert learning_rate(settings, 9) == pytest.approx(1e-3)
+    assert learning_rate(settings, 10) == pytest.approx(1e-3)
+    # half-way through the decay the cosine is at the mean of peak and floor
+    assert learning_rate(settings, 10 + 89 / 2) == pytest.approx((1e-3 + 1e-4) / 2)
+    assert learning_rate(settings, 99) == pytest.approx(1e-4)
+    lrs = [learning_rate(settings, s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    constant = FinetuneSettings(steps=100, lr=1e-3, warmup_steps=0, lr_schedule="constant")
+    assert {learning_rate(constant, s) for s in range(100)} == {1e-3}
+
+
+def test_the_optimizer_runs_the_scheduled_lr(monkeypatch):
+    from cbs_convert import finetune as module
+
+    family, teacher, student, pool, labels = setup()
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    settings = FinetuneSettings(steps=6, batch_size=4, lr=1e-3, warmup_steps=2, lr_floor=0.5, seed=0)
+    finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False)
+    assert seen == pytest.approx([module.learning_rate(settings, s) for s in range(6)])
+    assert seen[1] == pytest.approx(1e-3) and seen[-1] == pytest.approx(5e-4)
+
+
+def test_without_ema_warmup_the_saved_weights_stay_near_the_start():
+    from cbs_convert.finetune import ema_decay_at
+
+    anchored = FinetuneSettings(ema_decay=0.999, ema_warmup=False)
+    ramped = FinetuneSettings(ema_decay=0.999, ema_warmup=True)
+    assert ema_decay_at(anchored, 0) == 0.999 and ema_decay_at(ramped, 0) == pytest.approx(0.1)
+
+    family, teacher, student, pool, labels = setup()
+    start = student()
+    drift = {}
+    for warmup in (False, True):
+        settings = FinetuneSettings(steps=20, batch_size=8, lr=1e-2, ema_decay=0.99, ema_warmup=warmup,
+                                    warmup_steps=0, seed=3)
+        result = finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False)
+        drift[warmup] = sum(float((a.detach() - b.detach()).pow(2).sum()) for a, b in
+                            zip(result.model.parameters(), start.parameters())) ** 0.5
+    # 20 steps at decay 0.99 keep 0.99**20 = 82% of the start in the anchored EMA
+    assert drift[False] < 0.5 * drift[True], drift
+
+
+def test_both_losses_are_weighted_as_given():
+    family, teacher, student, pool, labels = setup()
+    losses = {}
+    for weights in ((1.0, 0.0), (0.0, 1.0), (0.9, 0.1)):
+        settings = FinetuneSettings(steps=1, batch_size=8, lr=1e-12, loss="both", distill_weight=weights[0],
+                                    data_weight=weights[1], seed=5)
+        result = finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False)
+        losses[weights] = result.losses[0]
+    # one step from the same start on the same draws: the loss is linear in the weights
+    assert losses[(0.9, 0.1)] == pytest.approx(0.9 * losses[(1.0, 0.0)] + 0.1 * losses[(0.0, 1.0)], rel=1e-5)
+    assert losses[(1.0, 0.0)] != pytest.approx(losses[(0.0, 1.0)])

@@ -38,3 +38,71 @@ def test_the_readme_library_example_runs_against_the_bundled_teacher(tmp_path, m
     assert meta["source"]["sha256"] == namespace["source"].sha256 and meta["source"]["params"] == 1_274_372
     assert meta["split"]["boundaries"] == namespace["split"].boundaries
     assert meta["profile"]["grid"] == namespace["prof"].to_dict()["grid"]
+
+
+# -- the README's first command, with only what it installs ----------------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tomllib  # noqa: E402
+
+import pytest  # noqa: E402
+
+# distributions whose import name is not their own name
+IMPORT_NAMES = {"scikit-learn": "sklearn", "PyYAML": "yaml"}
+# The demo's own settings, shrunk: the stages, the write and the quality line all still run.
+SMALL = ["--steps", "4", "--pool-size", "16", "--ode-steps", "3", "--grid", "4", "--profile-batches", "1",
+         "--profile-batch-size", "4", "--calib-batches", "1", "--eval-samples", "8", "--quiet"]
+# Hides packages from the child as an uninstalled one would be: imports fail and find_spec says no.
+BLOCKER = """
+import importlib.util, runpy, sys
+blocked = set(sys.argv[1].split(",")) - {""}
+for name in blocked:
+    sys.modules[name] = None
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in blocked else find_spec(name, *a)
+sys.argv = ["cbs_convert", *sys.argv[2:]]
+runpy.run_module("cbs_convert", run_name="__main__", alter_sys=True)
+"""
+
+
+def _module_of(requirement: str) -> str:
+    name = re.match(r"[A-Za-z0-9_.\-]+", requirement).group(0)
+    return IMPORT_NAMES.get(name, name.lower().replace("-", "_"))
+
+
+def first_command():
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    install, _, run = block.splitlines()[0].partition(" && ")
+    extras = re.search(r"\.\[([^\]]*)\]", install)
+    return [e.strip() for e in extras.group(1).split(",")] if extras else [], run.split()
+
+
+def not_installed_by(extras):
+    """The optional dependencies' modules that ``pip install -e '.[extras]'`` leaves out."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    kept = {_module_of(r) for r in project["dependencies"]}
+    for extra in extras:
+        kept |= {_module_of(r) for r in project["optional-dependencies"][extra]}
+    optional = {_module_of(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    return sorted(optional - kept)
+
+
+@pytest.mark.parametrize("also_missing", [[], ["sklearn"]], ids=["as-installed", "without-scikit-learn"])
+def test_the_readme_first_command_runs_with_only_what_it_installs(tmp_path, also_missing):
+    extras, command = first_command()
+    assert command[:3] == ["python", "-m", "cbs_convert"], "the first command changed: update this test with it"
+    blocked = not_installed_by(extras) + also_missing
+    out = tmp_path / "demo.safetensors"
+    run = subprocess.run([sys.executable, "-c", BLOCKER, ",".join(blocked), *command[3:], *SMALL, "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert out.exists() and "internal error" not in run.stderr
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    if also_missing:
+        skip = [line for line in run.stdout.splitlines() if "not scored" in line]
+        assert len(skip) == 1 and "scikit-learn is not installed" in skip[0] and "cbs_convert[demo]" in skip[0]
+    else:
+        assert re.search(r"samples \(500, same noise, digits classifier\): FD \d", run.stdout), run.stdout
+    assert ("skipped" in report["sample_quality"]) == bool(also_missing)

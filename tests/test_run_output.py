@@ -55,6 +55,50 @@ def test_the_report_gives_the_fine_tuning_settings_its_loss_curves_and_what_erro
     assert "## Fine-tuning" in md and "lr 0.0002" in md and "Rel. error:" in md and "Seam gap:" in md
 
 
+def test_each_expert_gets_the_fine_tuning_of_its_case_and_the_report_records_what_ran(tiny_pt, tmp_path, capsys):
+    import numpy as np
+
+    source, _ = tiny_pt
+    data = tmp_path / "latents.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, features=rng.standard_normal((16, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 10, 16))
+    settled = {}
+    for budget in ("1x", "2x"):  # pruned students, then full-width copies of the source
+        out = tmp_path / f"o{budget}.safetensors"
+        code, _, err = cli([source, "--k", "2", "--budget", budget, "--loss", "both", "--data", data,
+                            "--out", out, *QUICK], capsys)
+        assert code == 0, err
+        report = json.loads(out.with_name(f"o{budget}.report.json").read_text())
+        assert report["finetune"]["settings"]["lr"] is None  # "auto" as given
+        settled[budget] = [e["settings"] for e in report["finetune"]["experts"]]
+        md = out.with_name(f"o{budget}.report.md").read_text()
+        assert "0.9 x distill + 0.1 x data" in md and "warm-up steps, then a cosine down to" in md
+    for pruned, full in zip(settled["1x"], settled["2x"]):
+        assert (pruned["lr"], pruned["ema_warmup"]) == (3e-4, True)
+        assert (full["lr"], full["ema_warmup"]) == (1e-4, False)
+        for ran in (pruned, full):
+            assert ran["warmup_steps"] == 1 and ran["lr_schedule"] == "cosine"  # 5% of 12 steps
+            assert (ran["distill_weight"], ran["data_weight"]) == (0.9, 0.1)
+
+
+def test_a_resume_refuses_a_change_of_the_fine_tuning_recipe(tiny_pt, tmp_path, capsys):
+    from test_safety import assert_one_line_error
+
+    source, _ = tiny_pt
+    out = tmp_path / "o.safetensors"
+    base = [source, "--k", "2", "--out", out, "--workdir", tmp_path / "w", *QUICK]
+    code, _, err = cli(base, capsys)
+    assert code == 0, err
+    out.unlink()
+    for flags, name in ((["--lr-schedule", "constant"], "lr_schedule"), (["--warmup-steps", "5"], "warmup_steps"),
+                        (["--lr-floor", "0.5"], "lr_floor"), (["--no-ema-warmup"], "ema_warmup"),
+                        (["--distill-weight", "0.5"], "distill_weight"), (["--lr", "1e-3"], "lr")):
+        code, _, err = cli([*base, "--resume", *flags], capsys)
+        assert_one_line_error(code, err, "different settings", name)
+    code, _, err = cli([*base, "--resume"], capsys)
+    assert code == 0, err
+
+
 def test_every_stage_says_what_it_is_doing_and_experts_are_numbered_as_in_the_report(tiny_pt, tmp_path, capsys):
     source, _ = tiny_pt
     out = tmp_path / "o.safetensors"
