@@ -48,6 +48,10 @@ _EMBEDDER_PAIRS = [
     ("t_embedder.mlp.2.{p}", "timestep_embedder.linear_2.{p}"),
 ]
 _LABELS = ("y_embedder.embedding_table.weight", "class_embedder.embedding_table.weight")
+# Training in diffusers updates each block's copy of the embedders apart; the DiT family has one
+# shared embedder, so such a model would convert only by changing its function.
+_PER_BLOCK = ("block {i}'s {what} differs from block 0's: a DiT trained in diffusers, with its own embedders in every "
+              "block, is not supported (only one shared copy, as in the official DiT and its diffusers conversion, is)")
 
 
 UNET_CLASS_NAMES = ("UNet2DModel",)
@@ -376,16 +380,13 @@ def diffusers_to_official(tensors: Dict[str, torch.Tensor], config: Dict[str, An
             first = take(EMBEDDER.format(i=0) + theirs.format(p=p))
             for i in range(1, depth):
                 if not torch.equal(take(EMBEDDER.format(i=i) + theirs.format(p=p)), first):
-                    raise CheckpointError(
-                        f"{where}: block {i}'s timestep embedder differs from block 0's; the official DiT layout has "
-                        "one shared embedder, so this model cannot be converted without changing it")
+                    raise CheckpointError(f"{where}: {_PER_BLOCK.format(i=i, what='timestep embedder')}")
             out[official.format(p=p)] = first
     label_key = EMBEDDER.format(i=0) + _LABELS[1]
     if label_key in tensors:
         for i in range(1, depth):
             if not torch.equal(take(EMBEDDER.format(i=i) + _LABELS[1]), tensors[label_key]):
-                raise CheckpointError(f"{where}: block {i}'s label embedder differs from block 0's; the official DiT "
-                                      "layout has one shared table, so this model cannot be converted without changing it")
+                raise CheckpointError(f"{where}: {_PER_BLOCK.format(i=i, what='label embedder')}")
         out[_LABELS[0]] = take(label_key)
     for i in range(depth):
         block = f"transformer_blocks.{i}."

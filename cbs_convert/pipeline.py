@@ -31,7 +31,8 @@ from .finetune import FinetuneSettings, boundary_velocity, expert_defaults, fine
 from .profile import Profile, profile_model
 from .prune import calibration_batches, prune_state_dict
 from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
-from .recipe import FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, bundled_recipe, read_recipe_file
+from .recipe import (FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, bundled_recipe, profiled_monitors,
+                     read_recipe_file)
 from .routed import run_description, save_routed_from_files, save_safetensors_atomic
 from .sample import sample_ode
 from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
@@ -294,18 +295,25 @@ class Conversion:
         r = self.recipe
         if path.exists():
             self.profile_result = Profile.from_dict(_read_json(path))
-        elif r.split != "cbs" and not r.monitors:
+        elif not profiled_monitors(r):
             self.profile_result = None
         else:
+            monitors = profiled_monitors(r)
             grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
             bar = _bar(self.progress and rank == 0, len(range(rank, r.grid, world)) * r.profile_batches,
                        "profile" if world == 1 else f"profile (1/{world} of the grid per process)")
             self.profile_result = profile_model(
-                self.family, self.teacher, self.x0_pool, self.labels_pool, grid, r.monitors,
+                self.family, self.teacher, self.x0_pool, self.labels_pool, grid, monitors,
                 r.profile_batches, r.profile_batch_size, r.seed, self.pool_source, bar,
                 student=self._sensitivity_student, derivatives=r.derivatives, rank=rank, world=world,
             )
             bar.close()
+            added = [m for m in monitors if m not in r.monitors]
+            if added:
+                # the recipe keeps --monitors as given, so the profile says why it holds more curves
+                self.profile_result.notes.append(
+                    f"profiled {', '.join(added)} as well as --monitors [{', '.join(r.monitors)}]: "
+                    f"the cuts or the budget shares are read from {'it' if len(added) == 1 else 'them'}")
             if rank == 0:
                 atomic_write_json(path, self.profile_result.to_dict())
         self.timings["profile"] = time.time() - began

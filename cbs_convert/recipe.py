@@ -42,7 +42,7 @@ class Recipe:
     # monitor cut worse than uniform on both data sets; the denoiser's cut was the best on
     # Fashion-MNIST and level with uniform on digits.
     monitor: str = field(default="denoiser", metadata={"help": "monitor that drives the cuts: denoiser (Jacobian of E[x0|x_t]; the default, see the README's benchmarks), nonlinear, nonlinear_acceleration (beyond the pool's Gaussian fit), sensitivity (error of an untrained student pruned to budget/K); or dirichlet, acceleration (the method as published), path_acceleration"})
-    monitors: List[str] = field(default_factory=lambda: ["denoiser", "dirichlet"], metadata={"help": "monitors to profile and report (comma separated; denoiser and dirichlet share one derivative); the report shows every one's cuts"})
+    monitors: List[str] = field(default_factory=lambda: ["denoiser", "dirichlet"], metadata={"help": "monitors to profile and report (comma separated; denoiser and dirichlet share one derivative); the report shows every one's cuts. The curve --monitor or --allocation mass:MONITOR reads is profiled too if left out"})
     grid: int = field(default=12, metadata={"help": "number of grid times between t_min and t_max"})
     t_min: float = field(default=0.02, metadata={"help": "first grid time (canonical, 0 = data)"})
     t_max: float = field(default=0.98, metadata={"help": "last grid time (canonical, 1 = noise)"})
@@ -227,6 +227,28 @@ def build_recipe(*layers: Dict[str, Any], origin: str = "settings") -> Recipe:
     return recipe
 
 
+def profiled_monitors(r: Recipe) -> List[str]:
+    """The monitors the profile stage measures: --monitors, then any curve the run reads that the list
+    left out (--monitor's when it drives the cuts or the mass shares, mass:MONITOR's).
+
+    Kept apart from ``r.monitors`` so that the recipe records what was asked for and the profile what
+    was measured; a recipe that already lists them profiles exactly its list, as before.
+    """
+    from .split import parse_allocation
+
+    kind, allocation_monitor = parse_allocation(r.allocation)
+    needed = []
+    if r.split == "cbs" or (kind == "mass" and allocation_monitor is None):
+        needed.append(r.monitor)
+    if allocation_monitor is not None:
+        needed.append(allocation_monitor)
+    monitors = list(r.monitors)
+    for m in needed:
+        if m not in monitors:
+            monitors.append(m)
+    return monitors
+
+
 def validate(r: Recipe) -> None:
     """Refuse impossible requests before any heavy work starts."""
     def need(condition, message):
@@ -268,21 +290,13 @@ def validate(r: Recipe) -> None:
     need(r.label_dropout is None or 0.0 <= r.label_dropout < 1.0, f"label_dropout={r.label_dropout} must be in [0, 1)")
     for m in r.monitors:
         need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
-    need(r.monitor in r.monitors or r.split != "cbs",
-         f"monitor {r.monitor!r} drives the cuts, so it must be among monitors {r.monitors}: add it "
-         f"(--monitors {','.join([*r.monitors, r.monitor])}), or let another drive them (--monitor {r.monitors[0] if r.monitors else 'NAME'})")
+    # A curve the cuts or the shares read need not be listed in --monitors: profiled_monitors adds it.
     from .split import parse_allocation
 
     _, allocation_monitor = parse_allocation(r.allocation)
     if allocation_monitor is not None:
         need(allocation_monitor in CHOICES["monitor"],
              f"--allocation mass:{allocation_monitor}: unknown monitor; choose from {', '.join(CHOICES['monitor'])}")
-        need(allocation_monitor in r.monitors,
-             f"--allocation mass:{allocation_monitor} shares the budget by the {allocation_monitor} curve, so it must be "
-             f"among monitors {r.monitors} (e.g. --monitors {','.join([*r.monitors, allocation_monitor])})")
-    need(r.allocation != "mass" or r.monitor in r.monitors,
-         f"--allocation mass shares the budget by the --monitor curve ({r.monitor}), so it must be among monitors "
-         f"{r.monitors}")
     if r.boundaries is not None:
         from .split import validate_boundaries
 

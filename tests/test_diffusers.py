@@ -500,3 +500,40 @@ def test_a_pruned_unet_expert_extracts_and_reads_back_as_itself(tmp_path):
     # DDPM's own numerics (GroupNorm eps 1e-6, ...) cannot ride in a bare state dict
     with pytest.raises(WorkdirError, match="computes differently from the official adm code"):
         extract(routed.output, 0, tmp_path / "e0.pt")
+
+
+def _diffusers_trained_dit(differs):
+    """A tiny DiT as training in diffusers leaves it: each block's copy of the embedders moved on its own."""
+    model = tiny_diffusers_dit()
+    with torch.no_grad():
+        if differs == "every block's own":
+            for block in model.transformer_blocks[1:]:
+                for p in block.norm1.emb.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+        elif differs == "timestep embedder":
+            model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_2.bias[0] += 1e-6
+        else:
+            model.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight[3, 0] += 1e-6
+    return model
+
+
+@pytest.mark.parametrize("differs", ["every block's own", "timestep embedder", "label embedder"])
+def test_a_dit_trained_in_diffusers_is_refused_in_one_line_and_its_shared_form_converts_exactly(tmp_path, differs):
+    from cbs_convert.errors import CheckpointError
+
+    trained = _diffusers_trained_dit(differs)
+    folder = save_pipeline_folder(trained, tmp_path / "pipe")
+    out = tmp_path / "routed.safetensors"
+    result = _cli([folder, "--k", "2", "--out", out], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-1500:]
+    assert "trained in diffusers" in lines[0] and "is not supported" in lines[0] and "block 1's" in lines[0], lines[0]
+    assert "internal error" not in result.stderr and not out.exists()
+    with pytest.raises(CheckpointError, match="is not supported"):
+        read_checkpoint(folder)
+    # the same weights with block 0's embedders in every block: one shared copy, read exactly
+    with torch.no_grad():
+        for block in trained.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(trained.transformer_blocks[0].norm1.emb.state_dict())
+    shared = save_pipeline_folder(trained, tmp_path / "shared")
+    assert _same_function(shared, trained) < 1e-5

@@ -106,3 +106,16 @@ def test_the_readme_first_command_runs_with_only_what_it_installs(tmp_path, also
     else:
         assert re.search(r"samples \(500, same noise, digits classifier\): FD \d", run.stdout), run.stdout
     assert ("skipped" in report["sample_quality"]) == bool(also_missing)
+
+
+def test_the_readme_installs_the_cpu_build_within_the_projects_torch_bounds():
+    # Outside the bounds, `pip install -e .` would swap the CPU build for PyPI's CUDA one; without
+    # torchvision beside it, timm's torchvision would pull the CUDA torch back in.
+    text = (ROOT / "README.md").read_text()
+    lines = [line for line in text.splitlines() if "download.pytorch.org/whl/cpu" in line]
+    assert len(lines) == 1, lines
+    words = lines[0].split()
+    assert words[:2] == ["pip", "install"] and words[-2:] == ["--index-url", "https://download.pytorch.org/whl/cpu"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_requirement = next(r for r in project["dependencies"] if _module_of(r) == "torch")
+    assert f"'{torch_requirement.replace(' ', '')}'" in words and "torchvision" in words, (words, torch_requirement)

@@ -61,7 +61,7 @@ def test_yaml_syntax_error_has_a_line_number(tmp_path):
     ({"loss": "data"}, "--data"),
     ({"budget": "-1x"}, "positive"),
     ({"t_min": 0.9, "t_max": 0.1}, "t_min < t_max"),
-    ({"monitor": "acceleration", "monitors": ["dirichlet"]}, "must be among monitors"),
+    ({"monitor": "nope"}, "'monitor' must be one of"),
 ])
 def test_impossible_requests_are_refused(settings, needle):
     with pytest.raises(RecipeError, match=needle):
@@ -103,3 +103,49 @@ def test_help_documents_every_setting(capsys):
             assert "--" + f.name.replace("_", "-") in text, f.name
     for flag in ("--recipe", "--resume", "--force", "--debug", "--quiet"):
         assert flag in text
+
+
+# -- the monitors a run reads are profiled whether or not --monitors lists them (issue 17.4) ---------
+
+
+@pytest.mark.parametrize("settings, profiled", [
+    ({"monitor": "acceleration"}, ["denoiser", "dirichlet", "acceleration"]),  # --monitor X alone
+    ({"monitor": "acceleration", "monitors": []}, ["acceleration"]),
+    ({"monitor": "dirichlet", "monitors": ["dirichlet", "acceleration"]}, ["dirichlet", "acceleration"]),
+    ({"allocation": "mass:sensitivity", "monitors": ["dirichlet"], "monitor": "dirichlet"}, ["dirichlet", "sensitivity"]),
+    ({"split": "uniform", "allocation": "mass", "monitors": [], "monitor": "nonlinear"}, ["nonlinear"]),
+    # nothing reads a curve: the list as given, even empty (the benchmarks' plain baselines)
+    ({"split": "uniform", "monitors": []}, []),
+    ({"k": 2, "boundaries": [0.4], "monitors": ["acceleration"]}, ["acceleration"]),
+])
+def test_the_monitors_a_run_reads_are_profiled_and_the_recipe_keeps_the_list_as_given(settings, profiled):
+    from cbs_convert.recipe import profiled_monitors
+
+    recipe = build_recipe(settings)
+    assert recipe.monitors == settings.get("monitors", Recipe().monitors)
+    assert profiled_monitors(recipe) == profiled
+
+
+def test_monitor_alone_drives_the_cuts_and_the_report_says_what_was_profiled(tmp_path):
+    import torch
+
+    import cbs_convert
+    from cbs_convert.split import plan_split
+    from helpers import tiny_model
+
+    _, model = tiny_model("sit")
+    source = tmp_path / "sit.pt"
+    torch.save(model.state_dict(), source)
+    result = cbs_convert.convert(source, k=2, family="sit", num_heads=4, monitor="acceleration", monitors=["dirichlet"],
+                                 out=str(tmp_path / "o.safetensors"), steps=0, pool_size=8, ode_steps=2, grid=5,
+                                 profile_batches=1, profile_batch_size=4, calib_batches=1, batch_size=4, eval_samples=4)
+    report = result.report
+    prof, split = report["profile"], report["split"]
+    assert list(prof["mean"]) == ["dirichlet", "acceleration"]
+    assert report["recipe"]["monitors"] == ["dirichlet"] and report["recipe"]["monitor"] == "acceleration"
+    assert [n for n in prof["notes"] if "profiled acceleration as well as --monitors [dirichlet]" in n]
+    # the cuts are acceleration's equidistribution, not dirichlet's
+    assert split["monitor"] == "acceleration"
+    again = plan_split(2, "cbs", prof["grid"], prof["mean"]["acceleration"], "acceleration", min_width=0.05, gamma=0.5)
+    assert split["boundaries"] == again.boundaries
+    assert split["alternatives"]["cbs:acceleration"] != split["alternatives"]["cbs:dirichlet"]
