@@ -125,15 +125,11 @@ ARGS_METADATA_KEY = "args"
 
 
 def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    try:
-        tensors = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for every kind of damage
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)}); it may be truncated") from None
+    from .schema import read_header, validate_args
+
+    metadata, shapes = read_header(path)
     args: Dict[str, Any] = {}
     if ARGS_METADATA_KEY in metadata:
         try:
@@ -142,6 +138,13 @@ def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
             raise CheckpointError(f"{path}: metadata '{ARGS_METADATA_KEY}' is not JSON; re-save the file") from None
         if not isinstance(args, dict):
             raise CheckpointError(f"{path}: metadata '{ARGS_METADATA_KEY}' must be a JSON object")
+        # from the header alone: a config that claims more than the file holds is refused before
+        # a single tensor is read or anything is built from it
+        validate_args(args, {_strip_wrappers(k): v for k, v in shapes.items()}, path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)}); it may be truncated") from None
     return tensors, args
 
 
@@ -251,6 +254,10 @@ def read_checkpoint(path) -> SourceCheckpoint:
             container = "safetensors"
         elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
             state_dict, container, args = _unwrap(_load_pickle(path), path)
+            if args:  # a training dict's args meet the same schema as a safetensors file's
+                from .schema import validate_args
+
+                validate_args(args, {k: tuple(v.shape) for k, v in state_dict.items()}, path, "saved args")
         else:
             raise CheckpointError(
                 f"{path}: unknown file type {path.suffix or '(no suffix)'}; expected .pt, .pth or .safetensors"

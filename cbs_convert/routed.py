@@ -19,6 +19,7 @@ from .errors import CheckpointError, WorkdirError
 from .files import atomic_write
 from .families import family_from_config
 from .families.base import Family, check_keys
+from .schema import tensor_shapes, validate_routed
 
 FORMAT_VERSION = 1
 METADATA_KEY = "cbs_convert"
@@ -283,6 +284,7 @@ def read_metadata(path) -> Dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
+            shapes = tensor_shapes(handle) if raw is not None else {}
     except Exception as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
     if raw is None:
@@ -291,6 +293,9 @@ def read_metadata(path) -> Dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: routed metadata is not valid JSON ({exc})") from None
+    # every entry point (load, info, extract, sample) reads through here: the metadata is checked
+    # against itself and the header's tensors before anything is built from it
+    meta = validate_routed(meta, shapes, path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: routed format version {meta.get('format_version')} is not supported (want {FORMAT_VERSION})")
     return meta

@@ -268,20 +268,36 @@ def _write_npz(path: Path, **arrays) -> None:
     atomic_write(path, write)
 
 
-def _read_shard(path: Path, size: int, conditional: bool) -> Optional[Dict[str, np.ndarray]]:
-    """The shard's arrays when it is whole (readable, ``size`` finite samples, labels when the model
-    is conditional), else None: a shard cut short or damaged is drawn again, never used."""
+def _read_shard(path: Path, size: int, conditional: bool, form=None, classes: int = 0) -> Optional[Dict[str, np.ndarray]]:
+    """The shard's arrays when it is whole (readable, ``size`` finite samples of the ``form`` a fresh
+    batch has, labels when the model is conditional, each one of its ``classes``), else None: a
+    shard cut short or damaged is drawn again, never used."""
     try:
         with np.load(path) as shard:
             arrays = {name: shard[name] for name in shard.files}
     except Exception:
         return None
     samples = arrays.get("samples")
-    if samples is None or len(samples) != size or (samples.dtype.kind == "f" and not np.isfinite(samples).all()):
+    if samples is None or samples.ndim == 0 or len(samples) != size:
         return None
-    if conditional and len(arrays.get("labels", ())) != size:
+    # shape and dtype before the values: a shard of strings or of another model's size is no batch
+    if form is not None and (samples.shape[1:] != tuple(form[0]) or samples.dtype != form[1]):
         return None
+    if samples.dtype.kind == "f" and not np.isfinite(samples).all():
+        return None
+    if conditional:
+        labels = arrays.get("labels")
+        if labels is None or labels.shape != (size,) or labels.dtype.kind not in "iu":
+            return None
+        if classes and not ((labels >= 0) & (labels < classes)).all():
+            return None
     return arrays
+
+
+def _stored_form(decoder, family, device):
+    """(shape, dtype) of one sample as a shard stores it, from the decoder itself on one zero sample."""
+    one = decoder(torch.zeros(1, *family.sample_shape(family.config), device=device))
+    return one.shape[1:], one.dtype
 
 
 def sample_to_npz(argv: Optional[List[str]] = None) -> int:
@@ -336,9 +352,11 @@ def _run(args) -> List[str]:
         _open_shards(shards, settings, rank)
 
     batches = math.ceil(args.num_samples / args.batch_size)
-    conditional = bool(family.num_classes(family.config))
+    classes = family.num_classes(family.config)
+    conditional = bool(classes)
+    form = _stored_form(decoder, family, device)
     # every batch is drawn whole, the last one too, so the first n samples are the same for any n
-    mine = [b for b in range(rank, batches, world) if _read_shard(shard_path(shards, b), args.batch_size, conditional) is None]
+    mine = [b for b in range(rank, batches, world) if _read_shard(shard_path(shards, b), args.batch_size, conditional, form, classes) is None]
     bar = None
     if not args.quiet and rank == 0:
         from tqdm.auto import tqdm
@@ -363,7 +381,7 @@ def _run(args) -> List[str]:
 
     parts, labels = [], []
     for b in range(batches):
-        shard = _read_shard(shard_path(shards, b), args.batch_size, conditional)
+        shard = _read_shard(shard_path(shards, b), args.batch_size, conditional, form, classes)
         if shard is None:
             raise UserError(f"batch {b}'s shard in {shards} is missing or damaged; rerun the same command to draw it again")
         parts.append(shard["samples"])
