@@ -54,7 +54,9 @@ TIE = 1e-6
 PINNED = {"derivatives": "jvp", "monitor": "dirichlet", "monitors": ["dirichlet", "acceleration"],
           # the fine-tuning recipe before warm-up, cosine decay and the anchored EMA (issue 18)
           "lr_schedule": "constant", "warmup_steps": 0, "lr_floor": 0.1, "ema_warmup": True,
-          "distill_weight": 1.0, "data_weight": 1.0}
+          "distill_weight": 1.0, "data_weight": 1.0,
+          # every row before shared-base experts (issue 18) was K separate networks
+          "experts": "copies", "feature_weight": 0.0}
 
 
 def slug(text: str) -> str:
@@ -142,6 +144,7 @@ def run_conversion(name: str, settings: Dict[str, Any], out: str) -> Dict[str, A
         "split_notes": [str(n) for n in report["split"].get("notes", [])],
         "seconds": time.time() - began,
         "timings": report["timings_s"],
+        "base_params": (report.get("shared_base") or {}).get("base_params", 0),
     }
 
 
@@ -445,7 +448,8 @@ class Bench:
                 "gap_nonfinite": int((~np.isfinite(every_gap)).sum()) if every_gap else 0,
                 "gap_by_train_seed": {str(k): float(np.mean(v)) for k, v in gaps.items() if k is not None},
                 "runs": mine,
-                "params": None if name == REAL else (sum(first["expert_params"]) if first else teacher_params),
+                # a shared-base row's experts are deltas over one base that every expert uses
+                "params": None if name == REAL else (sum(first["expert_params"]) + first.get("base_params", 0) if first else teacher_params),
                 "sampling_flops_vs_teacher": None if name == REAL else sampling_cost(first, teacher_flops, self.sample_steps),
                 "resolved_from": self.resolved.get(name),
                 "diverged": self.diverged.get(name),

@@ -16,6 +16,11 @@ Source: the bundled Fashion-MNIST SiT (``cbs_convert/assets/fmnist_sit.safetenso
 * K=2 at 2x (full-width experts, the data loss: the teacher's per-step FLOPs): uniform and the best cbs;
 * the "gentle" rows: dense fine-tuned (1x and 4x as long) and K=2 2x uniform under the full-width
   recipe of issue 18 (lr 1e-4, warm-up, cosine to a tenth, EMA anchored at the teacher);
+* shared-base experts (``--experts lora``): the teacher as a base plus a rank 2 or 4 delta per
+  segment, K=2 and K=4, uniform and cbs (denoiser) cuts, trained together at the gentle recipe's
+  lr for the base; and one row with the base frozen;
+* compression that recovers, at 0.5x per-step FLOPs: depth pruning (importance and recovery
+  selectors), masked block-feature distillation, and both, for K=1 and the K=2 cbs denoiser cut;
 * K=4 at 1x: uniform and the best cbs;
 * a learning curve, fine-tuning 0.25x, 1x and 2x as long (8x apart), for the half-width single
   model, K=2 uniform and the best K=2 cbs.
@@ -92,6 +97,32 @@ DENSE_GENTLE = "dense fine-tuned, gentle"
 ROWS[DENSE_GENTLE] = dict(k=1, budget="1x", **PLAIN, **FULL, **GENTLE)
 ROWS[f"{DENSE_GENTLE}, 4x steps"] = dict(ROWS[DENSE_GENTLE], steps_factor=4.0)
 ROWS["K=2 2x uniform, gentle"] = dict(k=2, budget="2x", **PLAIN, **FULL, **GENTLE)
+# Shared-base experts (issue 18): the teacher as one base, trained at the gentle recipe's lr (1e-4 =
+# 0.1 x the deltas' 1e-3), plus a rank-R delta per segment, all trained together on mixed-time
+# batches for the row's total steps. Ranks 2 and 4 on this width-96 teacher cost 1.03x and 1.05x
+# its per-step FLOPs.
+LORA = dict(experts="lora", **FULL, lr=1e-3, base_lr_scale=0.1, lr_schedule="cosine", warmup_steps=None, lr_floor=0.1,
+            ema_warmup=False)
+LORA_ROWS = []
+for _k in (2, 4):
+    for _rank in (4, 2):
+        for _cut, _split in (("uniform", PLAIN), ("cbs", cbs("denoiser"))):
+            LORA_ROWS.append(f"K={_k} lora r{_rank} {_cut}")
+            ROWS[LORA_ROWS[-1]] = dict(k=_k, rank=_rank, **_split, **LORA)
+ROWS["K=2 lora r4 uniform, frozen base"] = dict(ROWS["K=2 lora r4 uniform"], base_lr_scale=0.0)
+# Compression that recovers (issue 20), at 0.5x per-step FLOPs: whole blocks removed first (this
+# teacher's 4 blocks leave 2, then width takes the rest), and TinyFusion's masked block-feature loss.
+DEPTH = dict(structure="depth")
+FEATURES = dict(feature_weight=1.0)
+COMPRESSION_ROWS = {
+    "K=1 0.5x depth": dict(ROWS[HALF], **DEPTH),
+    "K=1 0.5x depth, recovery": dict(ROWS[HALF], **DEPTH, block_selector="recovery"),
+    "K=1 0.5x, features": dict(ROWS[HALF], **FEATURES),
+    "K=1 0.5x depth, features": dict(ROWS[HALF], **DEPTH, **FEATURES),
+    "K=2 cbs denoiser, features": dict(ROWS["K=2 cbs denoiser"], **FEATURES),
+    "K=2 cbs denoiser depth, features": dict(ROWS["K=2 cbs denoiser"], **DEPTH, **FEATURES),
+}
+ROWS.update(COMPRESSION_ROWS)
 CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
 CURVE_MODELS = {HALF: ROWS[HALF], UNIFORM: ROWS[UNIFORM], BEST: dict(best_of=K2_CBS, k=2)}
 for _factor in CURVE_FACTORS:
@@ -108,6 +139,12 @@ PAIRED = (
     + [("K=2 2x best cbs", "K=2 2x uniform"), ("K=4 best cbs", "K=4 uniform"), ("K=4 uniform", UNIFORM),
        ("dense fine-tuned", "K=2 2x uniform"), (DENSE_GENTLE, "dense fine-tuned"),
        ("K=2 2x uniform, gentle", DENSE_GENTLE), ("K=2 2x uniform, gentle", "K=2 2x uniform")]
+    + [(name, DENSE_GENTLE) for name in LORA_ROWS]
+    + [(f"K={k} lora r{r} cbs", f"K={k} lora r{r} uniform") for k in (2, 4) for r in (4, 2)]
+    + [("K=2 lora r4 uniform, frozen base", "K=2 lora r4 uniform")]
+    + [(name, HALF) for name in COMPRESSION_ROWS]
+    + [("K=2 cbs denoiser, features", "K=2 cbs denoiser"), ("K=2 cbs denoiser, features", "K=1 0.5x, features"),
+       ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features")]
 )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .errors import CheckpointError, WorkdirError
 from .families import family_from_config
-from .routed import read_metadata, save_safetensors_atomic
+from .routed import expert_state_dict, read_metadata, save_safetensors_atomic
 
 
 def info(path) -> str:
@@ -35,18 +35,26 @@ def info(path) -> str:
     if source.get("sha256"):
         lines.append(f"source file sha256 {source['sha256']} ({source.get('container', 'unknown container')})")
     lines.append(f"time: canonical t in [0, 1] (0 = data, 1 = noise); native argument '{convention.get('native_argument', '?')}'")
+    shared = meta.get("shared_base")
     total = 0
+    if shared:
+        total = int(shared["base_params"])
+        lines.append(f"shared base: {total:,} parameters, the source's architecture; each expert adds a rank-{shared['rank']} "
+                     f"delta on {len(shared['layers'])} layers")
     for k, expert in enumerate(meta["experts"]):
         lo, hi = expert["segment"]
         params = int(expert["params"])
         total += params
-        flops = family.forward_flops(expert["config"])
+        flops = family.forward_flops(expert["config"]) + (int(shared["delta_flops"]) if shared else 0)
         span = f"native [{native[k]:.6g}, {native[k + 1]:.6g}{']' if k == len(meta['experts']) - 1 else ')'}" if len(native) == len(boundaries) else ""
         lines.append(
             f"expert {k}: t in [{lo:.4f}, {hi:.4f}{']' if k == len(meta['experts']) - 1 else ')'}  {span}  "
-            f"{params:,} params ({params / source_params:.3f}x), FLOPs x{flops / source_flops:.3f}; {family.describe(expert['config'])}"
+            + (f"delta of {params:,} params ({params / source_params:.4f}x), FLOPs x{flops / source_flops:.4f} with the base"
+               if shared else
+               f"{params:,} params ({params / source_params:.3f}x), FLOPs x{flops / source_flops:.3f}; {family.describe(expert['config'])}")
         )
-    lines.append(f"all experts: {total:,} parameters ({total / source_params:.3f}x the source); a sampler step runs one expert")
+    lines.append(f"all experts: {total:,} parameters ({total / source_params:.3f}x the source); a sampler step runs one expert"
+                 + (" (the base and its segment's delta)" if shared else ""))
     split = meta.get("split") or {}
     if split:
         lines.append(f"split: {split.get('method')} on {split.get('monitor') or 'no monitor'}, shares "
@@ -56,19 +64,6 @@ def info(path) -> str:
         shown = {k: v for k, v in recipe.items() if v is not None and k not in ("checkpoint", "out", "workdir")}
         lines.append("recipe: " + json.dumps(shown, sort_keys=True))
     return "\n".join(lines)
-
-
-def expert_state_dict(path, expert: int) -> Dict[str, torch.Tensor]:
-    """Expert ``expert``'s tensors under the source's own key names, read without loading the others."""
-    from safetensors import safe_open
-
-    meta = read_metadata(path)
-    count = len(meta["experts"])
-    if not 0 <= expert < count:
-        raise CheckpointError(f"--expert {expert}: {path} holds experts 0 to {count - 1}")
-    prefix = f"experts.{expert}."
-    with safe_open(str(path), framework="pt") as handle:
-        return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
 
 
 def extract(path, expert: int, out, force: bool = False) -> List[str]:

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,10 @@ _CLI = Recipe()
 #   cannot carry the saved weights far from a model that was already good.
 PRUNED_LR = 3e-4
 FULL_WIDTH_LR = 1e-4
+# shared-base experts: the zero-started deltas at ten times the source's final lr, the base at that
+# lr itself (see the README's Fashion-MNIST rows)
+DELTA_LR = 1e-3
+BASE_LR_SCALE = 0.1
 WARMUP_SHARE = 0.05
 
 
@@ -74,6 +78,8 @@ class FinetuneSettings:
     loss: str = _CLI.loss
     distill_weight: float = _CLI.distill_weight
     data_weight: float = _CLI.data_weight
+    feature_weight: float = _CLI.feature_weight
+    feature_mask_sigma: float = _CLI.feature_mask_sigma
     margin: float = _CLI.margin
     checkpoint_every: int = _CLI.checkpoint_every
     bf16: bool = _CLI.bf16  # autocast on CUDA only
@@ -102,10 +108,16 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 def expert_defaults(recipe: Recipe, full_width: bool) -> dict:
     """The fine-tuning settings of one expert that the recipe leaves to its case (None there)."""
+    auto_lr = DELTA_LR if recipe.experts == "lora" else FULL_WIDTH_LR if full_width else PRUNED_LR
     return {
-        "lr": recipe.lr if recipe.lr is not None else (FULL_WIDTH_LR if full_width else PRUNED_LR),
+        "lr": recipe.lr if recipe.lr is not None else auto_lr,
         "ema_warmup": recipe.ema_warmup if recipe.ema_warmup is not None else not full_width,
     }
+
+
+def base_lr_scale(recipe: Recipe) -> float:
+    """The shared base's lr as a multiple of the deltas' (``--experts lora``)."""
+    return recipe.base_lr_scale if recipe.base_lr_scale is not None else BASE_LR_SCALE
 
 
 def learning_rate(settings: FinetuneSettings, step: int) -> float:
@@ -146,6 +158,9 @@ def finetune_expert(
     description: str = "fine-tune",
     stop_after: Optional[int] = None,
     group=None,
+    param_groups: Optional[Sequence[Tuple[Sequence[nn.Parameter], float]]] = None,
+    feature_channels: Optional[torch.Tensor] = None,
+    feature_blocks: Optional[Sequence[str]] = None,
 ) -> FinetuneResult:
     """Train ``student`` on ``segment``; returns its EMA copy.
 
@@ -155,6 +170,11 @@ def finetune_expert(
     Every rank draws the same global batch of ``settings.batch_size`` and takes its own equal slice;
     gradients are averaged over the group, so the weights are those of one process. The group's
     first rank writes the checkpoints; every rank resumes from them.
+    ``param_groups``: (parameters, lr multiple) pairs, each group following the schedule at its own
+    multiple of ``settings.lr`` (a multiple of 0 freezes the group); default: every parameter at 1.
+    ``feature_channels``: the teacher's block-output channels the student kept (``Family.feature_channels``),
+    for ``settings.feature_weight`` > 0; ``feature_blocks``: the teacher's blocks the student's
+    blocks match, in order (a depth-pruned student's kept blocks; default: the same blocks).
     """
     if settings.loss not in LOSSES:
         raise ValueError(f"unknown loss {settings.loss!r}; choose from {', '.join(LOSSES)}")
@@ -173,8 +193,15 @@ def finetune_expert(
     student = student.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    if param_groups is None:
+        param_groups = [([p for p in student.parameters() if p.requires_grad], 1.0)]
+    for parameters, scale in param_groups:
+        for p in parameters:
+            p.requires_grad_(scale > 0)
+    groups = [{"params": list(parameters), "lr": settings.lr * scale, "lr_scale": scale}
+              for parameters, scale in param_groups if scale > 0]
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     ema = copy.deepcopy(student).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -189,6 +216,8 @@ def finetune_expert(
         start = int(state["step"])
         losses = list(state["losses"])
     use_bf16 = settings.bf16 and device.type == "cuda"
+    features = (_FeatureTaps(family, teacher, student, feature_channels, feature_blocks)
+                if settings.feature_weight > 0 else None)
     forward = student
     if group is not None:  # a group of one runs through DDP too, so that path is exercised on one device
         from torch.nn.parallel import DistributedDataParallel
@@ -219,7 +248,7 @@ def finetune_expert(
         # runs first, so that its activations are freed before the student's graph is built (on a
         # CPU that alone is worth 10% of a step: benchmarks/finetune_overhead.py).
         teacher_out = None
-        if settings.loss != "data":
+        if settings.loss != "data" or features is not None:
             with torch.no_grad():
                 teacher_out = teacher(x_t, native_t, y).float()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
@@ -235,8 +264,10 @@ def finetune_expert(
         if settings.loss in ("data", "both"):
             weight = settings.data_weight if settings.loss == "both" else 1.0
             loss = loss + weight * family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
+        if features is not None:
+            loss = loss + settings.feature_weight * features.loss(settings.feature_mask_sigma)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = learning_rate(settings, step)
+            param_group["lr"] = learning_rate(settings, step) * param_group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip > 0:
@@ -275,8 +306,60 @@ def finetune_expert(
             break
     if bar is not None:
         bar.close()
+    if features is not None:
+        features.remove()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return FinetuneResult(model=ema, losses=losses, seconds=time.time() - began, steps_run=ran, peak_cuda_bytes=peak)
+
+
+def _network(model: nn.Module) -> nn.Module:
+    """The family's network itself: a shared-base model holds it as its base."""
+    return getattr(model, "base", model)
+
+
+class _FeatureTaps:
+    """Block outputs of the teacher and the student, caught by forward hooks at each step, and the
+    masked feature loss between them (TinyFusion's: activations more than ``sigma`` standard
+    deviations from the teacher's mean are left out, since matching the few huge outlier channels of
+    a diffusion transformer made unmasked feature distillation diverge there)."""
+
+    def __init__(self, family: Family, teacher: nn.Module, student: nn.Module, channels: Optional[torch.Tensor],
+                 teacher_blocks: Optional[Sequence[str]] = None):
+        student_blocks = family.feature_taps(_network(student).config)
+        teacher_blocks = list(teacher_blocks) if teacher_blocks is not None else student_blocks
+        if len(teacher_blocks) != len(student_blocks):
+            raise ValueError(f"{len(student_blocks)} student blocks cannot match {len(teacher_blocks)} teacher blocks")
+        self.dim, self.channels = family.feature_channel_dim, channels
+        self.caught = {"teacher": {}, "student": {}}
+        self.handles = []
+        self.taps = [str(j) for j in range(len(student_blocks))]
+        for role, model, names in (("teacher", teacher, teacher_blocks), ("student", _network(student), student_blocks)):
+            modules = dict(model.named_modules())
+            for tap, name in zip(self.taps, names):
+                self.handles.append(modules[name].register_forward_hook(self._catch(role, tap)))
+
+    def _catch(self, role: str, name: str):
+        def hook(module, args, output):
+            self.caught[role][name] = output
+        return hook
+
+    def loss(self, sigma: float) -> torch.Tensor:
+        total = 0.0
+        for name in self.taps:
+            target = self.caught["teacher"][name].detach().float()
+            if self.channels is not None:
+                target = target.index_select(self.dim, self.channels.to(target.device))
+            mean, std = target.mean(), target.std()
+            keep = (target - mean).abs() <= sigma * std
+            error = (self.caught["student"][name].float() - target)[keep]
+            # each block counts alike, whatever the scale of its activations
+            total = total + error.pow(2).mean() / target[keep].var().clamp_min(1e-12)
+        self.caught = {"teacher": {}, "student": {}}
+        return total / len(self.taps)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @torch.no_grad()

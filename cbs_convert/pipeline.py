@@ -27,14 +27,17 @@ from .checkpoint import (ARCHITECTURE_FLAGS, bundled_or_given, is_inside, model_
 from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
 from .families import detect
 from .files import atomic_write_json, check_writable
-from .finetune import FinetuneSettings, boundary_velocity, expert_defaults, finetune_expert, relative_error, seam_gap_of
+from .finetune import (FinetuneSettings, base_lr_scale, boundary_velocity, expert_defaults, finetune_expert, relative_error,
+                       seam_gap_of)
 from .profile import Profile, profile_model
+from .depth import RecoverySettings, allocate_depth, choose_blocks, target_depth
 from .prune import calibration_batches, prune_state_dict
 from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
 from .recipe import (FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, bundled_recipe, profiled_monitors,
                      read_recipe_file)
-from .routed import run_description, save_routed_from_files, save_safetensors_atomic
+from .routed import run_description, save_routed_from_files, save_safetensors_atomic, save_shared_base
 from .sample import sample_ode
+from .shared_base import SharedBaseModel, describe_shared_base
 from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
 from .workdir import MARKER, WorkDir
 
@@ -48,17 +51,21 @@ class ConversionResult:
 
 #: what a finished run keeps of its work directory: small, and what the report and a later
 #: --resume of the profile and split need. The weights and optimizer states go (GBs at XL size).
-KEPT_AFTER_SUCCESS = ("pool.safetensors", "profile.json", "split.json", "pruned/*.kept.json", "finetune/*.log.json")
+KEPT_AFTER_SUCCESS = ("pool.safetensors", "profile.json", "split.json", "pruned/*.kept.json", "pruned/*.blocks.json",
+                      "finetune/*.log.json")
+#: the one training run of shared-base experts (--experts lora): the base and every delta together
+SHARED_FILES = ("finetune/shared.safetensors", "finetune/shared.state.pt", "finetune/shared.log.json")
 
 
 def work_files(k: int) -> List[str]:
     """Every file a run of ``k`` experts may write into its work directory (the marker's list)."""
     names = [MARKER, "pool.safetensors", "profile.json", "split.json"]
     for e in range(k):
-        names += [f"pruned/expert_{e}.safetensors", f"pruned/expert_{e}.kept.json", f"pruned/expert_{e}.measured.safetensors",
+        names += [f"pruned/expert_{e}.safetensors", f"pruned/expert_{e}.kept.json", f"pruned/expert_{e}.blocks.json",
+                  f"pruned/expert_{e}.measured.safetensors",
                   f"finetune/expert_{e}.safetensors", f"finetune/expert_{e}.state.pt", f"finetune/expert_{e}.log.json",
                   f"finetune/expert_{e}.measured.safetensors"]
-    return names
+    return names + list(SHARED_FILES)
 
 
 #: a loss still falling this much (relative) over the last 40% of training: the expert is clearly short of
@@ -174,6 +181,11 @@ class Conversion:
         for stale in self.output.parent.glob(f".{self.output.name}.*.partial"):
             stale.unlink()
 
+    @property
+    def shared_base(self) -> bool:
+        """Whether the experts are one shared base with a delta per segment (--experts lora)."""
+        return self.recipe.experts == "lora"
+
     # -- stages ---------------------------------------------------------------------------------
     def load(self):
         began = time.time()
@@ -192,6 +204,9 @@ class Conversion:
         self.source_params = self.family.param_count(self.config)
         total = parse_budget(self.recipe.budget, self.source_params)
         check_budget_feasible(self.family, self.config, total, self.recipe.k)
+        if self.recipe.structure == "depth" and not self.family.removable_blocks(self.config):
+            raise RecipeError(f"--structure depth: the {self.family.name} family has no blocks that can be removed whole "
+                              "(a UNet's skip connections tie its blocks together); use --structure width")
         if total > self.recipe.k * self.source_params:
             self.warn(
                 f"budget {self.recipe.budget} ({total:,} parameters) is more than {self.recipe.k} full-width experts can use "
@@ -352,11 +367,19 @@ class Conversion:
             allocation=r.allocation, curves=prof.mean if prof else None,
             log_snr=self.family.log_snr, t_range=(r.t_min, r.t_max),
         )
+        if self.shared_base:
+            # every expert is the whole source plus its delta: nothing to allocate
+            self.targets = [self.source_params] * r.k
+            self.expert_configs = [self.config] * r.k
+            atomic_write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
+            return
         total = parse_budget(r.budget, self.source_params)
         self.targets = budget_targets(total, self.split_result.shares, self.source_params)
         self.say(f"allocating widths: {total:,} parameters over {r.k} experts, shares "
                  + ", ".join(f"{share:.3f}" for share in self.split_result.shares))
-        self.expert_configs = [allocate_widths(self.family, self.config, t) for t in self.targets]
+        shapes = ([allocate_depth(self.family, self.config, t) for t in self.targets] if r.structure == "depth"
+                  else [self.config] * r.k)
+        self.expert_configs = [allocate_widths(self.family, shape, t) for shape, t in zip(shapes, self.targets)]
         atomic_write_json(path, {"split": self.split_result.to_dict(), "targets": self.targets, "configs": self.expert_configs})
 
     # At most the teacher and one expert (with its training state) are in memory at a time: each
@@ -368,6 +391,13 @@ class Conversion:
         experts are pruned side by side; rank 0 then collects the measurements."""
         began = time.time()
         r = self.recipe
+        if self.shared_base:  # nothing to prune: before training every expert is the teacher exactly
+            self.measured = {"before": {}, "after": {}}
+            if rank == 0:
+                self.say(f"measuring the teacher on each of the {r.k} segments ({r.eval_samples} samples each)")
+                self.measured["before"] = {k: self._measure(k, self.teacher) for k in range(r.k)}
+            self.timings["prune"] = time.time() - began
+            return
         mine = [k for k in range(r.k) if self.layout.writer_of(k) == rank]
         if world > 1 and rank == 0:
             self.say(f"pruning the {r.k} experts on {min(world, r.k)} processes side by side")
@@ -386,14 +416,29 @@ class Conversion:
                 self.say(f"pruning expert {k} [{segment[0]:.3f}, {segment[1]:.3f}] to "
                          f"{self.family.param_count(config):,} parameters ({r.prune} importance)")
                 calibration = None
-                if r.prune == "segment":
+                if r.prune == "segment" or r.structure == "depth":
                     calibration = calibration_batches(
                         self.family, self.x0_pool, self.labels_pool, segment, r.calib_batches, r.batch_size, r.seed + 17 * k
                     )
+                teacher, state, shape = self.teacher, self.source.state_dict, self.config
+                blocks = None
+                if r.structure == "depth":
+                    blocks, record = choose_blocks(
+                        self.family, self.teacher, self.source.state_dict, self.config, target_depth(self.family, config),
+                        calibration, r.block_selector, segment=segment, x0_pool=self.x0_pool, labels_pool=self.labels_pool,
+                        recovery=RecoverySettings(batch_size=r.batch_size, seed=r.seed + k))
+                    self.say(f"expert {k} keeps blocks {', '.join(map(str, blocks))} of {target_depth(self.family, self.config)} "
+                             f"({r.block_selector} selector)")
+                    atomic_write_json(self.work.path(f"pruned/expert_{k}.blocks.json"), record)
+                    state, shape = self.family.keep_blocks(self.source.state_dict, self.config, blocks)
+                    teacher = self.family.instantiate(shape, dict(state)).to(self.device)
                 sd, kept_tensors = prune_state_dict(
-                    self.family, self.teacher, self.source.state_dict, self.config, config, r.prune, calibration, seed=r.seed + k
+                    self.family, teacher, state, shape, config, r.prune, calibration, seed=r.seed + k
                 )
-                atomic_write_json(kept_path, {name: index.tolist() for name, index in kept_tensors.items()})
+                kept_json = {name: index.tolist() for name, index in kept_tensors.items()}
+                if blocks is not None:
+                    kept_json["blocks"] = blocks
+                atomic_write_json(kept_path, kept_json)
                 save_safetensors_atomic(sd, path)
             self.say(f"measuring expert {k} against the teacher ({r.eval_samples} samples of its segment)")
             self._save_measurement(measured_path, self._measure(k, self.family.instantiate(config, sd).to(self.device)))
@@ -425,6 +470,17 @@ class Conversion:
         r = self.recipe
         return r.steps > 0 and not (r.loss == "distill" and self.expert_configs[k] == self.config)
 
+    def shared_student(self, trained: bool) -> SharedBaseModel:
+        """The shared-base model: the source's weights (cloned: the teacher keeps its own) with zero
+        deltas, or what fine-tuning saved."""
+        from safetensors.torch import load_file
+
+        base = self.family.instantiate(self.config, {key: value.clone() for key, value in self.source.state_dict.items()})
+        model = SharedBaseModel(self.family, base, self.split_result.boundaries, self.recipe.rank, seed=self.recipe.seed)
+        if trained:
+            model.load_state_dict(load_file(str(self.work.path(SHARED_FILES[0]))), strict=True)
+        return model.to(self.device)
+
     def check_trainable(self) -> None:
         """Say before any pruning or training which experts cannot learn anything from the teacher."""
         r = self.recipe
@@ -446,6 +502,10 @@ class Conversion:
         if r.steps == 0:
             return
         layout = getattr(self, "layout", None) or plan_ranks(world, r.k, r.batch_size)
+        if self.shared_base:
+            self._finetune_shared(rank, layout)
+            self.timings["finetune"] = time.time() - began
+            return
         from safetensors.torch import load_file
 
         for k, segment in enumerate(self.split_result.segments):
@@ -463,6 +523,8 @@ class Conversion:
                 self.family, self.teacher, student, segment, self.x0_pool, self.labels_pool,
                 settings, state_path=self.work.path(f"finetune/expert_{k}.state.pt"), progress=self.progress and writer,
                 description=f"expert {k} [{segment[0]:.3f}, {segment[1]:.3f}]", group=getattr(self, "groups", {}).get(k),
+                feature_channels=self.feature_channels(k) if r.feature_weight > 0 else None,
+                feature_blocks=self.feature_blocks(k) if r.feature_weight > 0 else None,
             )
             if not writer:
                 del student, result, weights
@@ -474,17 +536,58 @@ class Conversion:
             del student, result, weights
         self.timings["finetune"] = time.time() - began
 
+    def _finetune_shared(self, rank: int, layout) -> None:
+        """One run trains the base and every delta on mixed-time batches over all of [0, 1]: each
+        sample updates the base and its own segment's delta. It runs K x --steps, the steps the K
+        copies would take together."""
+        r = self.recipe
+        final = self.work.path(SHARED_FILES[0])
+        if final.exists() or not self.trains(0):
+            return
+        settings = self.finetune_settings(0)
+        student = self.shared_student(trained=False)
+        writer = layout.writer_of(0) == rank
+        scale = base_lr_scale(r)
+        self.say(f"fine-tuning the shared base (lr x{scale:g}) and {r.k} rank-{r.rank} deltas together, {settings.steps} steps")
+        result = finetune_expert(
+            self.family, self.teacher, student, (0.0, 1.0), self.x0_pool, self.labels_pool, settings,
+            state_path=self.work.path(SHARED_FILES[1]), progress=self.progress and writer, description="shared base + deltas",
+            group=getattr(self, "groups", {}).get(0),
+            param_groups=[(student.delta_parameters(), 1.0), (student.base_parameters(), scale)],
+        )
+        if writer:
+            atomic_write_json(self.work.path(SHARED_FILES[2]), {"losses": result.losses, "seconds": result.seconds,
+                                                               "steps_run": result.steps_run, "peak_cuda_bytes": result.peak_cuda_bytes})
+            save_safetensors_atomic(result.model.state_dict(), final)
+            self.work.remove([SHARED_FILES[1]])
+
+    def feature_channels(self, k: int):
+        """The teacher's block-output channels expert k kept, from its pruning record."""
+        kept = _read_json(self.work.path(f"pruned/expert_{k}.kept.json"))
+        kept.pop("blocks", None)
+        return self.family.feature_channels({name: torch.tensor(index) for name, index in kept.items()})
+
+    def feature_blocks(self, k: int) -> Optional[List[str]]:
+        """The teacher's blocks that expert k's blocks match: the ones it kept, under depth pruning."""
+        blocks = _read_json(self.work.path(f"pruned/expert_{k}.kept.json")).get("blocks")
+        return None if blocks is None else [self.family.removable_blocks(self.config)[i] for i in blocks]
+
     def finetune_settings(self, k: int) -> FinetuneSettings:
         """Expert k's fine-tuning settings: the recipe's, with its "auto" values settled by whether
         the expert is a full-width copy of the source or a pruned student."""
         r = self.recipe
         return FinetuneSettings(
-            steps=r.steps, batch_size=r.batch_size, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
+            steps=r.steps * (r.k if self.shared_base else 1), batch_size=r.batch_size, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
             lr_schedule=r.lr_schedule, warmup_steps=r.warmup_steps, lr_floor=r.lr_floor, grad_clip=r.grad_clip, label_dropout=r.label_dropout,
-            loss=r.loss, distill_weight=r.distill_weight, data_weight=r.data_weight, margin=r.margin,
+            loss=r.loss, distill_weight=r.distill_weight, data_weight=r.data_weight, feature_weight=r.feature_weight,
+            feature_mask_sigma=r.feature_mask_sigma, margin=r.margin,
             checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
             **expert_defaults(r, full_width=self.expert_configs[k] == self.config),
         )
+
+    def _merged_expert(self, model: SharedBaseModel, k: int):
+        """Expert k of a shared-base model as a plain network: measured at its cuts as a copy would be."""
+        return self.family.instantiate(self.config, model.merged_state_dict(k)).to(self.device)
 
     def _measure(self, k: int, model) -> Dict[str, Any]:
         """Expert k's error against the teacher on its segment, and its velocities at its cuts."""
@@ -501,6 +604,15 @@ class Conversion:
         r = self.recipe
         if rank == 0 and any(self.trains(k) for k in range(r.k)):
             self.say(f"measuring the fine-tuned experts against the teacher ({r.eval_samples} samples each)")
+        if self.shared_base:
+            _barrier(world)
+            if rank == 0:
+                trained = self.trains(0)
+                model = self.shared_student(trained) if trained else None
+                for k in range(r.k):
+                    self.measured["after"][k] = (self._measure(k, self._merged_expert(model, k)) if trained
+                                                 else self.measured["before"][k])
+            return
         for k, config in enumerate(self.expert_configs):
             if self.trains(k) and self.layout.writer_of(k) == rank:
                 model = self.family.instantiate(config, load_file(str(self.expert_file(k)))).to(self.device)
@@ -519,15 +631,18 @@ class Conversion:
         # the recipe as given ("auto" left as None), and below each expert's settings as they ran
         settings = {"steps": r.steps, "lr": r.lr, "lr_schedule": r.lr_schedule, "warmup_steps": r.warmup_steps,
                     "lr_floor": r.lr_floor, "loss": r.loss, "distill_weight": r.distill_weight,
-                    "data_weight": r.data_weight, "batch_size": r.batch_size, "ema_decay": r.ema_decay,
+                    "data_weight": r.data_weight, "feature_weight": r.feature_weight,
+                    "feature_mask_sigma": r.feature_mask_sigma, "batch_size": r.batch_size, "ema_decay": r.ema_decay,
                     "ema_warmup": r.ema_warmup, "weight_decay": r.weight_decay, "grad_clip": r.grad_clip,
-                    "margin": r.margin, "label_dropout": r.label_dropout, "bf16": r.bf16}
+                    "margin": r.margin, "label_dropout": r.label_dropout, "bf16": r.bf16, "experts": r.experts}
+        if self.shared_base:
+            settings.update(rank=r.rank, base_lr_scale=base_lr_scale(r), joint_steps=r.steps * r.k)
         experts = []
         for k in range(r.k):
             entry: Dict[str, Any] = {"trained": self.trains(k)}
             if entry["trained"]:
                 entry["settings"] = self.finetune_settings(k).to_dict()
-            log_path = self.work.path(f"finetune/expert_{k}.log.json")
+            log_path = self.work.path(SHARED_FILES[2] if self.shared_base else f"finetune/expert_{k}.log.json")
             if entry["trained"] and log_path.exists():
                 log = _read_json(log_path)
                 losses = log["losses"]
@@ -540,6 +655,12 @@ class Conversion:
                              loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                              loss_curve=curve, late_improvement=late_improvement(losses))
             experts.append(entry)
+            if self.shared_base:
+                # one run trained them all: its log is reported once, under the first expert
+                entry["joint"] = True
+                experts += [{"trained": entry["trained"], "settings": entry.get("settings"), "joint": True}
+                            for _ in range(1, r.k)]
+                break
         return {"settings": settings, "experts": experts}
 
     def evaluate(self) -> Dict[str, Any]:
@@ -547,6 +668,10 @@ class Conversion:
         experts = self.planned_experts()
         for k, expert in enumerate(experts):
             expert.update(error_before=before[k]["error"], error_after=after[k]["error"])
+            chosen = self.work.path(f"pruned/expert_{k}.blocks.json")
+            if chosen.exists():
+                record = _read_json(chosen)
+                expert.update(kept_blocks=record["kept"], block_selector=record["selector"])
         seams = []
         for j, boundary in enumerate(self.split_result.boundaries[1:-1]):
             seams.append({
@@ -559,9 +684,18 @@ class Conversion:
     def planned_experts(self) -> List[Dict[str, Any]]:
         """What the split and the budget give each expert, before any pruning or training."""
         experts = []
+        shared = self.shared_base_description() if self.shared_base else None
         for k, segment in enumerate(self.split_result.segments):
             config = self.expert_configs[k]
             params = self.family.param_count(config)
+            if shared is not None:
+                flops = self.family.forward_flops(config) + shared["delta_flops"]
+                experts.append({"segment": list(segment), "share": self.split_result.shares[k], "delta_params": shared["delta_params"],
+                                "target_params": shared["delta_params"], "params": shared["delta_params"], "params_vs_target": 0.0,
+                                "flops": flops,
+                                "flops_vs_source": flops / self.family.forward_flops(self.config),
+                                "widths": {knob.name: config[knob.name] for knob in self.family.width_knobs(config)}})
+                continue
             experts.append({
                 "segment": list(segment),
                 "share": self.split_result.shares[k],
@@ -574,8 +708,16 @@ class Conversion:
             })
         return experts
 
+    def shared_base_description(self) -> Dict[str, Any]:
+        if getattr(self, "_shared_description", None) is None:
+            self._shared_description = describe_shared_base(self.family, self.split_result.boundaries, self.recipe.rank)
+        return self._shared_description
+
     def report(self, evaluation: Dict[str, Any]) -> Dict[str, Any]:
         r = self.recipe
+        achieved = sum(e["params"] for e in evaluation["experts"])
+        if self.shared_base:
+            achieved += self.shared_base_description()["base_params"]
         return {
             "source": {
                 "path": str(self.source.path),
@@ -591,7 +733,8 @@ class Conversion:
             "profile": self.profile_result.to_dict() if self.profile_result else None,
             "split": self.split_result.to_dict(),
             "budget": {"setting": r.budget, "total": parse_budget(r.budget, self.source_params),
-                       "achieved": sum(e["params"] for e in evaluation["experts"])},
+                       "achieved": achieved},
+            "shared_base": self.shared_base_description() if self.shared_base else None,
             "evaluation": evaluation,
             "measured_on": {
                 "error": f"||v_expert - v_teacher|| / ||v_teacher|| of canonical velocities on {r.eval_samples} x_t "
@@ -624,10 +767,13 @@ class Conversion:
         report["ranks"] = (layout or plan_ranks(1, r.k, r.batch_size)).to_dict()
         self.say(f"writing {self.output}")
         extra = run_description(self.family, self.source, report["profile"], report["split"], report["recipe"])
-        save_routed_from_files(
-            self.output, self.family, [self.expert_file(k) for k in range(r.k)], self.expert_configs,
-            self.split_result.boundaries, extra=extra,
-        )
+        if self.shared_base:
+            save_shared_base(self.output, self.shared_student(trained=self.trains(0)), extra)
+        else:
+            save_routed_from_files(
+                self.output, self.family, [self.expert_file(k) for k in range(r.k)], self.expert_configs,
+                self.split_result.boundaries, extra=extra,
+            )
         quality = self.sample_quality()
         if quality is not None:
             report["sample_quality"] = quality
@@ -680,7 +826,8 @@ class Conversion:
         rank, world = _distributed()
         self.load()
         # the launch is checked before anything is computed (the recipe needs the architecture)
-        self.layout = plan_ranks(world, self.recipe.k, self.recipe.batch_size)
+        # shared-base experts train as one model: its ranks form one data-parallel group
+        self.layout = plan_ranks(world, 1 if self.shared_base else self.recipe.k, self.recipe.batch_size)
         self.groups = _expert_groups(self.layout)
         if rank == 0:
             self.prepare_workdir()

@@ -57,7 +57,13 @@ class Recipe:
     min_width: float = field(default=0.05, metadata={"help": "minimum segment width in canonical time"})
     allocation: str = field(default="auto", metadata={"help": "budget shares: mass (each segment's share of phi), mass:MONITOR (of another profiled curve, e.g. mass:sensitivity), equal, or auto (equal for --split uniform and snr, mass otherwise)"})
     budget: str = field(default="1x", metadata={"help": "total parameters of all experts: 1x, 2x (of the source) or a count like 300M"})
+    # what an expert is
+    experts: str = field(default="copies", metadata={"help": "copies (K separate networks, width-pruned to --budget) or lora (one shared base, the source at full width, plus one low-rank delta per segment: memory about 1x plus K deltas, the source's cost per step; trains on --data with --loss data or both)"})
+    rank: int = field(default=16, metadata={"help": "--experts lora: rank of each segment's delta"})
+    base_lr_scale: Optional[float] = field(default=None, metadata={"help": "--experts lora: the shared base's lr as a multiple of --lr (0 freezes the base; default 0.1: the deltas at 1e-3, the base at the source's final 1e-4)"})
     # pruning
+    structure: str = field(default="width", metadata={"help": "what pruning removes: width (residual width, heads, MLP channels of every block) or depth (whole blocks first, chosen on the expert's segment, then width for the rest of the budget; SiT and DiT)"})
+    block_selector: str = field(default="importance", metadata={"help": "--structure depth: importance (greedy removal of the block whose absence changes the output least) or recovery (a few candidate sets, each given a short low-rank recovery; the best recovered wins)"})
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
     # fine-tuning
@@ -75,6 +81,8 @@ class Recipe:
     loss: str = field(default="distill", metadata={"help": "distill (data-free), data (needs --data) or both (distill_weight x distill + data_weight x data)"})
     distill_weight: float = field(default=0.9, metadata={"help": "weight of the distillation term under --loss both"})
     data_weight: float = field(default=0.1, metadata={"help": "weight of the data term under --loss both"})
+    feature_weight: float = field(default=0.0, metadata={"help": "weight of block-feature distillation added to the loss: each block's output matched to the teacher's on the channels the student kept, outliers beyond feature_mask_sigma masked (TinyFusion's recipe; 0 = off)"})
+    feature_mask_sigma: float = field(default=2.0, metadata={"help": "feature distillation leaves out teacher activations more than this many standard deviations from their mean"})
     margin: float = field(default=0.02, metadata={"help": "overlap margin around each segment for training times"})
     checkpoint_every: int = field(default=50, metadata={"help": "fine-tune checkpoint interval in steps"})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast when fine-tuning on CUDA"})
@@ -92,6 +100,9 @@ CHOICES = {
     "monitor": ("dirichlet", "acceleration", "path_acceleration", "denoiser", "nonlinear", "nonlinear_acceleration",
                 "sensitivity"),
     "prune": ("segment", "magnitude", "random"),
+    "experts": ("copies", "lora"),
+    "structure": ("width", "depth"),
+    "block_selector": ("importance", "recovery"),
     "derivatives": ("jvp", "fd"),
     "loss": ("distill", "data", "both"),
     "lr_schedule": ("cosine", "constant"),
@@ -305,6 +316,18 @@ def validate(r: Recipe) -> None:
         validate_boundaries(r.boundaries, r.k)
     need(r.split != "explicit" or r.boundaries is not None, "split 'explicit' needs --boundaries, e.g. --boundaries 0.4,0.7")
     need(r.loss == "distill" or r.data, f"loss {r.loss!r} needs real latents: pass --data")
+    need(r.rank >= 1, f"rank={r.rank} must be 1 or more")
+    need(r.feature_weight >= 0, f"feature_weight={r.feature_weight} must be 0 (off) or more")
+    need(r.feature_mask_sigma > 0, f"feature_mask_sigma={r.feature_mask_sigma} must be positive")
+    need(r.base_lr_scale is None or r.base_lr_scale >= 0, f"base_lr_scale={r.base_lr_scale} must be 0 (a frozen base) or more")
+    need(r.structure == "width" or r.experts == "copies",
+         "--structure depth prunes copies; --experts lora keeps the source whole: drop one of them")
+    if r.experts == "lora":
+        need(r.budget == "1x", f"budget={r.budget}: --experts lora keeps the source's width (the base plus small deltas); "
+                               "drop --budget, or use --experts copies to prune to a budget")
+    else:
+        for name in ("base_lr_scale",):
+            need(getattr(r, name) is None, f"{name} applies to --experts lora only; drop it or pass --experts lora")
     from .split import parse_budget
 
     parse_budget(r.budget, 1)

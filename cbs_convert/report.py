@@ -70,13 +70,16 @@ def markdown(report: Dict[str, Any]) -> str:
         "",
         "## Experts",
         "",
-        f"Budget {budget['setting']}: {_fmt_int(budget['total'])} parameters in total, achieved {_fmt_int(budget['achieved'])}.",
+        f"Budget {budget['setting']}: {_fmt_int(budget['total'])} parameters in total, achieved {_fmt_int(budget['achieved'])}."
+        + _shared_base_line(report.get("shared_base")),
         "",
         "| expert | segment | share | target params | params | deviation | FLOPs vs source | widths | rel. error before | after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, e in enumerate(ev["experts"]):
         widths = ", ".join(f"{n} {v}" for n, v in e["widths"].items())
+        if "kept_blocks" in e:
+            widths += f"; blocks {', '.join(map(str, e['kept_blocks']))} ({e['block_selector']})"
         lines.append(
             f"| {k} | [{e['segment'][0]:.3f}, {e['segment'][1]:.3f}] | {e['share']:.3f} | {_fmt_int(e['target_params'])} | "
             f"{_fmt_int(e['params'])} | {e['params_vs_target']:+.2%} | {e['flops_vs_source']:.3f} | {widths} | "
@@ -100,6 +103,13 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shared_base_line(shared) -> str:
+    if not shared:
+        return ""
+    return (f" One shared base of {_fmt_int(shared['base_params'])} parameters (the source's architecture); each expert's "
+            f"params below are its rank-{shared['rank']} delta on {len(shared['layers'])} layers.")
+
+
 def _finetune_lines(finetune) -> List[str]:
     if not finetune:
         return []
@@ -107,8 +117,12 @@ def _finetune_lines(finetune) -> List[str]:
     loss = f"`{settings['loss']}`"
     if settings["loss"] == "both" and "distill_weight" in settings:
         loss += f" ({settings['distill_weight']:g} x distill + {settings['data_weight']:g} x data)"
+    if settings.get("feature_weight"):
+        loss += (f" + {settings['feature_weight']:g} x block features (teacher activations beyond "
+                 f"{settings['feature_mask_sigma']:g} std left out)")
     lines = ["", "## Fine-tuning", "",
-             f"{settings['steps']} steps per expert, loss {loss}, AdamW "
+             (f"{settings['joint_steps']} steps ({settings['steps']} per expert) for the shared base (lr x{settings['base_lr_scale']:g}) and every delta together"
+              if settings.get("experts") == "lora" else f"{settings['steps']} steps per expert") + f", loss {loss}, AdamW "
              f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "
              f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, times drawn from each segment widened by "
              f"{settings['margin']:g}, label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]

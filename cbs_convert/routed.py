@@ -20,12 +20,17 @@ from .files import atomic_write
 from .families import family_from_config
 from .families.base import Family, check_keys
 from .schema import tensor_shapes, validate_routed
+from .routing import TimeRouted, native_boundaries
+from .shared_base import SharedBaseModel, merge_delta
 
 FORMAT_VERSION = 1
+#: a shared base and K low-rank deltas (``shared_base.SharedBaseModel``): tensors ``base.{source key}``
+#: and ``deltas.{k}.{layer}.down/.up``; a reader of version 1 alone refuses it instead of misreading it
+SHARED_BASE_VERSION = 2
 METADATA_KEY = "cbs_convert"
 
 
-class RoutedModel(nn.Module):
+class RoutedModel(TimeRouted):
     """A drop-in for the source model: same ``forward`` arguments, native time in, native output out.
 
     Each sample goes to the expert whose segment [lo, hi) holds its time (the last segment is closed),
@@ -33,55 +38,17 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, family: Family, experts: Sequence[nn.Module], boundaries: Sequence[float], metadata=None):
-        super().__init__()
         if len(boundaries) != len(experts) + 1:
             raise ValueError(f"{len(experts)} experts need {len(experts) + 1} boundaries, got {len(boundaries)}")
-        self.family = family
+        super().__init__(family, boundaries, experts[0], metadata)
         self.experts = nn.ModuleList(experts)
-        self.boundary_values = tuple(float(b) for b in boundaries)
-        # Routing compares native times with the boundaries in native time, so that a time given
-        # exactly at a stored native boundary (metadata's native_boundaries) lands on the documented
-        # side: canonical [lo, hi), the last segment closed. Converting it back to canonical time
-        # instead could move it one rounding step across the cut.
-        native = native_boundaries(family, self.boundary_values)
-        self.native_rises = native[-1] > native[0]
-        self.native_inner_values = tuple(native[1:-1] if self.native_rises else native[-2:0:-1])
-        self.register_buffer("native_inner", torch.tensor(self.native_inner_values, dtype=torch.float64), persistent=False)
-        self.metadata = metadata or {}
-        first = experts[0]
-        for attribute in ("in_channels", "out_channels", "learn_sigma", "input_size", "patch_size", "num_classes"):
-            if hasattr(first, attribute):
-                setattr(self, attribute, getattr(first, attribute))
-
-    @property
-    def boundaries(self) -> torch.Tensor:
-        return torch.tensor(self.boundary_values, dtype=torch.float64)
-
-    def _apply(self, fn, recurse=True):
-        # .half(), .bfloat16() and .to(dtype) cast every floating buffer: the cuts must stay float64
-        # (a bf16 cut at 0.4988 moves to 0.4980), so only the device is taken from the cast.
-        result = super()._apply(fn, recurse)
-        self.native_inner = torch.tensor(self.native_inner_values, dtype=torch.float64, device=self.native_inner.device)
-        return result
-
-    def expert_index(self, native_t: torch.Tensor) -> torch.Tensor:
-        n = native_t.to(device=self.native_inner.device, dtype=torch.float64)
-        if self.native_rises:  # a native time at a cut belongs to the segment above it
-            return torch.bucketize(n, self.native_inner, right=True)
-        # native time falls as canonical time rises (SiT): count the cuts at or above n
-        return len(self.native_inner) - torch.bucketize(n, self.native_inner, right=False)
 
     def expert_at(self, native_t: float) -> nn.Module:
         """The expert owning native time ``native_t``, chosen on the host with no tensor op.
 
         For a sampler that knows its step's time as a number: calling the bare expert keeps the step
         free of routing, so ``torch.compile`` and CUDA graph capture see one static module."""
-        import bisect
-
-        n = float(native_t)
-        cuts = self.native_inner_values
-        k = bisect.bisect_right(cuts, n) if self.native_rises else len(cuts) - bisect.bisect_left(cuts, n)
-        return self.experts[k]
+        return self.experts[self.segment_of(native_t)]
 
     def forward(self, x, t, y=None, **kwargs):
         if t.dim() == 0:
@@ -104,14 +71,6 @@ class RoutedModel(nn.Module):
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out.index_copy_(0, index, part)
         return out
-
-    def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
-        return self.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
-
-
-def native_boundaries(family: Family, boundaries: Sequence[float]) -> List[float]:
-    """The cuts in the family's native time, in float64: what the metadata stores and the router uses."""
-    return family.native_time(torch.tensor([float(b) for b in boundaries], dtype=torch.float64)).tolist()
 
 
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
@@ -147,6 +106,21 @@ def routed_metadata(
     }
     meta.update(extra or {})
     return meta
+
+
+def save_shared_base(path, model: SharedBaseModel, extra: Optional[Dict[str, Any]] = None, *, source=None,
+                     profile=None, split=None, recipe=None) -> Path:
+    """Write a shared-base model atomically: the base once, each segment's delta beside it."""
+    family = model.family
+    extra = {**run_description(family, source, profile, split, recipe), **(extra or {})}
+    described = model.describe()
+    meta = routed_metadata(family, [family.config] * model.segment_count, model.boundary_values, extra)
+    meta["format_version"] = SHARED_BASE_VERSION
+    meta["shared_base"] = described
+    for entry in meta["experts"]:  # what an expert adds to the shared base
+        entry.update(params=described["delta_params"], flops=family.forward_flops(family.config) + described["delta_flops"])
+    save_safetensors_atomic(model.file_tensors(), path, {METADATA_KEY: json.dumps(meta)})
+    return Path(path)
 
 
 def run_description(family: Family, source=None, profile=None, split=None, recipe=None) -> Dict[str, Any]:
@@ -296,8 +270,9 @@ def read_metadata(path) -> Dict[str, Any]:
     # every entry point (load, info, extract, sample) reads through here: the metadata is checked
     # against itself and the header's tensors before anything is built from it
     meta = validate_routed(meta, shapes, path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: routed format version {meta.get('format_version')} is not supported (want {FORMAT_VERSION})")
+    if meta.get("format_version") not in (FORMAT_VERSION, SHARED_BASE_VERSION):
+        raise CheckpointError(f"{path}: routed format version {meta.get('format_version')} is not supported (want "
+                              f"{FORMAT_VERSION} or {SHARED_BASE_VERSION}); a newer cbs_convert wrote it: upgrade cbs_convert")
     return meta
 
 
@@ -318,7 +293,7 @@ def load(path, device="cpu", format: str = "cbs_convert"):
     return routed
 
 
-def _load_routed(path, device) -> RoutedModel:
+def _load_routed(path, device):
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -333,6 +308,8 @@ def _load_routed(path, device) -> RoutedModel:
         raise CheckpointError(f"{path}: boundaries {boundaries} must increase from 0 to 1")
     family = family_from_config(meta["family"], meta["family_config"])
     tensors = load_file(str(path), device="cpu")
+    if meta["format_version"] == SHARED_BASE_VERSION:
+        return _shared_base_from(path, family, meta, tensors).to(device).eval()
     experts: List[nn.Module] = []
     for k, entry in enumerate(experts_meta):
         prefix = f"experts.{k}."
@@ -347,3 +324,59 @@ def _load_routed(path, device) -> RoutedModel:
         raise CheckpointError(f"{path}: tensors {', '.join(stray[:3])} belong to no expert in the metadata")
     routed = RoutedModel(family, experts, boundaries, meta)
     return routed.to(device).eval()
+
+
+def _split_shared_base(path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
+    """(base state dict, per segment {layer: {"down", "up"}}) of a shared-base file's tensors."""
+    described = meta.get("shared_base") or {}
+    layers, count = described.get("layers") or [], len(meta["experts"])
+    base = {key[len("base."):]: value for key, value in tensors.items() if key.startswith("base.")}
+    deltas: List[Dict[str, Dict[str, torch.Tensor]]] = [{} for _ in range(count)]
+    for k in range(count):
+        for layer in layers:
+            parts = {part: tensors.get(f"deltas.{k}.{layer}.{part}") for part in ("down", "up")}
+            if any(value is None for value in parts.values()):
+                raise CheckpointError(f"{path}: segment {k}'s delta of layer {layer} is missing; the file is damaged")
+            deltas[k][layer] = parts
+    named = {"base." + key for key in base} | {f"deltas.{k}.{layer}.{part}" for k in range(count) for layer in layers
+                                                 for part in ("down", "up")}
+    stray = [key for key in tensors if key not in named]
+    if stray:
+        raise CheckpointError(f"{path}: tensors {', '.join(stray[:3])} belong to neither the base nor a listed delta")
+    return base, deltas
+
+
+def _shared_base_from(path, family: Family, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> SharedBaseModel:
+    base_state, deltas = _split_shared_base(path, meta, tensors)
+    base_state = {key: value.clone() for key, value in base_state.items()}
+    check_keys(base_state, family.expected_shapes(family.config), f"{path}: the shared base does not match its config")
+    described = meta["shared_base"]
+    model = SharedBaseModel(family, family.instantiate(family.config, base_state), meta["boundaries"],
+                            int(described["rank"]), described["layers"], meta)
+    for k, segment in enumerate(deltas):
+        for layer, parts in segment.items():
+            delta = model.delta(layer)
+            if parts["down"].numel() != delta.down[k].numel() or tuple(parts["up"].shape) != tuple(delta.up[k].shape):
+                raise CheckpointError(f"{path}: segment {k}'s delta of layer {layer} has shapes {tuple(parts['down'].shape)} / "
+                                      f"{tuple(parts['up'].shape)}, not rank {model.rank} for that layer")
+            delta.load_file_tensors(k, parts["down"], parts["up"])
+    return model
+
+
+def expert_state_dict(path, expert: int) -> Dict[str, torch.Tensor]:
+    """Expert ``expert``'s tensors under the source's own key names: read alone from a file of
+    separate experts, merged from the base and its delta in a shared-base file."""
+    from safetensors import safe_open
+
+    meta = read_metadata(path)
+    count = len(meta["experts"])
+    if not 0 <= expert < count:
+        raise CheckpointError(f"--expert {expert}: {path} holds experts 0 to {count - 1}")
+    if meta["format_version"] == SHARED_BASE_VERSION:
+        from safetensors.torch import load_file
+
+        base, deltas = _split_shared_base(path, meta, load_file(str(path)))
+        return merge_delta(base, deltas[expert])
+    prefix = f"experts.{expert}."
+    with safe_open(str(path), framework="pt") as handle:
+        return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}

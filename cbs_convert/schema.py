@@ -413,8 +413,54 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
 
 def validate_shared_base(meta: Dict[str, Any], header: Shapes, path) -> None:
     """Format 2's own entries: the ``shared_base`` metadata, and the ``base.*`` and ``deltas.*``
-    tensors against it. The hook where that format's checks belong; it has none of its own yet."""
-    return None
+    tensors against it, all from the header (the common fields are already checked)."""
+    check = _Check(path, "routed metadata", ROUTED_FIX)
+    name, source_config = meta["family"], meta["family_config"]
+    family = _family(check, name, source_config, "family_config")
+    base = {key[len("base."):]: shape for key, shape in header.items() if key.startswith("base.")}
+    check_counts(check, family, source_config, base, "family_config", "the shared base")
+    shared = check.mapping(check.get(meta, "shared_base", "shared_base", "the shared base's description"), "shared_base")
+    rank = check.integer(check.get(shared, "rank", "shared_base.rank", "the deltas' rank"), "shared_base.rank", low=1)
+    layers = check.sequence(check.get(shared, "layers", "shared_base.layers", "the layers holding deltas"),
+                            "shared_base.layers", low=1)
+    for i, layer in enumerate(layers):
+        check.text(layer, f"shared_base.layers[{i}]")
+        weight = base.get(f"{layer}.weight")
+        if not family.carries_delta(layer) or weight is None or len(weight) < 2:
+            raise check.fail(f"shared_base.layers[{i}]", f"a layer of the base that the {name} family gives deltas", layer)
+    segments = len(meta["experts"])
+    listed = set()
+    per_segment = 0
+    for layer in layers:
+        weight = base[f"{layer}.weight"]
+        fan_out, fan_in = weight[0], _numel(weight[1:])
+        per_segment += rank * (fan_in + fan_out)
+        for k in range(segments):
+            for part, rows, size in (("down", rank, fan_in), ("up", fan_out, rank)):
+                key = f"deltas.{k}.{layer}.{part}"
+                shape = header.get(key)
+                if shape is None or len(shape) < 2 or shape[0] != rows or _numel(shape[1:]) != size:
+                    got = _Raw("absent") if shape is None else _Raw(f"a tensor of shape {list(shape)}")
+                    raise check.fail(f"shared_base.layers ({layer})", f"tensor {key} of {rows} x {size} (rank {rank})", got)
+                listed.add(key)
+    stray = [key for key in header if not key.startswith("base.") and key not in listed]
+    if stray:
+        raise CheckpointError(f"{path}: tensor {stray[0]} belongs neither to the shared base nor to a listed delta; {ROUTED_FIX}")
+    counts = {"base_params": family.param_count(source_config), "delta_params": per_segment}
+    for key, value in counts.items():
+        if check.integer(check.get(shared, key, f"shared_base.{key}", f"{value:,}"), f"shared_base.{key}", high=2**63 - 1) != value:
+            raise check.fail(f"shared_base.{key}", f"{value:,}, the count of the tensors", shared[key])
+    check.integer(check.get(shared, "delta_flops", "shared_base.delta_flops", "a FLOP count"), "shared_base.delta_flops",
+                  high=2**63 - 1)
+    for k, entry in enumerate(meta["experts"]):
+        config = check.get(entry, "config", f"experts[{k}].config", "the source's config")
+        if config != source_config:
+            raise check.fail(f"experts[{k}].config", "family_config itself (every expert is the shared base plus its delta)",
+                             _Raw("another config"))
+        params = check.integer(check.get(entry, "params", f"experts[{k}].params", "its delta's parameters"),
+                               f"experts[{k}].params", high=2**63 - 1)
+        if params != per_segment:
+            raise check.fail(f"experts[{k}].params", f"{per_segment:,}, the parameters of its delta", params)
 
 
 def _boundaries(check: _Check, value) -> list:

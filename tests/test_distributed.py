@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -161,3 +162,22 @@ def test_a_launch_the_experts_cannot_share_is_refused_before_any_work(source):
     assert not re.search(r'cbs_convert/\w+\.py", line', result.stderr)  # no traceback of ours
     assert not (source / "bad.safetensors").exists()
     assert not (source / "bad.safetensors.work" / "pool.safetensors").exists()
+
+
+def test_shared_base_experts_train_as_one_data_parallel_model(source):
+    rng = np.random.default_rng(0)
+    np.savez(source / "lat.npz", features=rng.standard_normal((40, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 10, 40))
+    lora = ["--experts", "lora", "--rank", "2", "--budget", "1x", "--loss", "data", "--data", "lat.npz", "--steps", "20"]
+    one = convert(source, 1, 2, "one.safetensors", *lora)
+    assert one.returncode == 0, one.stderr[-2000:]
+    many = convert(source, 2, 2, "many.safetensors", *lora)
+    assert many.returncode == 0, many.stderr[-2000:]
+    a, b = load_file(str(source / "one.safetensors")), load_file(str(source / "many.safetensors"))
+    assert a.keys() == b.keys() and any(n.startswith("deltas.1.") for n in a)
+    for part in ("base.", "deltas."):
+        names = [n for n in a if n.startswith(part)]
+        flat_a = torch.cat([a[n].double().flatten() for n in names])
+        flat_b = torch.cat([b[n].double().flatten() for n in names])
+        assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-5, part
+    # one model, one group of both ranks
+    assert ranks_of(source / "many.report.json") == {"world_size": 2, "experts": [[0, 1]]}

@@ -188,3 +188,60 @@ def test_both_losses_are_weighted_as_given():
     # one step from the same start on the same draws: the loss is linear in the weights
     assert losses[(0.9, 0.1)] == pytest.approx(0.9 * losses[(1.0, 0.0)] + 0.1 * losses[(0.0, 1.0)], rel=1e-5)
     assert losses[(1.0, 0.0)] != pytest.approx(losses[(0.0, 1.0)])
+
+
+# -- block-feature distillation -------------------------------------------------------------------
+
+from cbs_convert.batches import draw_batch, noised  # noqa: E402
+from cbs_convert.finetune import _FeatureTaps  # noqa: E402
+
+
+def _feature_gap(family, teacher, student, channels, pool, labels):
+    """The masked feature loss of ``student`` on a fixed batch (what feature distillation lowers)."""
+    x0, y, t, noise = draw_batch(family, pool, labels, (0.0, 1.0), 32, torch.Generator().manual_seed(7))
+    taps = _FeatureTaps(family, teacher, student, channels)
+    with torch.no_grad():
+        x_t, native = noised(family, x0, t, noise), family.native_time(t)
+        teacher(x_t, native, y)
+        student(x_t, native, y)
+        gap = float(taps.loss(2.0))
+    taps.remove()
+    return gap
+
+
+def test_feature_distillation_matches_the_kept_channels_of_every_block():
+    family, teacher = tiny_model("sit")
+    config = allocate_widths(family, family.config, family.param_count(family.config) // 2)
+    sd, kept = prune_state_dict(family, teacher, teacher.state_dict(), family.config, config, "magnitude")
+    channels = family.feature_channels(kept)
+    assert channels.numel() == config["hidden_size"] < family.config["hidden_size"]
+    torch.manual_seed(0)
+    pool, labels = torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,))
+    # an unpruned copy has no gap, whatever its batch
+    assert _feature_gap(family, teacher, family.instantiate(family.config, dict(teacher.state_dict())), None, pool, labels) == 0.0
+    student = family.instantiate(config, {k: v.clone() for k, v in sd.items()})
+    before = _feature_gap(family, teacher, student, channels, pool, labels)
+    settings = FinetuneSettings(steps=40, batch_size=16, lr=1e-3, ema_decay=0.0, seed=1, loss="distill", feature_weight=1.0)
+    result = finetune_expert(family, teacher, student, (0.0, 1.0), pool, labels, settings, progress=False,
+                             feature_channels=channels)
+    after = _feature_gap(family, teacher, result.model, channels, pool, labels)
+    assert after < 0.8 * before, (before, after)
+    # the hooks are gone: the teacher computes as before, with nothing caught
+    assert not teacher.blocks[0]._forward_hooks
+
+
+def test_feature_outliers_beyond_the_mask_do_not_count():
+    family, teacher = tiny_model("sit")
+    taps = _FeatureTaps(family, teacher, teacher, None)
+    base = torch.randn(4, 16, 32)
+    outlier = base.clone()
+    outlier[0, 0, 0] = 1e4  # one huge teacher activation
+    for name in taps.taps:
+        taps.caught["teacher"][name] = outlier
+        taps.caught["student"][name] = base  # differs from the teacher only at the outlier
+    assert float(taps.loss(2.0)) == 0.0
+    for name in taps.taps:
+        taps.caught["teacher"][name] = outlier
+        taps.caught["student"][name] = base
+    assert float(taps.loss(1e9)) > 0  # unmasked, the outlier dominates
+    taps.remove()

@@ -470,6 +470,16 @@ class ADMFamily(NoisePredictionDDPM, Family):
 
     name = "adm"
     native_time_name = "timesteps"
+    # each residual block's two 3x3 convolutions and its time-embedding projection, and each
+    # attention block's qkv and output projections: where the UNet's time dependence lives
+    delta_layers = ("in_layers.2", "emb_layers.1", "out_layers.3", "qkv", "proj_out")
+
+    def feature_taps(self, config):
+        # the outputs of every input, middle and output block; pruning narrows only the insides of
+        # residual blocks and the attention heads, so each keeps the teacher's channels
+        lay = layout(complete_config(config))
+        return ([f"input_blocks.{i}" for i in range(len(lay.input_blocks))] + ["middle_block"]
+                + [f"output_blocks.{i}" for i in range(len(lay.output_blocks))])
     data_range = (-1.0, 1.0)  # pixels, as guided-diffusion's samplers clip them
 
     def __init__(self, config):

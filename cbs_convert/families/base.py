@@ -96,6 +96,41 @@ class Family:
             model.load_state_dict(state_dict, strict=True)
         return model.eval()
 
+    #: the layers of the network that carry a time segment's low-rank delta in shared-base experts,
+    #: as suffixes of module names (each family names its own attention, MLP and modulation layers)
+    delta_layers: Tuple[str, ...] = ()
+
+    def carries_delta(self, module_name: str) -> bool:
+        return any(module_name == s or module_name.endswith("." + s) for s in self.delta_layers)
+
+    #: the dimension of a block's output that holds its channels
+    feature_channel_dim: int = 1
+
+    def feature_taps(self, config: Dict[str, Any]) -> List[str]:
+        """The modules whose outputs a pruned student matches to its teacher's under feature
+        distillation: the network's blocks, in order."""
+        raise NotImplementedError
+
+    def removable_blocks(self, config: Dict[str, Any]) -> List[str]:
+        """The blocks depth pruning may remove whole, in order; empty where the family has none
+        (the pipeline then refuses ``--structure depth`` by name)."""
+        return []
+
+    def with_depth(self, config: Dict[str, Any], depth: int) -> Dict[str, Any]:
+        """``config`` holding ``depth`` of its removable blocks."""
+        raise NotImplementedError
+
+    def keep_blocks(self, state_dict: Dict[str, torch.Tensor], config: Dict[str, Any], kept: Sequence[int]
+                    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """The state dict and config of the network holding only the removable blocks ``kept``
+        (indices into ``removable_blocks``, in order)."""
+        raise NotImplementedError
+
+    def feature_channels(self, kept: Dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Which of the teacher's block-output channels a student pruned with ``kept`` (the
+        surgery's kept units) still has, in its order; None when pruning keeps them all."""
+        return None
+
     def param_count(self, config: Dict[str, Any]) -> int:
         raise NotImplementedError
 

@@ -250,6 +250,37 @@ class TransformerFamily(Family):
     """Architecture, counting and surgery shared by SiT and DiT."""
 
     drop_variance = False
+    # every block's attention and MLP linears and the adaLN modulations (the blocks' and the final
+    # layer's: where time enters); the embedders and the output projection stay shared
+    delta_layers = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
+    feature_channel_dim = -1  # tokens x channels
+
+    def feature_taps(self, config):
+        return [f"blocks.{i}" for i in range(config["depth"])]
+
+    def feature_channels(self, kept):
+        return kept["residual"]  # the residual stream keeps a subset of the teacher's channels
+
+    def removable_blocks(self, config):
+        return [f"blocks.{i}" for i in range(config["depth"])]
+
+    def with_depth(self, config, depth):
+        return {**config, "depth": int(depth)}
+
+    def keep_blocks(self, state_dict, config, kept):
+        # every block reads and writes the residual stream at one width, so any subset, renumbered
+        # in order, is a network of the same family: a plain checkpoint of a shallower SiT or DiT
+        kept = sorted(int(i) for i in kept)
+        renumbered = {f"blocks.{old}.": f"blocks.{new}." for new, old in enumerate(kept)}
+        out = {}
+        for key, value in state_dict.items():
+            if not key.startswith("blocks."):
+                out[key] = value
+                continue
+            prefix = key[: key.index(".", len("blocks.")) + 1]
+            if prefix in renumbered:
+                out[renumbered[prefix] + key[len(prefix):]] = value
+        return out, self.with_depth(config, len(kept))
 
     @classmethod
     def matches(cls, state_dict):

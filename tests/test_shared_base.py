@@ -1,0 +1,250 @@
+"""Shared-base experts (--experts lora): one base, a low-rank delta per segment, one routed file."""
+
+import json
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import cbs_convert
+from cbs_convert.cli import main as cli_main
+from cbs_convert.errors import CheckpointError
+from cbs_convert.finetune import FinetuneSettings, finetune_expert
+from cbs_convert.loading import load_model
+from cbs_convert.routed import save_shared_base
+from cbs_convert.shared_base import SharedBaseModel, describe_shared_base
+from helpers import tiny_model
+from test_adm import inputs as adm_inputs, tiny as tiny_adm
+from test_end_to_end import QUICK_KW
+
+BOUNDARIES = [0.0, 0.3, 0.7, 1.0]
+
+
+def _model_and_inputs(name, n=6):
+    if name == "adm":
+        family, model = tiny_adm()
+        x, t, y = adm_inputs(family, n=n)
+        return family, model, x, t, y
+    family, model = tiny_model(name)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, 8, 8, generator=generator)
+    # times spread over every segment, one exactly at an inner cut
+    t = family.native_time(torch.tensor([0.05, 0.3, 0.45, 0.69, 0.8, 0.99][:n], dtype=torch.float64)).float()
+    return family, model, x, t, torch.arange(n) % 10
+
+
+def _randomise_deltas(model, scale=0.05, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.deltas.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+
+
+@pytest.mark.parametrize("name", ["sit", "dit", "adm"])
+def test_zero_deltas_compute_the_source_exactly(name):
+    family, source, x, t, y = _model_and_inputs(name)
+    with torch.no_grad():
+        expected = source(x, t, y)
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=3).eval()
+    with torch.no_grad():
+        assert torch.equal(shared(x, t, y), expected)
+        if hasattr(source, "forward_with_cfg"):  # the official transformers have one, ADM's UNet does not
+            assert torch.equal(shared.forward_with_cfg(x, t, y, 4.0), source.forward_with_cfg(x, t, y, 4.0))
+
+
+@pytest.mark.parametrize("name", ["sit", "adm"])
+def test_each_sample_of_a_mixed_batch_is_computed_by_its_own_segments_expert(name):
+    family, source, x, t, y = _model_and_inputs(name)
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=3).eval()
+    _randomise_deltas(shared)
+    which = shared.expert_index(t)
+    assert sorted(set(which.tolist())) == [0, 1, 2]
+    with torch.no_grad():
+        routed = shared(x, t, y)
+        for k in range(3):
+            expert = family.instantiate(family.config, shared.merged_state_dict(k))
+            rows = which == k
+            alone = expert(x[rows], t[rows], None if y is None else y[rows])
+            assert torch.allclose(routed[rows], alone, atol=1e-5, rtol=1e-4), k
+        # the deltas matter: without routing (the bare base) the output differs
+        assert not torch.allclose(routed, shared.base(x, t, y), atol=1e-4)
+
+
+def test_the_routed_forward_compiles_as_one_graph():
+    family, source, x, t, y = _model_and_inputs("sit")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=2).eval()
+    _randomise_deltas(shared)
+    # fullgraph: a host sync or a data-dependent branch in the routing would fail to trace
+    compiled = torch.compile(shared, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x, t, y), shared(x, t, y), atol=1e-6)
+        one_segment = t.new_full(t.shape, float(t[0]))
+        assert torch.allclose(compiled(x, one_segment, y), shared(x, one_segment, y), atol=1e-6)
+
+
+def test_sizes_are_counted_from_the_layers_and_flops_from_a_forward():
+    family, source, *_ = _model_and_inputs("sit")
+    config = family.config
+    described = describe_shared_base(family, BOUNDARIES, rank=4)
+    hidden, mlp = config["hidden_size"], config["mlp_hidden"]
+    per_block = 4 * ((hidden + 3 * hidden) + (hidden + hidden) + (hidden + mlp) + (mlp + hidden) + (hidden + 6 * hidden))
+    final = 4 * (hidden + 2 * hidden)
+    assert described["delta_params"] == config["depth"] * per_block + final
+    assert described["base_params"] == family.param_count(config)
+    tokens = (config["input_size"] // config["patch_size"]) ** 2
+    per_block_flops = 2 * 4 * (tokens * ((hidden + 3 * hidden) + 2 * hidden + (hidden + mlp) + (mlp + hidden)) + 7 * hidden)
+    assert described["delta_flops"] == config["depth"] * per_block_flops + 2 * 4 * 3 * hidden
+
+
+def test_a_frozen_base_stays_the_source_while_the_deltas_learn():
+    family, source, *_ = _model_and_inputs("sit")
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    teacher = family.instantiate(family.config, {k: v.clone() for k, v in before.items()})
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=2)
+    pool = torch.randn(16, 4, 8, 8)
+    labels = torch.arange(16) % 10
+    settings = FinetuneSettings(steps=4, batch_size=8, lr=1e-2, loss="data", ema_decay=0.0, seed=0)
+    result = finetune_expert(family, teacher, shared, (0.0, 1.0), pool, labels, settings, progress=False,
+                             param_groups=[(shared.delta_parameters(), 1.0), (shared.base_parameters(), 0.0)])
+    trained = result.model
+    assert all(torch.equal(trained.base.state_dict()[k], v) for k, v in before.items())
+    assert any(float(p.abs().max()) > 0 for name, p in trained.deltas.named_parameters() if name.endswith("up"))
+
+
+def _data(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "latents.npz"
+    np.savez(path, features=rng.standard_normal((40, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 10, 40))
+    return path
+
+
+def _cli(args, cwd, capsys):
+    """The CLI in this process (a subprocess would import torch again): exit code and stderr."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        code = cli_main(list(args))
+    return code, capsys.readouterr()
+
+
+def test_a_lora_conversion_writes_one_base_and_k_deltas_that_load_extract_and_describe(tmp_path, capsys):
+    family, source, x, t, y = _model_and_inputs("sit")
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file(source.state_dict(), str(checkpoint))
+    out = tmp_path / "lora.safetensors"
+    result = cbs_convert.convert(checkpoint, k=3, experts="lora", rank=2, split="uniform", loss="data", data=str(_data(tmp_path)),
+                                 num_heads=4, family="sit", out=str(out), **QUICK_KW)
+    report = result.report
+    shared = report["shared_base"]
+    assert shared["rank"] == 2 and shared["base_params"] == family.param_count(family.config)
+    assert report["budget"]["achieved"] == shared["base_params"] + 3 * shared["delta_params"]
+    # the steps the K copies would take, in one run
+    assert report["finetune"]["settings"]["joint_steps"] == report["finetune"]["experts"][0]["settings"]["steps"] == 3 * QUICK_KW["steps"]
+    assert report["finetune"]["experts"][0]["steps_run"] == 3 * QUICK_KW["steps"]
+    assert all(e["error_after"] > 0 for e in report["evaluation"]["experts"])  # the deltas and base moved
+    with safe_open(str(out), framework="pt") as handle:
+        keys = list(handle.keys())
+        meta = json.loads(handle.metadata()["cbs_convert"])
+    assert meta["format_version"] == 2
+    assert sum(key.startswith("base.") for key in keys) == len(source.state_dict())
+    assert sum(key.startswith("deltas.") for key in keys) == 3 * 2 * len(shared["layers"])
+
+    routed = cbs_convert.load(out)
+    assert isinstance(routed, SharedBaseModel)
+    with torch.no_grad():
+        mixed = routed(x, t, y)
+    which = routed.expert_index(t)
+    for k in range(3):
+        extracted = tmp_path / f"expert_{k}.safetensors"
+        code, printed = _cli(["extract", str(out), "--expert", str(k), "--out", str(extracted)], tmp_path, capsys)
+        assert code == 0, printed.err
+        plain = load_model(extracted)[1]
+        rows = which == k
+        with torch.no_grad():
+            assert torch.allclose(plain(x[rows], t[rows], y[rows]), mixed[rows], atol=1e-5, rtol=1e-4)
+    code, shown = _cli(["info", str(out)], tmp_path, capsys)
+    assert code == 0, shown.err
+    assert f"shared base: {shared['base_params']:,} parameters" in shown.out
+    assert shown.out.count(f"delta of {shared['delta_params']:,} params") == 3
+
+
+def test_a_file_saved_from_the_library_round_trips(tmp_path):
+    family, source, x, t, y = _model_and_inputs("adm")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=2).eval()
+    _randomise_deltas(shared)
+    path = save_shared_base(tmp_path / "adm_lora.safetensors", shared)
+    loaded = cbs_convert.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), shared(x, t, y))
+
+
+def test_a_damaged_delta_is_named(tmp_path, capsys):
+    family, source, *_ = _model_and_inputs("sit")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=2)
+    path = save_shared_base(tmp_path / "lora.safetensors", shared)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    del tensors["deltas.1.blocks.0.mlp.fc1.up"]
+    save_file(tensors, str(tmp_path / "damaged.safetensors"), metadata)
+    with pytest.raises(CheckpointError, match=r"tensor deltas\.1\.blocks\.0\.mlp\.fc1\.up of 64 x 2 \(rank 2\)"):
+        cbs_convert.load(tmp_path / "damaged.safetensors")
+    for command in (["extract", "damaged.safetensors", "--expert", "1", "--out", "e.safetensors"], ["info", "damaged.safetensors"]):
+        code, printed = _cli(command, tmp_path, capsys)
+        assert code == 2 and "deltas.1.blocks.0.mlp.fc1.up" in printed.err and len(printed.err.strip().splitlines()) == 1
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda meta: meta["shared_base"].update(rank=3), "deltas.0"),
+    (lambda meta: meta["shared_base"].update(layers=["blocks.0.norm1"]), "shared_base.layers[0]"),
+    (lambda meta: meta["shared_base"].update(delta_params=1), "shared_base.delta_params"),
+    (lambda meta: meta["shared_base"].pop("layers"), "shared_base.layers"),
+    (lambda meta: meta["experts"][1].update(params=5), "experts[1].params"),
+    (lambda meta: meta["experts"][0]["config"].update(depth=1), "experts[0].config"),
+])
+def test_shared_base_metadata_that_contradicts_the_tensors_is_refused(tmp_path, capsys, edit, field):
+    family, source, *_ = _model_and_inputs("sit")
+    path = save_shared_base(tmp_path / "lora.safetensors", SharedBaseModel(family, source, BOUNDARIES, rank=2))
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["cbs_convert"])
+    edit(meta)
+    save_file(load_file(str(path)), str(tmp_path / "edited.safetensors"), {"cbs_convert": json.dumps(meta)})
+    code, printed = _cli(["info", "edited.safetensors"], tmp_path, capsys)
+    assert code == 2 and field in printed.err and len(printed.err.strip().splitlines()) == 1, printed.err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--experts", "lora", "--budget", "2x"], "--experts lora keeps the source's width"),
+    (["--base-lr-scale", "0.5"], "applies to --experts lora only"),
+    (["--experts", "lora", "--rank", "0"], "rank=0 must be 1 or more"),
+])
+def test_contradictory_lora_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    family, source, *_ = _model_and_inputs("sit")
+    save_file(source.state_dict(), str(tmp_path / "tiny.safetensors"))
+    code, printed = _cli(["tiny.safetensors", "--num-heads", "4", "--family", "sit", *flags], tmp_path, capsys)
+    assert code == 2 and message in printed.err
+    assert len(printed.err.strip().splitlines()) == 1 and not list(tmp_path.glob("*.work"))
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_diffusers_sources_convert_to_zero_deltas_that_equal_them_inside_diffusers(tmp_path, kind):
+    pytest.importorskip("diffusers")
+    import test_diffusers as td
+
+    model = td.tiny_diffusers_dit() if kind == "dit" else td.tiny_unet()
+    folder = (td.save_pipeline_folder if kind == "dit" else td.save_ddpm_folder)(model, tmp_path / "source")
+    result = cbs_convert.convert(folder, k=2, experts="lora", rank=2, steps=0, out=str(tmp_path / "lora.safetensors"),
+                                 pool_size=8, grid=4, profile_batches=1, profile_batch_size=4, calib_batches=1,
+                                 eval_samples=4, ode_steps=3)
+    wrapped = cbs_convert.load(result.output, format="diffusers")
+    generator = torch.Generator().manual_seed(1)
+    if kind == "dit":
+        x, t, y = td.inputs()
+        with torch.no_grad():
+            assert torch.allclose(wrapped(hidden_states=x, timestep=t, class_labels=y).sample,
+                                  model(x, timestep=t, class_labels=y).sample, atol=1e-5, rtol=1e-5)
+    else:
+        x, t = torch.randn(2, 3, 16, 16, generator=generator), torch.tensor([900, 20])
+        with torch.no_grad():
+            assert torch.allclose(wrapped(x, t).sample, model(x, t).sample, atol=1e-5, rtol=1e-5)
