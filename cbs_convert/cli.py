@@ -57,7 +57,8 @@ def build_parser(preview: bool = False) -> argparse.ArgumentParser:
         "of a recognised published architecture, --recipe FILE, then these flags. "
         "Other commands: 'python -m cbs_convert info ROUTED' shows a routed checkpoint; "
         "'python -m cbs_convert extract ROUTED --expert K --out FILE' writes one expert as a plain checkpoint; "
-        "'python -m cbs_convert profile CHECKPOINT [settings]' profiles and plans the split only.",
+        "'python -m cbs_convert profile CHECKPOINT [settings]' profiles and plans the split only; "
+        "'python -m cbs_convert schedule MODEL --steps N --schedule NAME' computes a sampling step schedule.",
     )
     parser.add_argument("checkpoint", nargs="?", help=FIELDS["checkpoint"].metadata["help"])
     parser.add_argument("--recipe", help="YAML recipe with any of the settings below (snake_case keys)")
@@ -98,7 +99,7 @@ def _flag_values(namespace) -> Dict[str, object]:
 
 
 #: ``python -m cbs_convert NAME ...``: a first argument with one of these names is a command, not a checkpoint
-COMMANDS = ("info", "extract", "profile")
+COMMANDS = ("info", "extract", "profile", "schedule")
 
 
 def _command_parser(name: str) -> argparse.ArgumentParser:
@@ -125,6 +126,11 @@ def _run_command(argv: List[str]) -> int:
 
     if argv[0] == "profile":
         return _convert(argv[1:], preview=True)
+    if argv[0] == "schedule":
+        from .sample import schedules
+
+        schedule_args = schedules.command_parser().parse_args(argv[1:])
+        return _guarded(lambda: print("\n".join(schedules.run_command(schedule_args))), schedule_args.debug)
     args = _command_parser(argv[0]).parse_args(argv[1:])
 
     def work():

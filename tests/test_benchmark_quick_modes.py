@@ -84,3 +84,29 @@ def test_gpu_check_at_the_small_size(tmp_path):
     import gpu_check
 
     _gpu_check_holds(gpu_check.main(["--size", "small", "--json", str(tmp_path / "check.json")]))
+
+
+def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_times_them(tmp_path, capsys):
+    import math
+
+    import schedule_benchmark
+    from cbs_convert.routed import read_metadata
+
+    result = schedule_benchmark.main(["--quick", "--dataset", "digits", "--out", str(tmp_path / "schedules"),
+                                      "--cache", str(tmp_path / "cache")])
+    rows = {(s["model"], s["row"], s["steps"], s["method"]) for s in result["scores"]}
+    for name in schedule_benchmark.SCHEDULES:
+        for steps in result["steps"]:
+            for method in ("euler", "heun"):
+                assert ("teacher", name, steps, method) in rows
+                for variant in ("aligned", "not aligned"):
+                    assert ("routed K=2", f"{name}, {variant}", steps, method) in rows
+    assert all(math.isfinite(s["fd"]) for s in result["scores"])
+    cut = read_metadata(result["models"]["routed K=2"])["boundaries"][1]
+    for label, times in result["schedule_times"].items():
+        assert times[0] == 1.0 and times[-1] == 0.0
+        if label.startswith("routed K=2: ") and ", aligned," in label:
+            assert cut in times, label
+    assert result["timing"]["schedules"]["ots"]["max_s"] > result["timing"]["schedules"]["uniform"]["max_s"]
+    out = capsys.readouterr().out
+    assert "## Goals" in out and "## Computing a schedule" in out

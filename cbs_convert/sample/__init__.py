@@ -6,7 +6,7 @@ wants to sample a routed checkpoint without the family's original sampling code.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,42 +27,23 @@ def split_velocity(family: Family, x: torch.Tensor, v: torch.Tensor, t: torch.Te
     return x0, eps
 
 
-@torch.no_grad()
-def sample_ode(
-    family: Family,
-    model,
-    shape,
-    labels: Optional[torch.Tensor] = None,
-    steps: int = 32,
-    t_end: float = 0.0,
-    generator: Optional[torch.Generator] = None,
-    device="cpu",
-    noise: Optional[torch.Tensor] = None,
-    cfg_scale: float = 1.0,
-) -> torch.Tensor:
-    """Heun's method for dx/dt = v(x, t) from t = 1 to ``t_end`` on a uniform grid, in the
-    data-prediction form: with r = alpha/sigma and y = x/sigma the ODE is dy/dr = x0_hat(x, t).
+def data_stepper(family: Family, model, labels: Optional[torch.Tensor] = None, cfg_scale: float = 1.0,
+                 pin_experts: bool = False):
+    """One step of :func:`sample_ode` as a function ``step(x, t0, t1, last)`` of the state and the
+    step's two times (0-dim tensors); ``last`` marks a final step that ends on the data (t = 0),
+    which returns the predicted data. ``pin_experts``: each step computed by one expert of a routed
+    model (``samplers.step_model``)."""
+    from .samplers import step_model
 
-    Its Euler step is DDIM. Unlike Heun in x it stays stable where alpha'/alpha is huge (the cosine
-    schedule near t = 1), and it starts cleanly at t = 1 where alpha = 0 (SiT). The last step to
-    t = 0 returns the predicted data, as the reference DDPM samplers do. A family whose data has a
-    known range (``family.data_range``, pixels in [-1, 1]) has its predicted x0 clipped to it.
-    ``cfg_scale`` > 1 mixes the conditional and null-label velocities.
-    """
-    if noise is None:
-        noise = torch.randn(shape, generator=generator).to(device)
-    one = torch.ones(shape[0], device=device)
-    _, sigma_start = family.schedule(one)
-    x = broadcast_to(sigma_start, noise) * noise
     null = family.null_label(family.config)
     data_range = getattr(family, "data_range", None)
 
-    def predict(x, t):
+    def predict(forward, x, t):
         if cfg_scale == 1.0 or labels is None or null is None:
-            v = family.velocity(model, x, t, labels)
+            v = family.velocity(forward, x, t, labels)
         else:
             both = family.velocity(
-                model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)])
+                forward, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)])
             )
             cond, uncond = both.chunk(2)
             v = uncond + cfg_scale * (cond - uncond)
@@ -75,17 +56,74 @@ def sample_ode(
             x0 = clipped
         return x0, eps
 
-    times = torch.linspace(1.0, t_end, steps + 1, device=device)
-    for i in range(steps):
-        t0, t1 = times[i] * one, times[i + 1] * one
+    def step(x, t0, t1, last: bool):
+        forward = step_model(family, model, t0, t1) if pin_experts else model
+        one = torch.ones(len(x), device=x.device)
+        t0, t1 = t0 * one, t1 * one
         alpha0, sigma0 = (broadcast_to(v, x) for v in family.schedule(t0))
         alpha1, sigma1 = (broadcast_to(v, x) for v in family.schedule(t1))
-        x0_a, eps_a = predict(x, t0)
-        if i == steps - 1 and t_end == 0.0:
-            x = x0_a
-            break
+        x0_a, eps_a = predict(forward, x, t0)
+        if last:
+            return x0_a
         x_euler = alpha1 * x0_a + sigma1 * eps_a
-        x0_b, _ = predict(x_euler, t1)
+        x0_b, _ = predict(forward, x_euler, t1)
         # y1 = y0 + (r1 - r0) (x0_a + x0_b) / 2, written back in x = sigma * y
-        x = sigma1 / sigma0 * x + (alpha1 - sigma1 * alpha0 / sigma0) * 0.5 * (x0_a + x0_b)
+        return sigma1 / sigma0 * x + (alpha1 - sigma1 * alpha0 / sigma0) * 0.5 * (x0_a + x0_b)
+
+    return step
+
+
+@torch.no_grad()
+def sample_ode(
+    family: Family,
+    model,
+    shape,
+    labels: Optional[torch.Tensor] = None,
+    steps: int = 32,
+    t_end: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    device="cpu",
+    noise: Optional[torch.Tensor] = None,
+    cfg_scale: float = 1.0,
+    times=None,
+    pin_experts: Optional[bool] = None,
+    schedule: Optional[str] = None,
+) -> torch.Tensor:
+    """Heun's method for dx/dt = v(x, t) from t = 1 to ``t_end`` on a uniform grid, in the
+    data-prediction form: with r = alpha/sigma and y = x/sigma the ODE is dy/dr = x0_hat(x, t).
+
+    Its Euler step is DDIM. Unlike Heun in x it stays stable where alpha'/alpha is huge (the cosine
+    schedule near t = 1), and it starts cleanly at t = 1 where alpha = 0 (SiT). The last step to
+    t = 0 returns the predicted data, as the reference DDPM samplers do. A family whose data has a
+    known range (``family.data_range``, pixels in [-1, 1]) has its predicted x0 clipped to it.
+    ``cfg_scale`` > 1 mixes the conditional and null-label velocities.
+
+    ``times``: the canonical times of the steps instead of the uniform grid, decreasing from 1 to
+    their last value, which takes the place of ``steps`` and ``t_end``, as a list or a
+    ``schedules.Schedule``; ``schedule``: a schedule by name (``"edm"``, ``"profile"``...) of
+    ``steps`` steps to ``t_end``, built for ``model`` (:mod:`.schedules`). ``pin_experts``: each step
+    computed by one expert of a routed model; by default exactly when the schedule is aligned to
+    its cuts.
+    """
+    if noise is None:
+        noise = torch.randn(shape, generator=generator).to(device)
+    one = torch.ones(shape[0], device=device)
+    _, sigma_start = family.schedule(one)
+    x = broadcast_to(sigma_start, noise) * noise
+    if times is not None or schedule is not None:
+        from .schedules import sampler_times
+
+        times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, t_end=t_end,
+                                           sampler="data")
+    if times is None:
+        grid = torch.linspace(1.0, t_end, steps + 1, device=device)
+    else:
+        from .schedules import time_grid
+
+        grid = time_grid(times, device, t_end=None)
+        t_end = float(times[-1])
+    step = data_stepper(family, model, labels, cfg_scale, bool(pin_experts))
+    count = len(grid) - 1
+    for i in range(count):
+        x = step(x, grid[i], grid[i + 1], i == count - 1 and t_end == 0.0)
     return x

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError, RecipeError, UserError
 from ..files import atomic_write, atomic_write_json
+from . import schedules
 from .samplers import DEFAULT_STEPS, ODE_METHODS, SAMPLERS, Guided, draw, to_uint8_nhwc
 
 SHARD_MARKER = "cbs_convert_samples.json"
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", choices=("auto", "on", "off"), default="auto",
                    help="ddpm/ddim: clip the predicted image to [-1, 1] (auto: for pixel models, not latents)")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
+    p.add_argument("--cfg-scale-per-expert", help="routed models: one guidance scale per expert, expert 0 (nearest "
+                   "the data) first, e.g. 3.0,4.0 (instead of --cfg-scale)")
+    schedules.add_arguments(p)
     p.add_argument("--class", dest="class_label", type=int, help="sample only this class (default: uniform over classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", help="a local diffusers AutoencoderKL folder to decode a latent model's samples")
@@ -72,8 +76,9 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
-def draw_batch(family, model, settings: Dict, batch: int, size: int, device):
-    """(samples as the family produces them, labels) of one batch, reproducibly."""
+def draw_batch(family, model, settings: Dict, batch: int, size: int, device, schedule=None):
+    """(samples as the family produces them, labels) of one batch, reproducibly; ``schedule`` (a
+    ``schedules.Schedule``): the ode sampler's steps."""
     generator = torch.Generator().manual_seed(batch_seed(settings["seed"], batch))
     classes = family.num_classes(family.config)
     labels = None
@@ -83,16 +88,27 @@ def draw_batch(family, model, settings: Dict, batch: int, size: int, device):
         else:
             labels = torch.randint(0, classes, (size,), generator=generator)
     noise = torch.randn((size, *family.sample_shape(family.config)), generator=generator)
-    forward = model if settings["cfg_scale"] == 1.0 else Guided(family, model, settings["cfg_scale"])
+    forward = guided(family, model, settings)
     clip = {"auto": None, "on": True, "off": False}[settings["clip"]]
     steps = settings["respacing"] or settings["steps"]
+    # the uniform schedule without cuts to align to is the sampler's own grid, to the bit
+    plain = schedule is None or (schedule.name == "uniform" and not schedule.aligned)
     out = draw(
         family, forward, settings["sampler"], noise.to(device), None if labels is None else labels.to(device),
         steps=steps, generator=generator, method=settings["method"], clip=clip, eta=settings["eta"],
         diffusion_norm=settings["diffusion_norm"], last_step=settings["last_step"], atol=settings["atol"],
-        rtol=settings["rtol"],
+        rtol=settings["rtol"], times=None if plain else schedule.times,
+        pin_experts=bool(schedule is not None and schedule.aligned),
     )
     return out, labels
+
+
+def guided(family, model, settings: Dict):
+    """``model`` under the guidance the settings ask for, one scale or one per expert."""
+    per_expert = settings.get("cfg_scale_per_expert")
+    if per_expert:
+        return Guided(family, model, 1.0, per_expert)
+    return model if settings["cfg_scale"] == 1.0 else Guided(family, model, settings["cfg_scale"])
 
 
 class Decoder:
@@ -154,14 +170,38 @@ def _settings(args, family, model_files: List[Path]) -> Dict:
         "respacing": args.respacing, "method": args.method, "atol": args.atol, "rtol": args.rtol, "eta": args.eta,
         "diffusion_norm": args.diffusion_norm, "last_step": args.last_step, "clip": args.clip,
         "cfg_scale": args.cfg_scale, "class_label": args.class_label, "vae": str(Path(args.vae).resolve()) if args.vae else None,
+        **_schedule_settings(args),
     }
+
+
+def _schedule_settings(args) -> Dict:
+    """The schedule flags a run uses, and only those: a run without them keeps the settings (and the
+    shard folders) of the runs before schedules existed."""
+    out: Dict = {}
+    if args.cfg_scale_per_expert:
+        out["cfg_scale_per_expert"] = schedules.parse_scales(args.cfg_scale_per_expert)
+    counts = schedules.parse_counts(args.steps_per_expert)
+    parsed = schedules.parse_schedule(args.schedule)
+    if parsed is None and counts is None:
+        return out
+    out["schedule"] = parsed if parsed is not None else "uniform"
+    out.update(rho=args.rho, align=args.align, steps_per_expert=counts)
+    if counts is not None:
+        out["steps"] = sum(counts)
+    if isinstance(parsed, list):
+        out["steps"] = len(parsed) - 1
+    return out
 
 
 def default_out(model: Path, settings: Dict) -> Path:
     from ..checkpoint import model_name
 
     guidance = f"-cfg{settings['cfg_scale']:g}" if settings["cfg_scale"] != 1.0 else ""
-    return Path.cwd() / (f"{model_name(model)}-{settings['sampler']}{settings['steps']}{guidance}-seed{settings['seed']}"
+    if settings.get("cfg_scale_per_expert"):
+        guidance = "-cfg" + "_".join(format(s, "g") for s in settings["cfg_scale_per_expert"])
+    schedule = settings.get("schedule")
+    schedule = "" if schedule is None else "-" + ("custom" if isinstance(schedule, list) else schedule.replace(":", "_"))
+    return Path.cwd() / (f"{model_name(model)}-{settings['sampler']}{settings['steps']}{schedule}{guidance}-seed{settings['seed']}"
                          f"-{settings['num_samples']}.npz")
 
 
@@ -185,6 +225,16 @@ def _check_flags(args) -> None:
         raise RecipeError("--eta and --diffusion-norm must not be negative")
     if args.atol <= 0 or args.rtol <= 0:
         raise RecipeError("--atol and --rtol must be positive")
+    schedules.check_arguments(args)
+    if args.cfg_scale_per_expert is not None:
+        schedules.parse_scales(args.cfg_scale_per_expert)
+        if args.cfg_scale != 1.0:
+            raise RecipeError("--cfg-scale and --cfg-scale-per-expert both set the guidance; give one of them")
+    if args.steps is not None and args.steps_per_expert is not None and args.steps != sum(schedules.parse_counts(args.steps_per_expert)):
+        raise RecipeError(f"--steps {args.steps} and --steps-per-expert {args.steps_per_expert} disagree; give one of them")
+    parsed = schedules.parse_schedule(args.schedule)
+    if args.steps is not None and isinstance(parsed, list) and args.steps != len(parsed) - 1:
+        raise RecipeError(f"--steps {args.steps}: the --schedule given has {len(parsed) - 1} steps; drop --steps")
     if args.out:
         _check_out(Path(args.out), args.force)
 
@@ -201,7 +251,7 @@ def _check_out(out: Path, force: bool) -> None:
     check_writable(out.parent, "--out")
 
 
-def _check(args, family, settings) -> None:
+def _check(args, family, settings, model=None) -> None:
     if settings["sampler"] in ("ddpm", "ddim") and getattr(family, "alphas_cumprod", None) is None:
         raise RecipeError(f"--sampler {settings['sampler']} needs a model trained as a discrete DDPM (DiT, ADM); "
                           f"a {family.name} model samples with --sampler ode or sde")
@@ -210,6 +260,20 @@ def _check(args, family, settings) -> None:
     if args.cfg_scale != 1.0 and family.null_label(family.config) is None:
         raise RecipeError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model with a null class; this one "
                           "has none: drop --cfg-scale")
+    if "schedule" in settings and (settings["sampler"] != "ode" or settings["method"] == "dopri5"):
+        flag = "--schedule" if args.schedule else "--steps-per-expert"
+        raise RecipeError(f"{flag} places the steps of --sampler ode with --method heun or euler; "
+                          f"{settings['sampler'] if settings['sampler'] != 'ode' else 'dopri5'} takes its own steps")
+    scales = settings.get("cfg_scale_per_expert")
+    if scales is not None:
+        experts = max(len(schedules.model_boundaries(model)) - 1, 1)
+        if experts == 1:
+            raise RecipeError("--cfg-scale-per-expert needs a routed model; this one has one expert: use --cfg-scale")
+        if len(scales) != experts:
+            raise RecipeError(f"--cfg-scale-per-expert gives {len(scales)} scales; the model has {experts} experts: give "
+                              "one each, expert 0 (nearest the data) first")
+        if family.null_label(family.config) is None:
+            raise RecipeError("--cfg-scale-per-expert needs a class-conditional model with a null class; this one has none")
     classes = family.num_classes(family.config)
     if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
         raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"
@@ -337,7 +401,15 @@ def _run(args) -> List[str]:
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
     settings = _settings(args, family, model_files)
-    _check(args, family, settings)
+    _check(args, family, settings, model)
+    schedule = None
+    if "schedule" in settings:
+        class_label = settings["class_label"]
+        schedule = schedules.build_schedule(
+            family, model, settings["schedule"], settings["steps"], method=settings["method"], rho=settings["rho"],
+            align=settings["align"], steps_per_expert=settings["steps_per_expert"], forward=guided(family, model, settings),
+            labels_for=None if class_label is None else (lambda n, _: torch.full((n,), class_label, dtype=torch.long)),
+            seed=settings["seed"], device=device)
     decoder = Decoder(family, args.vae, device)
     out = Path(args.out) if args.out else default_out(model_path, settings)
     if out.exists() and any(out.resolve() == f.resolve() for f in model_files):
@@ -363,7 +435,7 @@ def _run(args) -> List[str]:
 
         bar = tqdm(total=len(mine), desc=f"sampling ({world} process{'es' if world > 1 else ''})", file=sys.stderr)
     for b in mine:
-        samples, labels = draw_batch(family, model, settings, b, args.batch_size, device)
+        samples, labels = draw_batch(family, model, settings, b, args.batch_size, device, schedule)
         if not torch.isfinite(samples).all():
             raise UserError(f"batch {b} came out with NaN/Inf values: the sampler diverged; try more --steps"
                             f"{' or a smaller --cfg-scale' if args.cfg_scale != 1.0 else ''}")
@@ -394,6 +466,9 @@ def _run(args) -> List[str]:
     _write_npz(out, **arrays)
     lines = [f"wrote {out}: {len(samples)} {'images' if decoder.kind == 'images' else 'latents'} "
              f"{'x'.join(map(str, samples.shape[1:]))} ({samples.dtype}, {'NHWC' if decoder.kind == 'images' else 'NCHW'})"]
+    if schedule is not None:
+        split = f" ({' + '.join(map(str, schedule.counts))} by expert, expert 0 first)" if schedule.aligned else ""
+        lines.append(f"  steps: {schedule.name}, {schedule.steps}{split}: t = {', '.join(format(t, '.4g') for t in schedule.times)}")
     if decoder.kind == "latents":
         lines.append("  these are the model's latents, not images (no --vae given): decode them with a diffusers "
                      "AutoencoderKL (--vae DIR, the SD VAE the model was trained with) to get arr_0 for the evaluator")

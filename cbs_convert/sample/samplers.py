@@ -14,13 +14,14 @@ starting noise, and returns the sample; nothing here knows which architecture it
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..families.base import Family, broadcast_to
 from . import split_velocity
+from .schedules import sampler_times, time_grid
 
 SAMPLERS = ("ode", "sde", "ddpm", "ddim")
 ODE_METHODS = ("heun", "euler", "dopri5")
@@ -30,21 +31,67 @@ class Guided(nn.Module):
     """``model`` under classifier-free guidance as the family's reference code applies it.
 
     Takes a batch of n conditional inputs and returns n outputs: the family's guided forward sees
-    the doubled batch [x; x] with labels [y; null] and its first half is kept."""
+    the doubled batch [x; x] with labels [y; null] and its first half is kept.
 
-    def __init__(self, family: Family, model, cfg_scale: float):
+    ``segment_scales`` (a routed ``model`` only): one scale per expert, expert 0 nearest the data,
+    each sample guided by the scale of the expert that owns its time, as Wan2.2 guides its
+    high-noise and low-noise experts differently."""
+
+    def __init__(self, family: Family, model, cfg_scale: float, segment_scales: Optional[Sequence[float]] = None):
         super().__init__()
         null = family.null_label(family.config)
         if null is None:
             raise ValueError("classifier-free guidance needs a model with a null class; this one has none")
+        if segment_scales is not None:
+            count = len(getattr(model, "boundary_values", ())) - 1
+            if count < 1 or not hasattr(model, "expert_index"):
+                raise ValueError("a guidance scale per expert needs a routed model")
+            if len(segment_scales) != count:
+                raise ValueError(f"{len(segment_scales)} guidance scales given for {count} experts")
+            segment_scales = tuple(float(s) for s in segment_scales)
         self.family, self.model, self.cfg_scale, self.null = family, model, cfg_scale, null
+        self.segment_scales = segment_scales
+
+    def _scale(self, native_t):
+        if self.segment_scales is None:
+            return self.cfg_scale
+        which = self.model.expert_index(native_t).to(native_t.device)
+        return torch.tensor(self.segment_scales, dtype=torch.float32, device=native_t.device)[which]
 
     def forward(self, x, native_t, y):
+        scale = self._scale(native_t)
+        if not isinstance(scale, float):
+            scale = scale.reshape(len(x), *([1] * (x.dim() - 1))).to(x.dtype)
         both = self.family.guided_forward(
             self.model, torch.cat([x, x]), torch.cat([native_t, native_t]),
-            torch.cat([y, torch.full_like(y, self.null)]), self.cfg_scale,
+            torch.cat([y, torch.full_like(y, self.null)]), scale,
         )
         return both[: len(x)]
+
+    def expert_at(self, native_t: float) -> nn.Module:
+        """Guidance of the expert owning ``native_t`` alone, at that expert's scale (see
+        :func:`step_model`)."""
+        scale = self.cfg_scale
+        if self.segment_scales is not None:
+            at = torch.tensor([float(native_t)], dtype=torch.float64)
+            scale = self.segment_scales[int(self.model.expert_index(at)[0])]
+        pick = getattr(self.model, "expert_at", None)
+        return Guided(self.family, self.model if pick is None else pick(native_t), scale)
+
+
+def step_model(family: Family, model, t0, t1):
+    """What computes a whole step from ``t0`` to ``t1``: for a routed model, the expert owning the
+    step's interior, also where the step starts or ends on one of its cuts.
+
+    The router gives a time on a cut to one side (the expert above it, or the one float32 rounding
+    of the time lands in), so one of the two steps that meet on a cut would mix two experts. With
+    the step edges on the cuts (:mod:`.schedules` aligns them) pinning by the midpoint keeps every
+    step within one expert; a routed model without ``expert_at`` is called as it is."""
+    pick = getattr(model, "expert_at", None)
+    if pick is None:
+        return model
+    middle = torch.tensor([0.5 * (float(t0) + float(t1))], dtype=torch.float64)
+    return pick(float(family.native_time(middle)[0]))
 
 
 def respaced_steps(total: int, spacing: str) -> List[int]:
@@ -126,9 +173,42 @@ def sample_ddpm(family, model, noise, labels, steps: str = "250", clip: bool = F
     return x
 
 
+def ode_stepper(family, model, labels, method: str = "heun", pin_experts: bool = False):
+    """One step of :func:`sample_ode_x` as a function ``step(x, t0, t1, last)`` of the state and the
+    step's two times (0-dim tensors); ``last`` marks the final step. ``pin_experts``: each step
+    computed by one expert of a routed model (:func:`step_model`)."""
+    if method not in ("heun", "euler"):
+        raise ValueError(f"unknown fixed-step ODE method {method!r}; choose heun or euler")
+
+    def step(x, t0, t1, last: bool):
+        forward = step_model(family, model, t0, t1) if pin_experts else model
+        n = len(x)
+
+        def velocity(t_scalar, x):
+            return family.velocity(forward, x, t_scalar * torch.ones(n, device=x.device), labels)
+
+        v0 = velocity(t0, x)
+        # the last step is Euler's: a second evaluation there would sit at t = 0, where a noise
+        # prediction is undefined (as EDM's Heun sampler ends)
+        if method == "euler" or last:
+            return x + (t1 - t0) * v0
+        x_euler = x + (t1 - t0) * v0
+        return x + (t1 - t0) * 0.5 * (v0 + velocity(t1, x_euler))
+
+    return step
+
+
 @torch.no_grad()
-def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "heun", atol=1e-6, rtol=1e-3):
-    """dx/dt = v from t = 1 to 0 on a uniform grid (Euler, Heun) or adaptively (dopri5)."""
+def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "heun", atol=1e-6, rtol=1e-3,
+                 times=None, pin_experts: Optional[bool] = None, schedule: Optional[str] = None):
+    """dx/dt = v from t = 1 to 0 on a uniform grid (Euler, Heun) or adaptively (dopri5).
+
+    ``times``: the canonical times of the steps instead, decreasing from 1 to 0, as a list or a
+    ``schedules.Schedule``; ``schedule``: a schedule by name (``"edm"``, ``"profile"``...) of
+    ``steps`` steps, built for ``model`` (:mod:`.schedules`). ``pin_experts``: each step computed by
+    one expert of a routed model; by default exactly when the schedule is aligned to its cuts."""
+    if method != "dopri5" and (times is not None or schedule is not None):
+        times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, method=method)
     n = len(noise)
     _, sigma_start = family.schedule(torch.ones(n, device=noise.device))
     x = broadcast_to(sigma_start, noise) * noise
@@ -137,6 +217,8 @@ def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "
         return family.velocity(model, x, t_scalar * torch.ones(n, device=x.device), labels)
 
     if method == "dopri5":
+        if times is not None or schedule is not None:
+            raise ValueError("dopri5 chooses its own steps; a step schedule applies to the heun and euler methods")
         try:
             from torchdiffeq import odeint
         except ImportError:
@@ -145,17 +227,11 @@ def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "
         return odeint(velocity, x, times, method="dopri5", atol=atol, rtol=rtol)[-1]
     if method not in ("heun", "euler"):
         raise ValueError(f"unknown ODE method {method!r}; choose from {', '.join(ODE_METHODS)}")
-    times = torch.linspace(1.0, 0.0, steps + 1, device=x.device)
-    for i in range(steps):
-        t0, t1 = times[i], times[i + 1]
-        v0 = velocity(t0, x)
-        # the last step is Euler's: a second evaluation there would sit at t = 0, where a noise
-        # prediction is undefined (as EDM's Heun sampler ends)
-        if method == "euler" or i == steps - 1:
-            x = x + (t1 - t0) * v0
-            continue
-        x_euler = x + (t1 - t0) * v0
-        x = x + (t1 - t0) * 0.5 * (v0 + velocity(t1, x_euler))
+    grid = torch.linspace(1.0, 0.0, steps + 1, device=x.device) if times is None else time_grid(times, x.device)
+    step = ode_stepper(family, model, labels, method, bool(pin_experts))
+    count = len(grid) - 1
+    for i in range(count):
+        x = step(x, grid[i], grid[i + 1], i == count - 1)
     return x
 
 
@@ -196,10 +272,14 @@ DEFAULT_STEPS = 250
 
 def draw(family: Family, model, sampler: str, noise, labels, *, steps: Optional[int] = None, generator=None,
          method: str = "heun", clip: Optional[bool] = None, eta: float = 0.0, diffusion_norm: float = 1.0,
-         last_step: float = 0.04, atol: float = 1e-6, rtol: float = 1e-3):
-    """One batch from ``noise`` by the named sampler."""
+         last_step: float = 0.04, atol: float = 1e-6, rtol: float = 1e-3, times=None,
+         pin_experts: Optional[bool] = None, schedule: Optional[str] = None):
+    """One batch from ``noise`` by the named sampler; ``times``, ``schedule`` and ``pin_experts`` as
+    for :func:`sample_ode_x` (the ode sampler only)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    if (times is not None or schedule is not None or pin_experts) and sampler != "ode":
+        raise ValueError(f"a step schedule applies to the ode sampler; {sampler} takes its own steps")
     steps = steps or DEFAULT_STEPS
     if sampler in ("ddpm", "ddim"):
         if getattr(family, "alphas_cumprod", None) is None:
@@ -210,7 +290,7 @@ def draw(family: Family, model, sampler: str, noise, labels, *, steps: Optional[
         return sample_ddpm(family, model, noise, labels, str(steps), clip=clip, generator=generator,
                            ddim=sampler == "ddim", eta=eta)
     if sampler == "ode":
-        return sample_ode_x(family, model, noise, labels, steps, method, atol, rtol)
+        return sample_ode_x(family, model, noise, labels, steps, method, atol, rtol, times, pin_experts, schedule)
     return sample_sde(family, model, noise, labels, steps, diffusion_norm, last_step, generator)
 
 
@@ -219,5 +299,5 @@ def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
     return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-__all__ = ["DEFAULT_STEPS", "Guided", "ODE_METHODS", "SAMPLERS", "draw", "respaced_steps", "sample_ddpm", "sample_ode_x",
-           "sample_sde", "to_uint8_nhwc"]
+__all__ = ["DEFAULT_STEPS", "Guided", "ODE_METHODS", "SAMPLERS", "draw", "ode_stepper", "respaced_steps", "sample_ddpm",
+           "sample_ode_x", "sample_sde", "step_model", "to_uint8_nhwc"]

@@ -1,0 +1,301 @@
+"""Step schedules: their shape, the profile's equal shares, alignment to expert cuts, per-expert steps
+and guidance, the ots fit against its reference, the exports, and the refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cbs_convert.families import FAMILIES
+from cbs_convert.routed import RoutedModel, save_routed
+from cbs_convert.sample.samplers import Guided, draw
+from cbs_convert.sample.schedules import (
+    SCHEDULES, allocate, build_schedule, check_times, native_lists, place, profile_rule,
+)
+from helpers import tiny_config, tiny_model
+from test_monitors import gaussian_model
+
+SHAPE = (4, 8, 8)  # the tiny families' sample shape
+STDS = torch.tensor(np.geomspace(0.05, 2.0, int(np.prod(SHAPE))), dtype=torch.float32).reshape(SHAPE)
+# a known curve for the profile rule: phi = (1 + t)^2, tempered by 1/2 to 1 + t
+PROFILE = {"grid": np.linspace(0.0, 1.0, 401).tolist(), "mean": {"path_acceleration": ((1 + np.linspace(0, 1, 401)) ** 2).tolist()}}
+
+
+def gaussian(case="sit linear"):
+    """The exact model of x0 ~ N(0, diag(STDS^2)): its ODE's solution from noise at t = 1 is STDS * noise."""
+    return gaussian_model(case, STDS)
+
+
+class Recording(torch.nn.Module):
+    """A model that writes (its name, the native time) to a shared log at every call."""
+
+    def __init__(self, model, name, log):
+        super().__init__()
+        self.model, self.name, self.log = model, name, log
+
+    def forward(self, x, t, y=None):
+        self.log.append((self.name, float(t[0])))
+        return self.model(x, t, y)
+
+
+def routed(cuts=(0.0, 0.4, 1.0), log=None):
+    family, _ = tiny_model("sit")
+    experts = [tiny_model("sit", seed=k)[1] for k in range(len(cuts) - 1)]
+    if log is not None:
+        experts = [Recording(e, k, log) for k, e in enumerate(experts)]
+    return family, RoutedModel(family, experts, list(cuts))
+
+
+def mass(f, times):
+    """Shares of the integral of f (an antiderivative) carried by each step."""
+    values = np.asarray([f(t) for t in times])
+    return -np.diff(values) / (values[0] - values[-1])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("t_end", [0.0, 0.05])
+def test_every_schedule_runs_strictly_down_from_one_to_its_end(name, t_end):
+    family, model = gaussian()
+    for steps in (1, 2, 7):
+        if name == "ots" and steps != 7:
+            continue  # the fit is checked below; one length is enough here
+        schedule = build_schedule(family, model, name, steps, t_end=t_end, profile=PROFILE, method="euler",
+                                  ots_batch=4, ots_reference_steps=20, ots_sweeps=1, ots_evaluations=4)
+        times = schedule.times
+        assert len(times) == steps + 1 and times[0] == 1.0 and times[-1] == t_end
+        assert all(b < a for a, b in zip(times, times[1:])), times
+        # the samplers step in float32: the steps must stay distinct there too
+        assert torch.tensor(times, dtype=torch.float32).diff().lt(0).all()
+
+
+def test_the_rules_place_steps_where_their_densities_say():
+    family, model = gaussian()
+    assert build_schedule(family, model, "uniform", 4).times == [1.0, 0.75, 0.5, 0.25, 0.0]
+    # edm: s = t / (1 - t) on the linear path, s^(1/7) equally spaced between EDM's 80 and 0.002
+    edm = build_schedule(family, model, "edm", 5).times
+    s = np.array([t / (1 - t) for t in edm[1:-1]]) ** (1 / 7)
+    ends = np.array([80.0, 0.002]) ** (1 / 7)
+    assert np.allclose(s, ends[0] + (ends[1] - ends[0]) * np.arange(1, 5) / 5, atol=1e-9)
+    logsnr = build_schedule(family, model, "logsnr", 4).times
+    lam = [2 * np.log((1 - t) / t) for t in logsnr[1:-1]]
+    assert np.allclose(np.diff(lam), np.diff(lam)[0]) and np.diff(lam)[0] > 0
+
+
+@pytest.mark.parametrize("gamma,antiderivative", [
+    (1.0, lambda t: t + t ** 2 + t ** 3 / 3),  # (1 + t)^2
+    (0.5, lambda t: t + t ** 2 / 2),  # 1 + t
+])
+def test_the_profile_schedule_gives_every_step_an_equal_share_of_the_curve(gamma, antiderivative):
+    times, counts, _ = place(profile_rule(PROFILE, gamma=gamma), 6)
+    assert counts == [6]
+    assert np.allclose(mass(antiderivative, times), 1 / 6, atol=1e-5)
+    # a denser curve near the noise end gets the shorter steps there
+    assert times[0] - times[1] < times[-2] - times[-1]
+
+
+def test_aligned_schedules_put_a_step_edge_on_every_cut_and_share_steps_by_mass():
+    family, model = routed((0.0, 0.3, 0.65, 1.0))
+    for name in ("uniform", "edm", "logsnr", "profile"):
+        schedule = build_schedule(family, model, name, 9, profile=PROFILE, gamma=1.0)
+        assert {0.3, 0.65} <= set(schedule.times) and schedule.boundaries == [0.3, 0.65], name
+        assert sum(schedule.counts) == 9 and min(schedule.counts) >= 1
+        for a, b in zip(schedule.times, schedule.times[1:]):  # no step spans a cut
+            assert not any(b < cut < a for cut in (0.3, 0.65)), (name, a, b)
+    # uniform: the counts follow the segments' widths, 0.3 : 0.35 : 0.35 of 9 steps
+    assert build_schedule(family, model, "uniform", 9).counts == [3, 3, 3]
+    assert allocate(10, [0.05, 0.5, 0.45]) == [1, 5, 4]
+    # within a segment the profile steps still carry equal shares of it
+    times = build_schedule(family, model, "profile", 9, profile=PROFILE, gamma=1.0).times
+    top = [t for t in times if t >= 0.65]
+    assert np.allclose(mass(lambda t: t + t ** 2 + t ** 3 / 3, top), 1 / (len(top) - 1), atol=1e-5)
+    unaligned = build_schedule(family, model, "uniform", 9, align=False)
+    assert not unaligned.aligned and unaligned.times == pytest.approx(np.linspace(1, 0, 10).tolist())
+
+
+def test_steps_per_expert_are_honoured():
+    family, model = routed((0.0, 0.4, 1.0))
+    schedule = build_schedule(family, model, "edm", None, steps_per_expert=[5, 2])
+    times = schedule.times
+    assert schedule.counts == [5, 2] and len(times) == 8
+    assert sum(t < 0.4 for t in times[:-1]) == 4 and times.index(0.4) == 2  # 2 steps above the cut, 5 below
+
+
+def test_aligned_steps_are_each_computed_by_one_expert():
+    """The router alone sends a time on the cut to one side (which one, float32 rounding of 1 - t
+    decides), so one of the two Heun steps that meet there mixes two experts; pinned, no step does,
+    and the cut is evaluated by both: as the end of the noisier expert's last step and the start of
+    the other's first."""
+    log = []
+    family, model = routed((0.0, 0.4, 1.0), log)
+    schedule = build_schedule(family, model, "uniform", 5)
+    noise = torch.randn(2, *SHAPE)
+    y = torch.tensor([1, 2])
+
+    def steps(pin):
+        log.clear()
+        draw(family, model, "ode", noise, y, times=schedule.times, pin_experts=pin)
+        # Heun: two calls a step, the last step one
+        return [log[i:i + 2] for i in range(0, len(log), 2)]
+
+    pinned = steps(True)
+    assert len(pinned) == 5 and all(len({name for name, _ in step}) == 1 for step in pinned)
+    assert [step[0][0] for step in pinned] == [1, 1, 1, 0, 0]  # 3 steps above the cut (0.6 of the width), 2 below
+    at_cut = {name for step in pinned for name, tau in step if abs(tau - 0.6) < 1e-6}
+    assert at_cut == {0, 1}
+    assert any(len({name for name, _ in step}) == 2 for step in steps(False))
+
+
+def test_default_sampling_is_the_uniform_grid_and_a_given_grid_is_followed():
+    family, model = tiny_model("sit")
+    noise = torch.randn(3, *SHAPE)
+    y = torch.tensor([0, 1, 2])
+    default = draw(family, model, "ode", noise, y, steps=6)
+    same = draw(family, model, "ode", noise, y, times=torch.linspace(1, 0, 7).tolist())
+    assert torch.equal(default, same)
+    other = draw(family, model, "ode", noise, y, times=build_schedule(family, model, "edm", 6).times)
+    assert not torch.allclose(default, other)
+    # a schedule by name is built for the model and followed
+    assert torch.equal(draw(family, model, "ode", noise, y, steps=6, schedule="edm"), other)
+    from cbs_convert.sample import sample_ode
+
+    by_name = sample_ode(family, model, noise.shape, y, steps=6, noise=noise, schedule="edm")
+    assert torch.equal(by_name, sample_ode(family, model, noise.shape, y, noise=noise,
+                                           times=build_schedule(family, model, "edm", 6).times))
+    assert not torch.equal(by_name, sample_ode(family, model, noise.shape, y, steps=6, noise=noise))
+
+
+def test_a_guidance_scale_per_expert_guides_each_sample_by_its_own_expert():
+    family, model = routed((0.0, 0.5, 1.0))
+    x = torch.randn(4, *SHAPE)
+    y = torch.tensor([1, 2, 3, 4])
+    native = family.native_time(torch.tensor([0.2, 0.3, 0.7, 0.9]))
+    both = Guided(family, model, 1.0, [2.0, 5.0])(x, native, y)
+    low, high = Guided(family, model, 2.0)(x, native, y), Guided(family, model, 5.0)(x, native, y)
+    assert torch.allclose(both[:2], low[:2], atol=1e-6) and torch.allclose(both[2:], high[2:], atol=1e-6)
+    assert not torch.allclose(both[2:], low[2:], atol=1e-4)
+
+
+def test_the_ots_schedule_is_no_worse_than_its_start_against_the_reference():
+    """The fit's own bookkeeping (prefix states, trials) against an independent computation: the
+    sampler rerun with the start and the fitted times on the same batch, scored against the same
+    reference solution, and against the exact answer on a fresh batch."""
+    family, model = gaussian()
+    batch, reference_steps = 8, 60
+    start = build_schedule(family, model, "edm", 6)
+    fitted = build_schedule(family, model, "ots", 6, method="euler", seed=3, ots_batch=batch,
+                            ots_reference_steps=reference_steps, ots_sweeps=2, ots_evaluations=6)
+    assert fitted.times != start.times
+    noise = torch.randn((batch, *SHAPE), generator=torch.Generator().manual_seed(3))
+    reference = draw(family, model, "ode", noise, None, method="heun",
+                     times=build_schedule(family, model, "edm", reference_steps).times)
+
+    def error(times, against, x):
+        return float((draw(family, model, "ode", x, None, method="euler", times=times).double() - against.double()).pow(2).mean())
+
+    before, after = error(start.times, reference, noise), error(fitted.times, reference, noise)
+    assert after <= before and after < 0.7 * before, (before, after)
+    assert after == pytest.approx(fitted.details["error"], rel=1e-4)
+    assert before == pytest.approx(fitted.details["error_start"], rel=1e-4)
+    fresh = torch.randn((64, *SHAPE), generator=torch.Generator().manual_seed(99))
+    exact = STDS * fresh
+    assert error(fitted.times, exact, fresh) < error(start.times, exact, fresh)
+
+
+def test_the_exports_are_what_diffusers_schedulers_take():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    family, model = gaussian()
+    times = build_schedule(family, model, "edm", 6).times
+    lists = native_lists(family, times)
+    assert lists["native"] == pytest.approx([1 - t for t in times])
+    flow = FlowMatchEulerDiscreteScheduler()
+    flow.set_timesteps(sigmas=lists["diffusers_flow_sigmas"])
+    assert flow.sigmas.tolist() == pytest.approx([*times[:-1], 0.0], abs=1e-6)
+
+    dit = FAMILIES["dit"](tiny_config("dit"))
+    times = build_schedule(dit, model, "logsnr", 6).times
+    lists = native_lists(dit, times)
+    steps = lists["diffusers_timesteps"]
+    assert steps[0] == 999 and len(steps) == 6 and all(b < a for a, b in zip(steps, steps[1:]))
+    assert steps == [round(t * 999) for t in times[:-1]]
+    ddpm = DDPMScheduler()
+    ddpm.set_timesteps(timesteps=steps)
+    assert ddpm.timesteps.tolist() == steps
+
+
+@pytest.fixture(scope="module")
+def routed_file(tmp_path_factory):
+    family, model = routed((0.0, 0.5, 1.0))
+    path = tmp_path_factory.mktemp("routed") / "tiny.safetensors"
+    save_routed(path, family, [e.state_dict() for e in model.experts], [family.config] * 2, [0.0, 0.5, 1.0])
+    return path
+
+
+def test_the_schedule_command_prints_native_and_diffusers_lists(routed_file, tmp_path, capsys):
+    from cbs_convert.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["schedule", str(routed_file), "--steps-per-expert", "2,3", "--schedule", "logsnr", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    stored = json.loads(out.read_text())
+    assert stored["counts"] == [2, 3] and 0.5 in stored["times"] and len(stored["times"]) == 6
+    assert "aligned to the expert cuts 0.5: 2 + 3 steps" in text and "FlowMatchEulerDiscreteScheduler" in text
+    assert ",".join(format(t, ".6g") for t in stored["times"]) in text
+
+
+def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file, tmp_path, capsys):
+    from cbs_convert.sample.__main__ import main as sample
+
+    args = [str(routed_file), "--num-samples", "4", "--batch-size", "4", "--quiet"]
+    assert sample([*args, "--out", str(tmp_path / "plain.npz")]) == 0
+    assert sample([*args, "--schedule", "edm", "--steps-per-expert", "2,3", "--cfg-scale-per-expert", "1.5,3",
+                   "--out", str(tmp_path / "scheduled.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "steps: edm, 5 (2 + 3 by expert, expert 0 first)" in out and "0.5" in out
+    plain, scheduled = (np.load(tmp_path / f"{n}.npz")["latents"] for n in ("plain", "scheduled"))
+    assert scheduled.shape == plain.shape and np.isfinite(scheduled).all() and not np.allclose(plain, scheduled)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--schedule", "1,0.5,0.7,0"], "not strictly decreasing"),
+    (["--schedule", "1,0.5,-0.2"], "outside [0, 1]"),
+    (["--schedule", "0.9,0.5,0"], "starts at 0.9"),
+    (["--schedule", "karras", "--steps", "4"], "--schedule 'karras' is unknown"),
+    (["--schedule", "edm", "--steps", "1"], "--steps 1 is below the 2 experts"),
+    (["--steps-per-expert", "2,3,4"], "the model has 2 experts"),
+    (["--steps-per-expert", "2,0"], "at least 1"),
+    (["--schedule", "profile:nothing", "--steps", "4"], "unknown monitor 'nothing'"),
+])
+def test_bad_schedules_get_one_line_and_exit_2(routed_file, tmp_path, capsys, flags, expected):
+    from cbs_convert.cli import main
+    from cbs_convert.sample.__main__ import main as sample
+
+    assert main(["schedule", str(routed_file), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    # the sample command refuses the same way, before it writes anything
+    assert sample([str(routed_file), *flags, "--num-samples", "2", "--quiet", "--out", str(tmp_path / "x.npz")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not list(tmp_path.iterdir())
+
+
+def test_sample_refuses_schedule_flags_where_they_cannot_apply(routed_file, tmp_path, capsys):
+    from cbs_convert.sample.__main__ import main as sample
+
+    base = [str(routed_file), "--num-samples", "2", "--quiet", "--out", str(tmp_path / "x.npz")]
+    for flags, expected in ((["--schedule", "edm", "--sampler", "sde"], "sde takes its own steps"),
+                            (["--cfg-scale-per-expert", "2,3,4"], "the model has 2 experts"),
+                            (["--cfg-scale-per-expert", "2,3", "--cfg-scale", "4"], "give one of them")):
+        assert sample([*base, *flags]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_check_times_names_what_is_wrong():
+    assert check_times([1, 0.5, 0]) == [1.0, 0.5, 0.0]
+    with pytest.raises(Exception, match="ends at 0.5"):
+        check_times([1, 0.5], t_end=0.0)
+    with pytest.raises(Exception, match="at least two times"):
+        check_times([1])
