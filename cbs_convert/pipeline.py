@@ -207,6 +207,11 @@ class Conversion:
         if self.recipe.structure == "depth" and not self.family.removable_blocks(self.config):
             raise RecipeError(f"--structure depth: the {self.family.name} family has no blocks that can be removed whole "
                               "(a UNet's skip connections tie its blocks together); use --structure width")
+        if self.shared_base and self.config.get("use_checkpoint"):
+            # SharedBaseModel turns it off (a recomputed block would lose its delta): say so, since
+            # the memory it was asked to save is not saved
+            self.warn("--use-checkpoint does not apply to --experts lora: the shared base trains without activation "
+                      "checkpointing (its recomputation would run without the deltas); lower --batch-size if memory is short")
         if total > self.recipe.k * self.source_params:
             self.warn(
                 f"budget {self.recipe.budget} ({total:,} parameters) is more than {self.recipe.k} full-width experts can use "

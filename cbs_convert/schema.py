@@ -428,6 +428,10 @@ def validate_shared_base(meta: Dict[str, Any], header: Shapes, path) -> None:
         weight = base.get(f"{layer}.weight")
         if not family.carries_delta(layer) or weight is None or len(weight) < 2:
             raise check.fail(f"shared_base.layers[{i}]", f"a layer of the base that the {name} family gives deltas", layer)
+        # a layer listed twice (delta_params doubled to match) would be hooked twice at load, its
+        # delta added twice, while extract folds it in once: load and extract would disagree
+        if layer in layers[:i]:
+            raise check.fail(f"shared_base.layers[{i}]", "a layer not listed before (each carries one delta)", layer)
     segments = len(meta["experts"])
     listed = set()
     per_segment = 0

@@ -137,6 +137,18 @@ class SharedBaseModel(TimeRouted):
         if missing or not layers:
             raise ValueError(f"the {family.name} network has no layer {missing[0]!r}" if missing
                              else f"the {family.name} family names no layer for deltas")
+        # A layer named twice would get its delta's hook twice (the delta added twice in the routed
+        # forward) while merge_delta folds it in once: load and extract would disagree.
+        repeated = sorted({name for name in layers if layers.count(name) > 1})
+        if repeated:
+            raise ValueError(f"layer {repeated[0]!r} is named more than once; each layer carries one delta")
+        # Activation checkpointing (ADM's use_checkpoint) recomputes a block during backward, after
+        # forward() has cleared the routing: the recomputed layers would run without their deltas,
+        # and torch.utils.checkpoint refuses the mismatch at the first backward. It only saves
+        # memory, so the shared base computes without it.
+        for module in base.modules():
+            if getattr(module, "use_checkpoint", False):
+                module.use_checkpoint = False
         self.layers = tuple(layers)
         generator = torch.Generator().manual_seed(seed)
         self.deltas = nn.ModuleDict(

@@ -214,6 +214,56 @@ def test_shared_base_metadata_that_contradicts_the_tensors_is_refused(tmp_path, 
     assert code == 2 and field in printed.err and len(printed.err.strip().splitlines()) == 1, printed.err
 
 
+def test_a_layer_listed_twice_is_refused_not_given_its_delta_twice(tmp_path, capsys):
+    family, source, x, t, y = _model_and_inputs("sit")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=2).eval()
+    _randomise_deltas(shared)
+    path = save_shared_base(tmp_path / "lora.safetensors", shared)
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["cbs_convert"])
+    # every count edited to agree with the repeated layer: only the repetition is wrong. Accepted,
+    # load hooked that layer's delta twice while extract folded it in once (outputs 5e-3 apart).
+    layer = meta["shared_base"]["layers"][0]
+    once = shared.delta(layer).params_per_segment()
+    meta["shared_base"]["layers"].append(layer)
+    meta["shared_base"]["delta_params"] += once
+    for entry in meta["experts"]:
+        entry["params"] += once
+    save_file(load_file(str(path)), str(tmp_path / "twice.safetensors"), {"cbs_convert": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=r"shared_base\.layers\[\d+\].*not listed before"):
+        cbs_convert.load(tmp_path / "twice.safetensors")
+    code, printed = _cli(["extract", "twice.safetensors", "--expert", "0", "--out", "e.safetensors"], tmp_path, capsys)
+    assert code == 2 and "shared_base.layers[" in printed.err and not (tmp_path / "e.safetensors").exists()
+    with pytest.raises(ValueError, match="more than once"):
+        SharedBaseModel(family, family.instantiate(family.config, source.state_dict()), BOUNDARIES, 2, [layer, layer])
+
+
+def test_activation_checkpointing_in_the_base_keeps_every_delta_in_training(tmp_path):
+    # ADM with use_checkpoint (--use-checkpoint) recomputes each block in backward, after the
+    # routing was cleared: torch.utils.checkpoint refused the delta-less recomputation ("A different
+    # number of tensors was saved") at the first backward of every --experts lora run with it
+    from cbs_convert.pipeline import Conversion
+    from test_adm import HINTS
+
+    save_file(tiny_adm()[1].state_dict(), str(tmp_path / "unet.safetensors"))
+    conversion = Conversion({"checkpoint": str(tmp_path / "unet.safetensors"), "experts": "lora", "use_checkpoint": True,
+                             "out": str(tmp_path / "lora.safetensors"), **HINTS}, progress=False)
+    conversion.load()  # the run says that the memory it was asked to save is not saved
+    assert any("--use-checkpoint does not apply to --experts lora" in w for w in conversion.warnings)
+    grads = {}
+    for checkpointing in (False, True):
+        family, source = tiny_adm(use_checkpoint=checkpointing)
+        x, t, y = adm_inputs(family, n=4)
+        shared = SharedBaseModel(family, source, BOUNDARIES, rank=2).train()
+        _randomise_deltas(shared)
+        shared(x, t, y).pow(2).mean().backward()
+        grads[checkpointing] = {name: p.grad.clone() for name, p in shared.named_parameters()}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, atol=1e-6, rtol=1e-5), name
+    assert any(float(g.abs().max()) > 0 for name, g in grads[True].items() if name.endswith(".up"))
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--experts", "lora", "--budget", "2x"], "--experts lora keeps the source's width"),
     (["--base-lr-scale", "0.5"], "applies to --experts lora only"),
