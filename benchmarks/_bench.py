@@ -580,7 +580,10 @@ def markdown_table(rows: List[Dict[str, Any]]) -> List[str]:
         cuts = sorted({", ".join(f"{b:.3f}" for b in c["boundaries"][1:-1]) for c in converted})
         bounds = " / ".join(cuts) if cuts and any(cuts) else ("–" if baseline else "none")
         params = f"{row['params']:,}" if row["params"] else "–"
-        if converted and len(converted[0]["expert_params"]) > 1:
+        if converted and converted[0].get("base_params"):
+            deltas = converted[0]["expert_params"]
+            params += f" ({converted[0]['base_params']:,} base + {len(deltas)} x {deltas[0]:,})"
+        elif converted and len(converted[0]["expert_params"]) > 1:
             params += " (" + " + ".join(f"{p:,}" for p in converted[0]["expert_params"]) + ")"
         cost = fmt(row["sampling_flops_vs_teacher"], ".2f") if row["sampling_flops_vs_teacher"] is not None else "–"
         gap = "–" if baseline else f"{fmt(row['gap_mean'])} ± {fmt(row['gap_std'], '.3f')} ({row['gap_n']})"
