@@ -56,7 +56,8 @@ def build_parser(preview: bool = False) -> argparse.ArgumentParser:
         epilog="Settings come from, lowest first: built-in defaults sized for tiny models, the bundled recipe "
         "of a recognised published architecture, --recipe FILE, then these flags. "
         "Other commands: 'python -m cbs_convert info ROUTED' shows a routed checkpoint; "
-        "'python -m cbs_convert extract ROUTED --expert K --out FILE' writes one expert as a plain checkpoint; "
+        "'python -m cbs_convert extract ROUTED --expert K --out FILE' writes one expert as a plain checkpoint "
+        "(with --format diffusers, as a diffusers model folder); "
         "'python -m cbs_convert profile CHECKPOINT [settings]' profiles and plans the split only; "
         "'python -m cbs_convert schedule MODEL --steps N --schedule NAME' computes a sampling step schedule.",
     )
@@ -115,8 +116,14 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
                          "settings its shapes do not show as args metadata.")
         parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
         parser.add_argument("--expert", type=int, required=True, help="index of the expert, 0 = the one nearest the data")
-        parser.add_argument("--out", required=True, help="file to write (.pt, .pth or .safetensors)")
-        parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
+        parser.add_argument("--out", required=True, help="file to write (.pt, .pth or .safetensors), or with "
+                            "--format diffusers the folder to write")
+        parser.add_argument("--format", choices=("checkpoint", "diffusers"), default="checkpoint",
+                            help="checkpoint: a state dict file, by --out's suffix (default); diffusers: a model folder "
+                            "(config.json, diffusion_pytorch_model.safetensors, scheduler_config.json) that "
+                            "DiTTransformer2DModel or UNet2DModel.from_pretrained reads")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing --out (with --format "
+                            "diffusers: only a folder it wrote)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -137,7 +144,8 @@ def _run_command(argv: List[str]) -> int:
         if argv[0] == "info":
             print(commands.info(args.routed))
         else:
-            print("\n".join(commands.extract(args.routed, args.expert, args.out, force=args.force)))
+            print("\n".join(commands.extract(args.routed, args.expert, args.out, force=args.force,
+                                                  format=args.format)))
 
     return _guarded(work, args.debug)
 

@@ -2,6 +2,7 @@
 
     python -m cbs_convert info ROUTED
     python -m cbs_convert extract ROUTED --expert K --out FILE
+    python -m cbs_convert extract ROUTED --expert K --out FOLDER --format diffusers
 """
 
 from __future__ import annotations
@@ -66,14 +67,19 @@ def info(path) -> str:
     return "\n".join(lines)
 
 
-def extract(path, expert: int, out, force: bool = False) -> List[str]:
+def extract(path, expert: int, out, force: bool = False, format: str = "checkpoint") -> List[str]:
     """Write one expert as a plain checkpoint of the source's layout; returns lines to print.
 
     ``.pt``/``.pth``: a flat state dict, what the official ``torch.load`` loaders take.
     ``.safetensors``: the tensors, with the settings their shapes do not show as ``args`` metadata,
     so ``python -m cbs_convert`` and ``cbs_convert.read_checkpoint`` read it back exactly.
+    ``format="diffusers"``: a model folder that diffusers' ``from_pretrained`` reads (DiT and ADM).
     """
     path, out = Path(path), Path(out)
+    if format == "diffusers":
+        return _extract_diffusers(path, expert, out, force)
+    if format != "checkpoint":
+        raise WorkdirError(f"--format {format}: use checkpoint or diffusers")
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise WorkdirError(f"--out {out}: give a .pt, .pth or .safetensors file name")
     if out.exists() and out.resolve() == path.resolve():
@@ -107,3 +113,67 @@ def extract(path, expert: int, out, force: bool = False) -> List[str]:
                      "(cbs_convert reads them from the file itself)")
     return lines
 
+
+
+def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[str]:
+    from . import diffusers_io
+    from .files import atomic_folder, atomic_write_json
+
+    if out.suffix in (".pt", ".pth", ".safetensors", ".bin"):
+        raise WorkdirError(f"--out {out}: --format diffusers writes a folder (config.json and weights); give a folder name")
+    if out.exists() and not out.is_dir():
+        raise WorkdirError(f"--out {out} is a file; --format diffusers writes a folder, choose another path")
+    resolved = out.resolve()
+    if resolved in path.resolve().parents:
+        raise WorkdirError(f"--out {out} holds the routed checkpoint {path}; choose a new folder for the expert")
+    if out.exists():
+        if not force:
+            raise WorkdirError(f"{out} exists; pass --force to replace it")
+        _check_replaceable(out, diffusers_io)
+    meta = read_metadata(path)
+    count = len(meta["experts"])
+    if not 0 <= expert < count:
+        raise CheckpointError(f"--expert {expert}: {path} holds experts 0 to {count - 1}")
+    family = family_from_config(meta["family"], meta["family_config"])
+    config = meta["experts"][expert]["config"]
+    segment = meta["experts"][expert]["segment"]
+    what = f"expert {expert} of {path}"
+    model_config = diffusers_io.expert_model_config(family, config, what)
+    state = expert_state_dict(path, expert)
+    tensors = diffusers_io.expert_tensors(family, config, model_config, state)
+    scheduler = diffusers_io.scheduler_config(family)
+    model_config[diffusers_io.WRITTEN_MARK] = {"routed": str(path), "expert": expert, "segment": segment}
+    checked = []
+
+    def write(folder: Path) -> None:
+        atomic_write_json(folder / "config.json", model_config)
+        save_safetensors_atomic(tensors, folder / diffusers_io.WEIGHT_FILES[0], {"format": "pt"})
+        if scheduler is not None:
+            atomic_write_json(folder / diffusers_io.SCHEDULER_FILE, scheduler)
+        checked.append(diffusers_io.check_expert_folder(folder, family, config, state, segment, what))
+
+    atomic_folder(out, write, diffusers_io.WRITTEN_FILES)
+    lo, hi = segment
+    cls = model_config["_class_name"]
+    lines = [f"wrote {out}: expert {expert} of {path} (t in [{lo:.4f}, {hi:.4f}]) as a diffusers {cls}, "
+             f"{sum(v.numel() for v in tensors.values()):,} parameters",
+             f"  load: diffusers.{cls}.from_pretrained({str(out)!r})", *checked]
+    if scheduler is not None:
+        lines.append(f"  scheduler: {diffusers_io.SCHEDULER_FILE} beside it ({scheduler['beta_schedule']} betas), "
+                     f"diffusers.DDPMScheduler.from_pretrained({str(out)!r})")
+    else:
+        lines.append(f"  scheduler: none written; diffusers has no name for its {family.config.get('beta_schedule')} betas")
+    return lines
+
+
+def _check_replaceable(out: Path, diffusers_io) -> None:
+    """--force replaces only a folder this command wrote: its config carries the mark, and it holds
+    nothing else. A user's own model folder (a download, a source) is never replaced."""
+    stray = sorted(entry.name for entry in out.iterdir() if entry.name not in diffusers_io.WRITTEN_FILES)
+    try:
+        marked = diffusers_io.WRITTEN_MARK in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        marked = False
+    if stray or not marked:
+        reason = f"holds {stray[0]}" if stray else "was not written by extract --format diffusers"
+        raise WorkdirError(f"--out {out} {reason}; --force replaces only a folder this command wrote, choose another path")

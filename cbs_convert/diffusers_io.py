@@ -69,6 +69,7 @@ DDPM_SCHEDULERS = (
 )
 #: diffusers' names for the beta schedules the DDPM families know
 SCHEDULER_BETAS = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+SCHEDULER_FILE = "scheduler_config.json"
 
 
 def _model_folder(path: Path) -> Optional[Path]:
@@ -159,9 +160,14 @@ def model_files(path) -> Optional[List[Path]]:
 
 
 def _scheduler_file(folder: Path) -> Optional[Path]:
-    """The pipeline's scheduler config, when the model folder is a pipeline's transformer/ or unet/."""
-    file = folder.parent / "scheduler" / "scheduler_config.json"
-    return file if folder.name in ("transformer", "unet") and file.is_file() else None
+    """The pipeline's scheduler config, when the model folder is a pipeline's transformer/ or unet/;
+    else one beside config.json, where ``extract --format diffusers`` writes it (a model folder
+    alone has no other place for the betas, and a cosine model must not read back as linear)."""
+    file = folder.parent / "scheduler" / SCHEDULER_FILE
+    if folder.name in ("transformer", "unet") and file.is_file():
+        return file
+    file = folder / SCHEDULER_FILE
+    return file if file.is_file() else None
 
 
 def read_diffusers(path) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any], List[Path]]]:
@@ -681,3 +687,197 @@ def as_diffusers(model: nn.Module, family) -> nn.Module:
         raise CheckpointError(f"a {family.name} model has no diffusers counterpart; diffusers pipelines take DiT "
                               "(DiTPipeline) and UNet (DDPMPipeline, DDIMPipeline) models")
     return ADAPTERS[family.name](model, family).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Write-back: one expert as a diffusers model folder, the inverse of the readers above.
+
+#: every file a written folder holds, and so all that --force may replace in one
+WRITTEN_FILES = ("config.json", WEIGHT_FILES[0], SCHEDULER_FILE)
+#: the key in a written config.json that marks the folder as this tool's output; diffusers drops
+#: private ("_") keys before building the model
+WRITTEN_MARK = "_cbs_convert_expert"
+_INSTEAD = ("extract it as .safetensors instead (cbs_convert reads it back exactly), or drop the routed file into a "
+            "diffusers pipeline with cbs_convert.load(ROUTED, format='diffusers')")
+
+
+def dit_model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """The DiTTransformer2DModel config that computes a DiT expert of ``config``, or CheckpointError
+    naming what diffusers' class cannot hold."""
+    if config.get("numerics", "official") != "diffusers":
+        # diffusers hard-codes its timestep frequencies (over half - 1); no config value gives the official ones
+        raise CheckpointError(f"{what} computes the official DiT's function (timestep frequencies over half, MLP norm eps "
+                              "1e-6), which diffusers' DiTTransformer2DModel cannot (its frequencies over half - 1 are "
+                              f"fixed in its code, so the same weights would compute another function); {_INSTEAD}")
+    hidden, heads, head_dim, mlp = config["hidden_size"], config["num_heads"], config["head_dim"], config["mlp_hidden"]
+    if heads * head_dim != hidden or mlp != 4 * hidden:
+        raise CheckpointError(f"{what} is width-pruned (width {hidden}, attention {heads}x{head_dim}, MLP {mlp}); "
+                              "diffusers' DiTTransformer2DModel ties the width to heads x head_dim and the MLP to 4x it, "
+                              f"so it cannot hold this expert; {_INSTEAD}, or convert with --experts lora or a budget "
+                              "of Kx for full-width experts")
+    if not config["label_rows"] or config["label_rows"] != config["num_classes"] + 1:
+        raise CheckpointError(f"{what} has a label table of {config['label_rows']} rows for {config['num_classes']} "
+                              "classes; diffusers' DiT always holds the classes and a null row for guidance; "
+                              + _INSTEAD)
+    channels = config["in_channels"]
+    return {
+        "_class_name": "DiTTransformer2DModel", "num_attention_heads": heads, "attention_head_dim": head_dim,
+        "in_channels": channels, "out_channels": channels * (2 if config["learn_sigma"] else 1),
+        "num_layers": config["depth"], "sample_size": config["input_size"], "patch_size": config["patch_size"],
+        "num_embeds_ada_norm": config["num_classes"], "norm_type": "ada_norm_zero",
+        # what the reader insists on (_DIT_REQUIRED), spelled out: a Transformer2DModel's defaults differ
+        "activation_fn": "gelu-approximate", "norm_eps": 1e-5, "norm_elementwise_affine": False, "attention_bias": True,
+        "dropout": 0.0, "upcast_attention": False, "norm_num_groups": 32,
+    }
+
+
+def unet_model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """The UNet2DModel config that computes an ADM expert of ``config``, or CheckpointError naming
+    what diffusers' class cannot hold. The inverse of ``_unet_args``."""
+    from .families.adm import NORM_GROUPS, complete_config, layout
+
+    c = complete_config(config)
+    lay = layout(c)
+    if any(g != NORM_GROUPS for g in c["res_groups"]) or list(c["attn_heads"]) != [l.heads for l in lay.attn()]:
+        raise CheckpointError(f"{what} is width-pruned ({c['inner_groups']} of {NORM_GROUPS * len(c['res_groups'])} "
+                              f"ResBlock groups, {c['attention_heads']} of {sum(l.heads for l in lay.attn())} heads); "
+                              "diffusers' UNet2DModel has no per-block inner widths, so it cannot hold this expert; "
+                              f"{_INSTEAD}, or convert with --experts lora or a budget of Kx for full-width experts")
+    unsupported = [(c["resblock_updown"], "resampling ResBlocks (resblock_updown)"),
+                   (c["use_scale_shift_norm"], "scale-shift ResBlocks (use_scale_shift_norm)"),
+                   (not c["conv_resample"], "resampling without convolutions (conv_resample off)"),
+                   (c["channel_mult"][0] != 1, f"a first width of {c['channel_mult'][0]} x model_channels "
+                                               "(UNet2DModel sizes its time embedding by the first width)")]
+    heads = None
+    if c["num_head_channels"] > 0:
+        heads = c["num_head_channels"]
+    elif c["num_heads"] != 1 or c["num_heads_upsample"] not in (-1, 1):
+        # one head as wide as each block is the only fixed head count UNet2DModel has
+        unsupported.append((True, f"{c['num_heads']} heads per block (only fixed head widths, or one head)"))
+    found = [name for flag, name in unsupported if flag]
+    if found:
+        raise CheckpointError(f"{what} has {found[0]}, which diffusers' UNet2DModel cannot compute; {_INSTEAD}")
+    levels = len(c["channel_mult"])
+    attention = [2 ** level in c["attention_ds"] for level in range(levels)]
+    return {
+        "_class_name": "UNet2DModel", "sample_size": c["image_size"], "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"], "center_input_sample": False, "time_embedding_type": "positional",
+        "time_embedding_dim": None, "freq_shift": c["time_frequency_shift"], "flip_sin_to_cos": not c["time_sin_first"],
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "block_out_channels": [int(m * c["model_channels"]) for m in c["channel_mult"]],
+        "layers_per_block": c["num_res_blocks"], "mid_block_scale_factor": 1,
+        "downsample_padding": c["downsample_padding"], "downsample_type": "conv", "upsample_type": "conv",
+        "dropout": 0.0, "act_fn": "silu", "attention_head_dim": heads, "norm_num_groups": NORM_GROUPS,
+        "attn_norm_num_groups": None, "norm_eps": c["norm_eps"], "resnet_time_scale_shift": "default",
+        "add_attention": True, "class_embed_type": None, "num_class_embeds": c["num_classes"] or None,
+        "num_train_timesteps": None,
+    }
+
+
+def _legacy_qkv_to_new(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """guided-diffusion's legacy qkv rows ([q_h, k_h, v_h] per head) in the [q | k | v] order that
+    diffusers' to_q/to_k/to_v split: a permutation of rows, so the function is unchanged."""
+    from .families.adm import complete_config, layout
+
+    c = complete_config(config)
+    out = dict(state_dict)
+    for layer in layout(c).attn():
+        heads = c["attn_heads"][layer.index]
+        for p in ("weight", "bias"):
+            key = f"{layer.path}.qkv.{p}"
+            value = state_dict[key]
+            rows = value.reshape(heads, 3, layer.head_dim, *value.shape[1:]).transpose(0, 1)
+            out[key] = rows.reshape(value.shape).contiguous()
+    return out
+
+
+def scheduler_config(family) -> Optional[Dict[str, Any]]:
+    """A DDPMScheduler config for the family's training chain, or None where diffusers has no name
+    for its betas. The inverse of ``_read_scheduler``."""
+    names = {ours: theirs for theirs, ours in SCHEDULER_BETAS.items()}
+    kind = family.config.get("beta_schedule")
+    if kind not in names or int(family.config.get("diffusion_steps", 0)) != 1000:
+        return None
+    # DDPMPipeline hands the scheduler every output channel, DiTPipeline only the noise
+    learned = family.name == "adm" and family.config.get("learn_sigma")
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+            "beta_schedule": names[kind], "prediction_type": "epsilon", "trained_betas": None,
+            "variance_type": "learned_range" if learned else "fixed_small",
+            # pixels stay in [-1, 1]; SD-VAE latents do not
+            "clip_sample": family.data_space(family.config) == "pixels", "clip_sample_range": 1.0}
+
+
+def expert_model_config(family, config: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """The config.json of the diffusers model that computes one expert of ``config``, or
+    CheckpointError naming what diffusers cannot represent (decided before any tensor is read)."""
+    if family.name == "sit":
+        raise CheckpointError(f"{what} is a SiT, a flow-matching velocity model; diffusers has no SiT class (its DiT "
+                              "and UNet models are DDPM noise predictors), so it cannot be written as a diffusers folder; "
+                              "extract it as .safetensors or .pt for the SiT code")
+    if family.name == "dit":
+        model_config = dit_model_config(config, what)
+    elif family.name == "adm":
+        model_config = unet_model_config(config, what)
+    else:
+        raise CheckpointError(f"{what}: a {family.name} model has no diffusers counterpart")
+    try:
+        import diffusers
+
+        model_config["_diffusers_version"] = diffusers.__version__
+    except ImportError:
+        pass
+    return model_config
+
+
+def expert_tensors(family, config: Dict[str, Any], model_config: Dict[str, Any],
+                   state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The expert's tensors under diffusers' names, for the model ``expert_model_config`` gave."""
+    if family.name == "dit":
+        return official_to_diffusers(state_dict, config["depth"])
+    if config.get("attention_order", "legacy") == "legacy":
+        state_dict = _legacy_qkv_to_new(state_dict, config)
+    return adm_to_unet(state_dict, model_config)
+
+
+def check_expert_folder(folder: Path, family, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
+                        segment, what: str) -> str:
+    """Load ``folder`` with diffusers' own from_pretrained and compare it with the expert on inputs
+    of its segment: a line saying so, or CheckpointError where they differ (nothing is kept then).
+    Without diffusers installed the folder is written unchecked, and the line says that."""
+    try:
+        import diffusers
+    except ImportError:
+        return "  not checked against diffusers, which is not installed (pip install 'cbs_convert[diffusers]')"
+    cls = getattr(diffusers, "DiTTransformer2DModel" if family.name == "dit" else "UNet2DModel", None)
+    if cls is None:
+        return f"  not checked: diffusers {diffusers.__version__} has no {'DiTTransformer2DModel' if family.name == 'dit' else 'UNet2DModel'}"
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its advice (install accelerate, ...) is about its loading, not this folder
+    try:
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, torch_dtype=torch.float32)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    wrong = [f"{kind} {names[0]}" for kind, names in info.items() if names]
+    if wrong:
+        raise CheckpointError(f"{what}: diffusers read the written folder with {wrong[0]}; nothing was written")
+    ours = family.instantiate(config, state_dict).float().eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *family.sample_shape(config), generator=generator)
+    lo, hi = segment
+    t = family.native_time(torch.tensor([lo + 0.25 * (hi - lo), lo + 0.75 * (hi - lo)], dtype=torch.float64))
+    t = t.round().float()
+    classes = family.num_classes(config)
+    y = torch.arange(2) % classes if classes else None
+    with torch.no_grad():
+        expected = ours(x, t, y)
+        got = model.eval()(x, t, class_labels=y).sample
+    gap = float((got - expected).abs().max())
+    scale = float(expected.abs().max())
+    if not gap <= 1e-4 * (1 + scale):  # float32 rounding of two implementations; a wrong mapping is far larger
+        raise CheckpointError(f"{what}: diffusers' {cls.__name__} computes differently from the expert (max difference "
+                              f"{gap:.3g} at outputs up to {scale:.3g}); nothing was written; {_INSTEAD}")
+    return f"  checked: diffusers' {cls.__name__}.from_pretrained equals the expert (max difference {gap:.1e})"

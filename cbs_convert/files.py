@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .errors import WorkdirError, WriteError
 
@@ -44,6 +44,55 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def atomic_folder(path, write: Callable[[Path], None], replaceable: Sequence[str] = ()) -> Path:
+    """Fill a hidden temporary folder beside ``path`` through ``write(tmp)``, then rename it in.
+
+    Readers never see a folder with some files missing: it is complete or absent. An existing
+    ``path`` is replaced only when every entry in it is named in ``replaceable`` (the caller's own
+    earlier output); after the new folder is in place those files are removed one by one, never a
+    whole tree, so anything else that appeared meanwhile stays. A failure leaves the old folder.
+    """
+    path = Path(path)
+    tmp = old = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=str(path.parent)))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the result should not be
+        write(tmp)
+        if path.exists():
+            stray = sorted(entry.name for entry in path.iterdir() if entry.name not in replaceable)
+            if not path.is_dir() or stray:
+                raise WorkdirError(f"{path}: holds {stray[0] if stray else 'a file'}, which this command did not write; "
+                                   "choose another path")
+            old = Path(str(tmp)[: -len(".partial")] + ".old")
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+                old = None
+            raise
+        tmp = None
+    except Exception as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot write {path}: {reason}") from exc
+    finally:
+        for folder in (tmp, old):
+            if folder is not None and folder.is_dir():
+                names = replaceable if folder is old else [entry.name for entry in folder.iterdir()]
+                for name in names:
+                    if (folder / name).is_file():
+                        (folder / name).unlink()
+                try:
+                    folder.rmdir()
+                except OSError:
+                    pass  # something not ours in it: left in place rather than deleted
     return path
 
 

@@ -537,3 +537,136 @@ def test_a_dit_trained_in_diffusers_is_refused_in_one_line_and_its_shared_form_c
             block.norm1.emb.load_state_dict(trained.transformer_blocks[0].norm1.emb.state_dict())
     shared = save_pipeline_folder(trained, tmp_path / "shared")
     assert _same_function(shared, trained) < 1e-5
+
+
+# --- extract --format diffusers: one expert back as a folder that from_pretrained reads ---------
+
+def _extract(routed, out, *flags, capsys=None):
+    from cbs_convert.cli import main as cli_main
+
+    code = cli_main(["extract", str(routed), "--expert", "1", "--out", str(out), "--format", "diffusers", *flags])
+    return code, capsys.readouterr() if capsys is not None else None
+
+
+def _segment_inputs(family, segment, classes):
+    """Inputs whose times lie inside one expert's segment (so a routed model runs that expert)."""
+    g = torch.Generator().manual_seed(4)
+    lo, hi = segment
+    x = torch.randn(3, *family.sample_shape(family.config), generator=g)
+    t = family.native_time(torch.tensor([lo + 0.1 * (hi - lo), lo + 0.5 * (hi - lo), lo + 0.9 * (hi - lo)],
+                                        dtype=torch.float64)).round().float()
+    return x, t, (torch.tensor([0, 3, 4]) if classes else None)
+
+
+@pytest.mark.parametrize("experts", ["copies", "lora"])
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_an_expert_written_as_a_diffusers_folder_is_the_expert_in_diffusers(tmp_path, capsys, kind, experts):
+    from cbs_convert.routed import save_shared_base
+    from test_shared_base import _randomise_deltas
+
+    model = tiny_diffusers_dit() if kind == "dit" else tiny_unet(num_class_embeds=5)
+    folder = (save_pipeline_folder if kind == "dit" else save_ddpm_folder)(model, tmp_path / "source")
+    if experts == "copies":  # unpruned: both experts full-width copies
+        routed = _convert_unpruned(tmp_path, folder).output
+    else:  # one base and a delta per segment, the deltas moved off zero so expert 1 differs from the source
+        result = cbs_convert.convert(folder, k=2, experts="lora", rank=2, steps=0, out=str(tmp_path / "lora0.safetensors"),
+                                     pool_size=8, grid=4, profile_batches=1, profile_batch_size=4, calib_batches=1,
+                                     eval_samples=4, ode_steps=3)
+        shared = cbs_convert.load(result.output)
+        _randomise_deltas(shared)
+        routed = save_shared_base(tmp_path / "lora.safetensors", shared)
+    meta = cbs_convert.read_metadata(routed)
+    before = routed.read_bytes() if experts == "lora" else None
+    code, shown = _extract(routed, tmp_path / "expert1", capsys=capsys)
+    assert code == 0, shown.err
+    assert sorted(p.name for p in (tmp_path / "expert1").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+    cls = diffusers.DiTTransformer2DModel if kind == "dit" else diffusers.UNet2DModel
+    theirs = cls.from_pretrained(tmp_path / "expert1").eval()
+    family = cbs_convert.family_from_config(meta["family"], meta["family_config"])
+    x, t, y = _segment_inputs(family, meta["experts"][1]["segment"], classes=True)
+    loaded = cbs_convert.load(routed)
+    with torch.no_grad():
+        # the routed model at times of segment 1 is expert 1, however it is stored
+        expected = loaded(x, t, y)
+        if experts == "copies":
+            assert torch.equal(expected, loaded.experts[1](x, t, y))
+        else:
+            assert not torch.allclose(expected, model(x, t, class_labels=y).sample, atol=1e-3)
+        got = theirs(x, t, class_labels=y).sample
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+    scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "expert1")
+    assert torch.allclose(scheduler.alphas_cumprod.double(), family.alphas_cumprod, atol=1e-6)
+    # and it reads back into cbs_convert as the same network
+    source = read_checkpoint(tmp_path / "expert1")
+    back_family, _ = detect(source.state_dict, source.hints)
+    back = back_family.instantiate(back_family.config, source.state_dict).eval()
+    with torch.no_grad():
+        assert torch.allclose(back(x, t, y), expected, atol=1e-5, rtol=1e-5)
+    if before is not None:
+        assert routed.read_bytes() == before
+
+
+def _one_line_refusal(code, shown, *words):
+    assert code == 2 and shown.out == "" and len(shown.err.strip().splitlines()) == 1, shown.err
+    for word in words:
+        assert word in shown.err, shown.err
+
+
+def _routed_of(tmp_path, family, model, name):
+    from cbs_convert.routed import save_routed
+
+    state = model.state_dict()
+    return save_routed(tmp_path / f"{name}.safetensors", family, [state, state], [family.config] * 2, [0.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("name,words", [
+    ("sit", ["SiT", "diffusers has no SiT class"]),
+    # an official DiT's timestep frequencies are not among the values diffusers' DiT can be configured with
+    ("dit", ["official DiT", "cannot", ".safetensors"]),
+])
+def test_what_diffusers_cannot_compute_is_refused_in_one_line(tmp_path, capsys, name, words):
+    from helpers import tiny_model
+
+    family, model = tiny_model(name)
+    routed = _routed_of(tmp_path, family, model, name)
+    code, shown = _extract(routed, tmp_path / "out", capsys=capsys)
+    _one_line_refusal(code, shown, *words)
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_a_width_pruned_expert_is_refused(tmp_path, capsys):
+    folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "source")
+    routed = cbs_convert.convert(folder, k=2, steps=0, out=str(tmp_path / "pruned.safetensors"), pool_size=8, grid=4,
+                                 profile_batches=1, profile_batch_size=4, calib_batches=1, eval_samples=4, ode_steps=3)
+    config = cbs_convert.read_metadata(routed.output)["experts"][1]["config"]
+    assert config["mlp_hidden"] < 4 * CONFIG["num_attention_heads"] * CONFIG["attention_head_dim"]
+    code, shown = _extract(routed.output, tmp_path / "out", capsys=capsys)
+    _one_line_refusal(code, shown, "width-pruned", "4x")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_out_is_replaced_only_with_force_and_only_if_extract_wrote_it(tmp_path, capsys):
+    model = tiny_diffusers_dit()
+    source = read_checkpoint(save_pipeline_folder(model, tmp_path / "source"))
+    family, _ = detect(source.state_dict, source.hints)
+    routed = _routed_of(tmp_path, family, family.instantiate(family.config, source.state_dict), "routed")
+    out = tmp_path / "expert1"
+    out.mkdir()
+    _one_line_refusal(*_extract(routed, out, capsys=capsys), "exists", "--force")
+    # a folder this command did not write (here the user's own diffusers model) is never replaced
+    user = tmp_path / "source" / "transformer"
+    files = {p.name: p.read_bytes() for p in user.iterdir()}
+    _one_line_refusal(*_extract(routed, user, "--force", capsys=capsys), "only a folder this command wrote")
+    assert {p.name: p.read_bytes() for p in user.iterdir()} == files
+    # nor the folder that holds the routed file, nor a file name
+    _one_line_refusal(*_extract(routed, tmp_path, "--force", capsys=capsys), "holds the routed checkpoint")
+    _one_line_refusal(*_extract(routed, tmp_path / "e.safetensors", capsys=capsys), "writes a folder")
+    out.rmdir()
+    assert _extract(routed, out, capsys=capsys)[0] == 0
+    code, shown = _extract(routed, out, "--force", capsys=capsys)
+    assert code == 0, shown.err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    (out / "notes.txt").write_text("mine")
+    _one_line_refusal(*_extract(routed, out, "--force", capsys=capsys), "holds notes.txt")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
