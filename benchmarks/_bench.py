@@ -636,6 +636,17 @@ def markdown_errors(rows) -> List[str]:
     return lines
 
 
+def write_results(stem: Path, result: Dict[str, Any], render) -> str:
+    """Print the Markdown of ``result`` and write it beside the JSON, as ``stem``.md and .json."""
+    text = render(result)
+    print()
+    print(text)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return text
+
+
 def command_line(script: str, argv) -> str:
     return f"python3 benchmarks/{script}" + "".join(" " + a for a in (sys.argv[1:] if argv is None else argv))
 

@@ -169,12 +169,7 @@ def main(argv=None):
         "sample_steps": args.sample_steps, "jobs": args.jobs, "work_done": bench.work,
         "unavailable": bench.unavailable, "diverged": bench.diverged, "rows": rows,
     }
-    text = markdown(result)
-    print()
-    print(text)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    _bench.write_results(stem, result, markdown)
     doc_source = next((c["path"] for (n, t), c in bench.conversions.items() if n == PROFILE_FOR_DOCS and t == train_seeds[0]), None)
     png = Path(doc_source).with_name(Path(doc_source).stem + ".profile.png") if doc_source else None
     if png and png.exists() and not args.quick and args.out is None:

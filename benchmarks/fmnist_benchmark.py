@@ -110,6 +110,13 @@ for _k in (2, 4):
             LORA_ROWS.append(f"K={_k} lora r{_rank} {_cut}")
             ROWS[LORA_ROWS[-1]] = dict(k=_k, rank=_rank, **_split, **LORA)
 ROWS["K=2 lora r4 uniform, frozen base"] = dict(ROWS["K=2 lora r4 uniform"], base_lr_scale=0.0)
+# The same-cost learning curve to 8x the 1,200 steps (issue 18): does a split pull ahead of the
+# dense model's own continued training once that training has had its easy gains?
+SAME_COST_CURVE = {DENSE_GENTLE: ROWS[DENSE_GENTLE], "K=2 2x uniform, gentle": ROWS["K=2 2x uniform, gentle"],
+                   "K=2 lora r4 uniform": ROWS["K=2 lora r4 uniform"]}
+for _model, _settings in SAME_COST_CURVE.items():
+    for _factor in (4.0, 8.0):
+        ROWS.setdefault(f"{_model}, {_factor:g}x steps", dict(_settings, steps_factor=_factor))
 # Compression that recovers (issue 20), at 0.5x per-step FLOPs: whole blocks removed first (this
 # teacher's 4 blocks leave 2, then width takes the rest), and TinyFusion's masked block-feature loss.
 DEPTH = dict(structure="depth")
@@ -142,6 +149,8 @@ PAIRED = (
     + [(name, DENSE_GENTLE) for name in LORA_ROWS]
     + [(f"K={k} lora r{r} cbs", f"K={k} lora r{r} uniform") for k in (2, 4) for r in (4, 2)]
     + [("K=2 lora r4 uniform, frozen base", "K=2 lora r4 uniform")]
+    + [(f"{name}, {f:g}x steps", f"{DENSE_GENTLE}, {f:g}x steps") for f in (4.0, 8.0) for name in SAME_COST_CURVE
+       if name != DENSE_GENTLE]
     + [(name, HALF) for name in COMPRESSION_ROWS]
     + [("K=2 cbs denoiser, features", "K=2 cbs denoiser"), ("K=2 cbs denoiser, features", "K=1 0.5x, features"),
        ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features")]
@@ -256,12 +265,7 @@ def main(argv=None):
         "waiting": [n for n in names if n not in bench.diverged and not any(r["name"] == n for r in rows)],
         "classifier_test_accuracy": _classifier_accuracy(), "rows": rows,
     }
-    text = markdown(result)
-    print()
-    print(text)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    _bench.write_results(stem, result, markdown)
     if temporary:
         shutil.rmtree(cache, ignore_errors=True)
     print(f"wrote {stem.with_suffix('.md')} and .json; wall time {wall / 60:.1f} min; this run did "

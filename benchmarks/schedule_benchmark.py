@@ -331,12 +331,7 @@ def main(argv=None):
         "schedule_times": {f"{m}: {row_name(n, a)}, {s} steps" + (f", {meth}" if n == "ots" else ""):
                            (records.get(_bench.digest(k)) or {}).get("times") for m, n, a, s, meth, k in wanted},
     }
-    text = markdown(result)
-    print()
-    print(text)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(text)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    _bench.write_results(stem, result, markdown)
     if temporary:
         shutil.rmtree(cache, ignore_errors=True)
     log(f"wrote {stem.with_suffix('.md')} and .json; wall time {result['wall_seconds'] / 60:.1f} min; this run computed "

@@ -6,7 +6,7 @@ wants to sample a routed checkpoint without the family's original sampling code.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
