@@ -281,6 +281,8 @@ def finetune_expert(
         else:
             value = float(loss.detach())
         if not math.isfinite(value):
+            if features is not None:  # the teacher outlives this run (a library caller may go on with it)
+                features.remove()
             raise TrainingDiverged(
                 f"{description}: the fine-tuning loss became {value} at step {step} with lr {learning_rate(settings, step):g}; "
                 "lower the learning rate (--lr, or lr: in the recipe) and start over with --force"

@@ -245,3 +245,14 @@ def test_feature_outliers_beyond_the_mask_do_not_count():
         taps.caught["student"][name] = base
     assert float(taps.loss(1e9)) > 0  # unmasked, the outlier dominates
     taps.remove()
+
+
+def test_a_diverged_run_takes_its_feature_hooks_off_the_teacher():
+    from cbs_convert.errors import TrainingDiverged
+
+    family, teacher, student, pool, labels = setup()
+    settings = FinetuneSettings(steps=5, batch_size=8, lr=1e30, warmup_steps=0, seed=0, feature_weight=1.0)
+    with pytest.raises(TrainingDiverged):
+        finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False,
+                        feature_channels=torch.arange(student().config["hidden_size"]))
+    assert not any(block._forward_hooks for block in teacher.blocks)
