@@ -325,6 +325,9 @@ def validate(r: Recipe) -> None:
     if r.experts == "lora":
         need(r.budget == "1x", f"budget={r.budget}: --experts lora keeps the source's width (the base plus small deltas); "
                                "drop --budget, or use --experts copies to prune to a budget")
+        need(r.steps == 0 or r.loss != "distill",
+             "--experts lora trains its deltas on data: distilling a zero delta from the teacher has no gradient; "
+             "pass --loss data (or both) with --data LATENTS, or --steps 0 for the untrained routed model")
     else:
         for name in ("base_lr_scale",):
             need(getattr(r, name) is None, f"{name} applies to --experts lora only; drop it or pass --experts lora")

@@ -246,7 +246,7 @@ def test_activation_checkpointing_in_the_base_keeps_every_delta_in_training(tmp_
     from test_adm import HINTS
 
     save_file(tiny_adm()[1].state_dict(), str(tmp_path / "unet.safetensors"))
-    conversion = Conversion({"checkpoint": str(tmp_path / "unet.safetensors"), "experts": "lora", "use_checkpoint": True,
+    conversion = Conversion({"checkpoint": str(tmp_path / "unet.safetensors"), "experts": "lora", "use_checkpoint": True, "steps": 0,
                              "out": str(tmp_path / "lora.safetensors"), **HINTS}, progress=False)
     conversion.load()  # the run says that the memory it was asked to save is not saved
     assert any("--use-checkpoint does not apply to --experts lora" in w for w in conversion.warnings)
@@ -268,6 +268,7 @@ def test_activation_checkpointing_in_the_base_keeps_every_delta_in_training(tmp_
     (["--experts", "lora", "--budget", "2x"], "--experts lora keeps the source's width"),
     (["--base-lr-scale", "0.5"], "applies to --experts lora only"),
     (["--experts", "lora", "--rank", "0"], "rank=0 must be 1 or more"),
+    (["--experts", "lora"], "--experts lora trains its deltas on data"),
 ])
 def test_contradictory_lora_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
     family, source, *_ = _model_and_inputs("sit")
