@@ -269,6 +269,7 @@ def test_activation_checkpointing_in_the_base_keeps_every_delta_in_training(tmp_
     (["--base-lr-scale", "0.5"], "applies to --experts lora only"),
     (["--experts", "lora", "--rank", "0"], "rank=0 must be 1 or more"),
     (["--experts", "lora"], "--experts lora trains its deltas on data"),
+    (["--experts", "lora", "--structure", "depth", "--steps", "0"], "--structure depth prunes copies"),
 ])
 def test_contradictory_lora_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
     family, source, *_ = _model_and_inputs("sit")
