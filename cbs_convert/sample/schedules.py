@@ -149,30 +149,28 @@ def parse_schedule(text: Union[str, Sequence[float], None]) -> Union[str, List[f
                       "or give the times as a comma-separated list from 1 (noise) down to 0 (data)")
 
 
-def parse_counts(text: Union[str, Sequence[int], None], flag: str = "--steps-per-expert") -> Optional[List[int]]:
+def _per_expert(text, convert, valid, complaint: str) -> Optional[list]:
+    """A comma-separated list (or a sequence) of one value per expert, or None when not given."""
     if text is None:
         return None
     parts = text.split(",") if isinstance(text, str) else list(text)
     try:
-        counts = [int(str(p).strip()) for p in parts if str(p).strip()]
+        values = [convert(str(p).strip()) for p in parts if str(p).strip()]
     except ValueError:
-        counts = []
-    if not counts or any(c < 1 for c in counts):
-        raise RecipeError(f"{flag} {text}: give whole numbers of at least 1, one per expert, expert 0 (nearest the data) first")
-    return counts
+        values = []
+    if not values or not all(valid(v) for v in values):
+        raise RecipeError(complaint)
+    return values
+
+
+def parse_counts(text: Union[str, Sequence[int], None], flag: str = "--steps-per-expert") -> Optional[List[int]]:
+    return _per_expert(text, int, lambda c: c >= 1,
+                       f"{flag} {text}: give whole numbers of at least 1, one per expert, expert 0 (nearest the data) first")
 
 
 def parse_scales(text: Union[str, Sequence[float], None], flag: str = "--cfg-scale-per-expert") -> Optional[List[float]]:
-    if text is None:
-        return None
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    try:
-        scales = [float(str(p).strip()) for p in parts if str(p).strip()]
-    except ValueError:
-        scales = []
-    if not scales or not all(math.isfinite(s) for s in scales):
-        raise RecipeError(f"{flag} {text}: give finite numbers, one per expert, expert 0 (nearest the data) first")
-    return scales
+    return _per_expert(text, float, math.isfinite,
+                       f"{flag} {text}: give finite numbers, one per expert, expert 0 (nearest the data) first")
 
 
 # -- the rules as step densities -----------------------------------------------------------------------
