@@ -30,7 +30,6 @@ from .finetune import FinetuneSettings, finetune_expert, relative_error
 from .shared_base import SharedBaseModel
 
 SELECTORS = ("importance", "recovery")
-STRUCTURES = ("width", "depth")
 
 
 def allocate_depth(family: Family, config: Dict[str, Any], target: int) -> Dict[str, Any]:

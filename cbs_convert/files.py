@@ -37,10 +37,7 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except Exception as exc:
-        reason = _write_failure(exc)
-        if reason is None:
-            raise
-        raise WriteError(f"cannot write {path}: {reason}") from exc
+        _raise_as_write_error(path, exc)
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -78,10 +75,7 @@ def atomic_folder(path, write: Callable[[Path], None], replaceable: Sequence[str
             raise
         tmp = None
     except Exception as exc:
-        reason = _write_failure(exc)
-        if reason is None:
-            raise
-        raise WriteError(f"cannot write {path}: {reason}") from exc
+        _raise_as_write_error(path, exc)
     finally:
         for folder in (tmp, old):
             if folder is not None and folder.is_dir():
@@ -94,6 +88,14 @@ def atomic_folder(path, write: Callable[[Path], None], replaceable: Sequence[str
                 except OSError:
                     pass  # something not ours in it: left in place rather than deleted
     return path
+
+
+def _raise_as_write_error(path, exc: Exception):
+    """Re-raise ``exc``: as a WriteError naming ``path`` when the file system refused the write."""
+    reason = _write_failure(exc)
+    if reason is None:
+        raise exc
+    raise WriteError(f"cannot write {path}: {reason}") from exc
 
 
 def _write_failure(exc: BaseException):

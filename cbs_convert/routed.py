@@ -326,28 +326,18 @@ def _load_routed(path, device):
     return routed.to(device).eval()
 
 
-def _split_shared_base(path, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
-    """(base state dict, per segment {layer: {"down", "up"}}) of a shared-base file's tensors."""
-    described = meta.get("shared_base") or {}
-    layers, count = described.get("layers") or [], len(meta["experts"])
+def _split_shared_base(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]):
+    """(base state dict, per segment {layer: {"down", "up"}}) of a shared-base file's tensors; the
+    schema (``read_metadata``) has already matched every listed delta and the base to the header."""
+    layers = meta["shared_base"]["layers"]
     base = {key[len("base."):]: value for key, value in tensors.items() if key.startswith("base.")}
-    deltas: List[Dict[str, Dict[str, torch.Tensor]]] = [{} for _ in range(count)]
-    for k in range(count):
-        for layer in layers:
-            parts = {part: tensors.get(f"deltas.{k}.{layer}.{part}") for part in ("down", "up")}
-            if any(value is None for value in parts.values()):
-                raise CheckpointError(f"{path}: segment {k}'s delta of layer {layer} is missing; the file is damaged")
-            deltas[k][layer] = parts
-    named = {"base." + key for key in base} | {f"deltas.{k}.{layer}.{part}" for k in range(count) for layer in layers
-                                                 for part in ("down", "up")}
-    stray = [key for key in tensors if key not in named]
-    if stray:
-        raise CheckpointError(f"{path}: tensors {', '.join(stray[:3])} belong to neither the base nor a listed delta")
+    deltas = [{layer: {part: tensors[f"deltas.{k}.{layer}.{part}"] for part in ("down", "up")} for layer in layers}
+              for k in range(len(meta["experts"]))]
     return base, deltas
 
 
 def _shared_base_from(path, family: Family, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> SharedBaseModel:
-    base_state, deltas = _split_shared_base(path, meta, tensors)
+    base_state, deltas = _split_shared_base(meta, tensors)
     base_state = {key: value.clone() for key, value in base_state.items()}
     check_keys(base_state, family.expected_shapes(family.config), f"{path}: the shared base does not match its config")
     described = meta["shared_base"]
@@ -355,11 +345,7 @@ def _shared_base_from(path, family: Family, meta: Dict[str, Any], tensors: Dict[
                             int(described["rank"]), described["layers"], meta)
     for k, segment in enumerate(deltas):
         for layer, parts in segment.items():
-            delta = model.delta(layer)
-            if parts["down"].numel() != delta.down[k].numel() or tuple(parts["up"].shape) != tuple(delta.up[k].shape):
-                raise CheckpointError(f"{path}: segment {k}'s delta of layer {layer} has shapes {tuple(parts['down'].shape)} / "
-                                      f"{tuple(parts['up'].shape)}, not rank {model.rank} for that layer")
-            delta.load_file_tensors(k, parts["down"], parts["up"])
+            model.delta(layer).load_file_tensors(k, parts["down"], parts["up"])
     return model
 
 
@@ -375,7 +361,7 @@ def expert_state_dict(path, expert: int) -> Dict[str, torch.Tensor]:
     if meta["format_version"] == SHARED_BASE_VERSION:
         from safetensors.torch import load_file
 
-        base, deltas = _split_shared_base(path, meta, load_file(str(path)))
+        base, deltas = _split_shared_base(meta, load_file(str(path)))
         return merge_delta(base, deltas[expert])
     prefix = f"experts.{expert}."
     with safe_open(str(path), framework="pt") as handle:
