@@ -76,7 +76,7 @@ def file_digest(path) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    from cbs_convert.files import atomic_write_json
+    from cbs_convert.storage.files import atomic_write_json
 
     atomic_write_json(path, data)
 
@@ -164,7 +164,7 @@ def evaluate(dataset: str, name: str, source: str, seed: int, samples: int, samp
     """
     import torch
 
-    from cbs_convert.metrics import DATASETS
+    from cbs_convert.evaluation.metrics import DATASETS
 
     spec = DATASETS[dataset]
     scorer = spec.scorer()
@@ -175,7 +175,7 @@ def evaluate(dataset: str, name: str, source: str, seed: int, samples: int, samp
         pick = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))[:samples]
         images, labels = data.train_x[pick], data.train_y[pick]
     else:
-        from cbs_convert.loading import load_model
+        from cbs_convert.storage.loading import load_model
         from cbs_convert.sample import sample_ode
 
         family, model = load_model(source)
@@ -226,7 +226,7 @@ class Bench:
 
     def check_manifest(self) -> None:
         """Refuse to mix rows made under other pinned defaults or another scoring classifier."""
-        from cbs_convert.metrics import DATASETS
+        from cbs_convert.evaluation.metrics import DATASETS
 
         # through JSON, so that a tuple and the list it is read back as compare equal
         wanted = json.loads(json.dumps({"pinned": PINNED, "classifier": file_digest(DATASETS[self.dataset].classifier)}))

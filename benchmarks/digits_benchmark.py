@@ -16,7 +16,7 @@ dense control then trains with the data loss instead, because distilling an unpr
 gradient.
 
 Every model then samples the same labels from the same noise with one fixed sampler (``sample_ode``,
-Heun, ``--sample-steps`` uniform steps, no guidance) for each sampling seed, and ``cbs_convert.metrics``
+Heun, ``--sample-steps`` uniform steps, no guidance) for each sampling seed, and ``cbs_convert.evaluation.metrics``
 scores the samples against the held-out digits: Fréchet distance on the digits classifier's features
 (lower is better; the row "real training digits" is the floor set by finite samples) and the share
 classified as their label. Differences between rows are listed paired (same seeds), which cancels most
@@ -137,8 +137,8 @@ def main(argv=None):
     temporary = args.cache is None and args.quick
     cache = Path(tempfile.mkdtemp(prefix="digits_bench_") if temporary else (args.cache or RESULTS / "digits_cache"))
 
-    from cbs_convert.loading import load_model
-    from cbs_convert.metrics import load_digits_split
+    from cbs_convert.storage.loading import load_model
+    from cbs_convert.evaluation.metrics import load_digits_split
 
     began = time.time()
     data = load_digits_split()

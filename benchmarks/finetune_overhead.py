@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from cbs_convert.families import FAMILIES  # noqa: E402
-from cbs_convert.finetune import FinetuneSettings, ema_update, finetune_expert  # noqa: E402
+from cbs_convert.stages.finetune import FinetuneSettings, ema_update, finetune_expert  # noqa: E402
 
 # depth, width, heads, latent size, latent channels
 SHAPES = {"XL": (28, 1152, 16, 32, 4), "S": (12, 384, 6, 32, 4), "small": (4, 192, 3, 16, 4), "tiny": (2, 64, 4, 8, 4)}

@@ -33,7 +33,7 @@ evenly over its experts), same lr, batch, pool (real training images). Pruned ro
 tool's default); full-width ones train on the data loss, since distilling an unpruned copy has zero
 gradient. Every conversion runs for each training seed; every model then samples the same labels
 from the same noise per sampling seed (Heun, ``--sample-steps``, no guidance), scored by
-``cbs_convert.metrics.FashionScorer``: Fréchet distance to the 10,000 test images on the bundled
+``cbs_convert.evaluation.metrics.FashionScorer``: Fréchet distance to the 10,000 test images on the bundled
 classifier's 128-d features, and the share classified as their label. ΔFD and the differences
 between rows are paired over (training seed, sampling seed).
 
@@ -213,9 +213,9 @@ def main(argv=None):
     temporary = args.cache is None and args.quick
     cache = Path(tempfile.mkdtemp(prefix="fmnist_bench_") if temporary else (args.cache or RESULTS / "fmnist_cache"))
 
-    from cbs_convert.datasets import load_fashion_mnist
+    from cbs_convert.evaluation.datasets import load_fashion_mnist
     from cbs_convert.errors import UserError
-    from cbs_convert.loading import load_model
+    from cbs_convert.storage.loading import load_model
 
     for needed, how in ((args.checkpoint, "python3 benchmarks/train_fmnist_teacher.py"),
                         (str(ROOT / "cbs_convert" / "assets" / "fmnist_classifier.safetensors"),
@@ -308,9 +308,9 @@ def estimate(bench, names, family, teacher_flops, jobs) -> str:
 def _classifier_accuracy():
     from safetensors import safe_open
 
-    from cbs_convert.metrics import FMNIST_CLASSIFIER_PATH
+    from cbs_convert.bundled import FMNIST_CLASSIFIER
 
-    with safe_open(str(FMNIST_CLASSIFIER_PATH), framework="pt") as handle:
+    with safe_open(str(FMNIST_CLASSIFIER), framework="pt") as handle:
         return (handle.metadata() or {}).get("test_accuracy")
 
 

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import cbs_convert  # noqa: E402
 from cbs_convert.families import FAMILIES  # noqa: E402
-from cbs_convert.finetune import FinetuneSettings, finetune_expert  # noqa: E402
+from cbs_convert.stages.finetune import FinetuneSettings, finetune_expert  # noqa: E402
 
 # depth, width, heads, latent size; conversion steps per expert; finetune_overhead shape
 SIZES = {

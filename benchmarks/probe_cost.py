@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cbs_convert.families import FAMILIES  # noqa: E402
-from cbs_convert.profile import MONITORS, GaussianFit, per_sample_monitors  # noqa: E402
+from cbs_convert.stages.profile import MONITORS, GaussianFit, per_sample_monitors  # noqa: E402
 
 SHAPES = {"S": (12, 384, 6, 32), "B": (12, 768, 12, 32), "tiny": (2, 64, 4, 8)}  # depth, width, heads, latent size
 
@@ -129,8 +129,8 @@ AGREEMENT_MONITORS = ["denoiser", "dirichlet", "acceleration"]
 
 def agreement(checkpoint: Path, device) -> dict:
     """The default monitors' curves (and acceleration's) of a trained model by jvp and by fd: same pool, probes."""
-    from cbs_convert.loading import load_model
-    from cbs_convert.profile import profile_model
+    from cbs_convert.storage.loading import load_model
+    from cbs_convert.stages.profile import profile_model
     from cbs_convert.sample import sample_ode
 
     family, model = load_model(checkpoint, device=device)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cbs_convert.families import FAMILIES  # noqa: E402
-from cbs_convert.routed import RoutedModel  # noqa: E402
+from cbs_convert.models.routed import RoutedModel  # noqa: E402
 
 SHAPES = {"S": (12, 384, 6, 32), "B": (12, 768, 12, 32), "tiny": (2, 64, 4, 8)}  # depth, width, heads, latent size
 

@@ -17,7 +17,7 @@ equidistributes the tempered path acceleration (``schedules.PROFILE_MONITOR``), 
 
 Pairing: for one sampling seed every row draws the same labels (balanced) from the same noise, as in
 ``_bench.evaluate``, so the difference of two rows on one seed carries little sampling noise;
-differences are listed as mean ± std over the seeds. Scores: ``cbs_convert.metrics`` (Fréchet
+differences are listed as mean ± std over the seeds. Scores: ``cbs_convert.evaluation.metrics`` (Fréchet
 distance on the dataset's bundled classifier features, lower is better; the real-images row is the
 floor finite samples set; "fine" is the ODE solved with 64 Heun steps on the edm schedule, what every
 schedule converges to). The time each schedule takes to compute is set against a conversion's: the
@@ -77,7 +77,7 @@ _SCORERS: Dict[str, Any] = {}
 
 
 def _model(path: str):
-    from cbs_convert.loading import load_model
+    from cbs_convert.storage.loading import load_model
 
     if path not in _MODELS:
         _MODELS[path] = load_model(path)
@@ -114,7 +114,7 @@ def score(dataset: str, path: str, times: Optional[List[float]], method: str, pi
     themselves, where FD also rewards some errors."""
     import torch
 
-    from cbs_convert.metrics import DATASETS
+    from cbs_convert.evaluation.metrics import DATASETS
     from cbs_convert.sample.samplers import draw
 
     spec = DATASETS[dataset]
@@ -171,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--cached-only", action="store_true", help="compute nothing: tabulate what the cache holds")
     args = parser.parse_args(argv)
 
-    from cbs_convert.metrics import DATASETS
+    from cbs_convert.evaluation.metrics import DATASETS
 
     spec = DATASETS[args.dataset]
     checkpoint = str(args.checkpoint or spec.teacher)

@@ -1,4 +1,4 @@
-"""Train the digits classifier behind ``cbs_convert.metrics`` (about a minute on one CPU core).
+"""Train the digits classifier behind ``cbs_convert.evaluation.metrics`` (about a minute on one CPU core).
 
     python3 benchmarks/train_digits_classifier.py
 
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbs_convert.metrics import CLASSIFIER_PATH, DigitsClassifier, load_digits_split  # noqa: E402
+from cbs_convert.bundled import DIGITS_CLASSIFIER
+from cbs_convert.evaluation.metrics import DigitsClassifier, load_digits_split  # noqa: E402
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -37,7 +38,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=CLASSIFIER_PATH)
+    parser.add_argument("--out", type=Path, default=DIGITS_CLASSIFIER)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

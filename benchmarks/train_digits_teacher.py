@@ -4,7 +4,7 @@
 
 Linear path, velocity loss (``SiTFamily.data_loss``, the loss the conversion's ``--loss data``
 uses), label dropout 0.1 into a null row so guidance works, AdamW, EMA. Only the training split
-(``cbs_convert.metrics.load_digits_split``) is seen. Writes the EMA weights to
+(``cbs_convert.evaluation.metrics.load_digits_split``) is seen. Writes the EMA weights to
 ``cbs_convert/assets/digits_sit.safetensors`` with the training args (head count, path) as JSON in
 its metadata: the width is unpublished, so the head count cannot be read from the weights.
 """
@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cbs_convert.families.sit import SiTFamily, initialize_for_training  # noqa: E402
-from cbs_convert.finetune import ema_update  # noqa: E402
-from cbs_convert.metrics import ASSETS, load_digits_split  # noqa: E402
+from cbs_convert.stages.finetune import ema_update  # noqa: E402
+from cbs_convert.bundled import ASSETS
+from cbs_convert.evaluation.metrics import load_digits_split  # noqa: E402
 
 CONFIG = dict(
     input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=4, num_heads=4, head_dim=32,

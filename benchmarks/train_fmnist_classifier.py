@@ -1,4 +1,4 @@
-"""Train the Fashion-MNIST feature classifier behind ``cbs_convert.metrics`` (a few minutes on one core).
+"""Train the Fashion-MNIST feature classifier behind ``cbs_convert.evaluation.metrics`` (a few minutes on one core).
 
     python3 benchmarks/train_fmnist_classifier.py
 
@@ -22,9 +22,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbs_convert.datasets import load_fashion_mnist  # noqa: E402
+from cbs_convert.evaluation.datasets import load_fashion_mnist  # noqa: E402
 from cbs_convert.errors import UserError  # noqa: E402
-from cbs_convert.metrics import FMNIST_CLASSIFIER_PATH, FashionClassifier  # noqa: E402
+from cbs_convert.bundled import FMNIST_CLASSIFIER
+from cbs_convert.evaluation.metrics import FashionClassifier  # noqa: E402
 
 SHIFT = 2
 
@@ -52,7 +53,7 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=FMNIST_CLASSIFIER_PATH)
+    parser.add_argument("--out", type=Path, default=FMNIST_CLASSIFIER)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -10,17 +10,18 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning,
                          module=r"torch\.jit\._script")
 
-from .checkpoint import read_checkpoint  # noqa: E402  (after the filter)
-from .errors import BudgetError, CheckpointError, RecipeError, UserError, WorkdirError
-from .families import FAMILIES, detect, family_from_config
-from .finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
-from .pipeline import Conversion, ConversionResult, convert
-from .profile import Profile, profile_model
-from .prune import calibration_batches, prune_state_dict, select_units, unit_scores
-from .recipe import Recipe, read_recipe_file
-from .routed import RoutedModel, load, read_metadata, save_routed
-from .sample import sample_ode
-from .split import Split, allocate_widths, budget_targets, equidistribute, parse_budget, plan_split
+from cbs_convert.storage.checkpoint import read_checkpoint  # noqa: E402  (after the filter)
+from cbs_convert.errors import BudgetError, CheckpointError, RecipeError, UserError, WorkdirError
+from cbs_convert.families import FAMILIES, detect, family_from_config
+from cbs_convert.stages.finetune import FinetuneSettings, finetune_expert, relative_error, seam_gap
+from cbs_convert.pipeline.conversion import Conversion, ConversionResult, convert
+from cbs_convert.stages.profile import Profile, profile_model
+from cbs_convert.stages.prune import calibration_batches, prune_state_dict, select_units, unit_scores
+from cbs_convert.pipeline.recipe import Recipe, read_recipe_file
+from cbs_convert.models.routed import RoutedModel
+from cbs_convert.storage.routed_file import load, read_metadata, save_routed
+from cbs_convert.sample import sample_ode
+from cbs_convert.stages.split import Split, allocate_widths, budget_targets, equidistribute, parse_budget, plan_split
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,3 @@
-from .cli import entry
+from cbs_convert.cli.main import entry
 
 entry()

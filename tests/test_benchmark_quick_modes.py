@@ -90,7 +90,7 @@ def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_time
     import math
 
     import schedule_benchmark
-    from cbs_convert.routed import read_metadata
+    from cbs_convert.storage.routed_file import read_metadata
 
     result = schedule_benchmark.main(["--quick", "--dataset", "digits", "--out", str(tmp_path / "schedules"),
                                       "--cache", str(tmp_path / "cache")])

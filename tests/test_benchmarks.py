@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cbs_convert.datasets import INSTALL_HINT, fashion_mnist_dir, load_fashion_mnist, read_idx
+from cbs_convert.evaluation.datasets import INSTALL_HINT, fashion_mnist_dir, load_fashion_mnist, read_idx
 from cbs_convert.errors import UserError
-from cbs_convert.metrics import DATASETS
+from cbs_convert.evaluation.metrics import DATASETS
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -102,7 +102,7 @@ def test_fashion_scorer_separates_real_from_damaged_images():
 
 def test_load_model_reads_a_source_checkpoint_with_args_in_metadata():
     from cbs_convert.families.sit import DiffusionTransformer
-    from cbs_convert.loading import is_routed, load_model
+    from cbs_convert.storage.loading import is_routed, load_model
 
     family, model = load_model(DATASETS["digits"].teacher)
     assert not is_routed(DATASETS["digits"].teacher)
@@ -135,8 +135,8 @@ def test_digits_quick_scores_the_teacher_and_every_row(tmp_path):
 
 
 def test_a_rerun_converts_and_samples_nothing_and_a_changed_setting_reruns_only_its_rows(tmp_path):
-    from cbs_convert.loading import is_routed, load_model
-    from cbs_convert.routed import RoutedModel
+    from cbs_convert.storage.loading import is_routed, load_model
+    from cbs_convert.models.routed import RoutedModel
 
     tiny = ["--steps", "4", "--samples", "40", "--sample-steps", "3", "--seeds", "0,1", "--train-seeds", "0",
             "--methods", "K=2 uniform"]

@@ -2,9 +2,9 @@
 
 import torch
 
-from cbs_convert.checkpoint import read_checkpoint
+from cbs_convert.storage.checkpoint import read_checkpoint
 from cbs_convert.families import detect
-from cbs_convert.routed import save_routed
+from cbs_convert.storage.routed_file import save_routed
 import cbs_convert
 from test_routed import three_experts
 from test_safety import assert_one_line_error, cli

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 import cbs_convert
-from cbs_convert.cli import main as cli_main
-from cbs_convert.depth import RecoverySettings, allocate_depth, choose_blocks, skipping
-from cbs_convert.loading import load_model
-from cbs_convert.prune import calibration_batches
+from cbs_convert.cli.main import main as cli_main
+from cbs_convert.stages.depth import RecoverySettings, allocate_depth, choose_blocks, skipping
+from cbs_convert.storage.loading import load_model
+from cbs_convert.stages.prune import calibration_batches
 from helpers import tiny_model
 from test_end_to_end import QUICK_KW
 

@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import cbs_convert  # noqa: E402
 from cbs_convert import read_checkpoint  # noqa: E402
-from cbs_convert.diffusers_io import diffusers_to_official, official_to_diffusers  # noqa: E402
+from cbs_convert.storage.diffusers import diffusers_to_official, official_to_diffusers  # noqa: E402
 from cbs_convert.families import detect  # noqa: E402
 
 CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
@@ -175,7 +175,7 @@ def test_a_unet2dmodel_reads_as_the_same_function(tmp_path, overrides):
 
 
 def test_unet_keys_round_trip():
-    from cbs_convert.diffusers_io import adm_to_unet, unet_to_adm
+    from cbs_convert.storage.diffusers import adm_to_unet, unet_to_adm
 
     model = tiny_unet()
     theirs = model.state_dict()
@@ -364,7 +364,7 @@ def test_damaged_folders_are_named_for_what_is_wrong(tmp_path):
 
 
 def test_outputs_are_named_after_the_model_not_its_folder_layout(tmp_path, monkeypatch):
-    from cbs_convert.pipeline import default_output
+    from cbs_convert.pipeline.conversion import default_output
 
     folder = save_pipeline_folder(tiny_diffusers_dit(), tmp_path / "DiT-tiny")
     monkeypatch.chdir(folder)
@@ -462,7 +462,7 @@ def test_weights_without_their_config_are_named(tmp_path):
 
 def test_a_unet_configs_head_split_is_not_overridden(tmp_path):
     from cbs_convert import RecipeError
-    from cbs_convert.checkpoint import with_user_hints
+    from cbs_convert.storage.checkpoint import with_user_hints
 
     one_head = read_checkpoint(save_ddpm_folder(tiny_unet(attention_head_dim=None), tmp_path / "one"))
     with pytest.raises(RecipeError, match="--num-head-channels 16: the model's own config splits attention by num_heads 1"):
@@ -479,7 +479,7 @@ def test_a_unet_configs_head_split_is_not_overridden(tmp_path):
 
 
 def test_a_pruned_unet_expert_extracts_and_reads_back_as_itself(tmp_path):
-    from cbs_convert.commands import extract
+    from cbs_convert.cli.commands import extract
     from cbs_convert.errors import WorkdirError
 
     folder = save_ddpm_folder(tiny_unet(), tmp_path / "ddpm")
@@ -542,7 +542,7 @@ def test_a_dit_trained_in_diffusers_is_refused_in_one_line_and_its_shared_form_c
 # --- extract --format diffusers: one expert back as a folder that from_pretrained reads ---------
 
 def _extract(routed, out, *flags, capsys=None):
-    from cbs_convert.cli import main as cli_main
+    from cbs_convert.cli.main import main as cli_main
 
     code = cli_main(["extract", str(routed), "--expert", "1", "--out", str(out), "--format", "diffusers", *flags])
     return code, capsys.readouterr() if capsys is not None else None
@@ -561,7 +561,7 @@ def _segment_inputs(family, segment, classes):
 @pytest.mark.parametrize("experts", ["copies", "lora"])
 @pytest.mark.parametrize("kind", ["dit", "unet"])
 def test_an_expert_written_as_a_diffusers_folder_is_the_expert_in_diffusers(tmp_path, capsys, kind, experts):
-    from cbs_convert.routed import save_shared_base
+    from cbs_convert.storage.routed_file import save_shared_base
     from test_shared_base import _randomise_deltas
 
     model = tiny_diffusers_dit() if kind == "dit" else tiny_unet(num_class_embeds=5)
@@ -614,7 +614,7 @@ def _one_line_refusal(code, shown, *words):
 
 
 def _routed_of(tmp_path, family, model, name):
-    from cbs_convert.routed import save_routed
+    from cbs_convert.storage.routed_file import save_routed
 
     state = model.state_dict()
     return save_routed(tmp_path / f"{name}.safetensors", family, [state, state], [family.config] * 2, [0.0, 0.5, 1.0])

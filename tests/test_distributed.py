@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from cbs_convert.errors import RecipeError
-from cbs_convert.ranks import plan_ranks
+from cbs_convert.pipeline.ranks import plan_ranks
 from helpers import save_training_dict, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cbs_convert.finetune import FinetuneSettings, finetune_expert, relative_error
-from cbs_convert.prune import prune_state_dict
-from cbs_convert.split import allocate_widths
+from cbs_convert.stages.finetune import FinetuneSettings, finetune_expert, relative_error
+from cbs_convert.stages.prune import prune_state_dict
+from cbs_convert.stages.split import allocate_widths
 from helpers import tiny_model
 
 
@@ -54,7 +54,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_label_dropout_feeds_the_null_class():
-    from cbs_convert.batches import draw_batch
+    from cbs_convert.stages.batches import draw_batch
 
     family, _, _, pool, labels = setup()
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ def test_training_on_data_lowers_the_data_loss_for_both_families():
 
 
 def test_data_loss_from_a_given_prediction_equals_running_the_model():
-    from cbs_convert.batches import noised
+    from cbs_convert.stages.batches import noised
 
     for name in ("sit", "dit"):
         family, model = tiny_model(name)
@@ -109,10 +109,10 @@ def test_data_loss_from_a_given_prediction_equals_running_the_model():
 def test_library_defaults_are_the_clis():
     from dataclasses import fields
 
-    from cbs_convert.finetune import FinetuneSettings
-    from cbs_convert.recipe import Recipe
+    from cbs_convert.stages.finetune import FinetuneSettings
+    from cbs_convert.pipeline.recipe import Recipe
 
-    from cbs_convert.finetune import expert_defaults
+    from cbs_convert.stages.finetune import expert_defaults
 
     cli = Recipe()
     library = FinetuneSettings()
@@ -124,7 +124,7 @@ def test_library_defaults_are_the_clis():
 
 
 def test_the_lr_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
-    from cbs_convert.finetune import learning_rate
+    from cbs_convert.stages.finetune import learning_rate
 
     settings = FinetuneSettings(steps=100, lr=1e-3, warmup_steps=10, lr_floor=0.1)
     assert learning_rate(settings, 0) == pytest.approx(1e-4)
@@ -140,7 +140,7 @@ def test_the_lr_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
 
 
 def test_the_optimizer_runs_the_scheduled_lr(monkeypatch):
-    from cbs_convert import finetune as module
+    from cbs_convert.stages import finetune as module
 
     family, teacher, student, pool, labels = setup()
     seen = []
@@ -158,7 +158,7 @@ def test_the_optimizer_runs_the_scheduled_lr(monkeypatch):
 
 
 def test_without_ema_warmup_the_saved_weights_stay_near_the_start():
-    from cbs_convert.finetune import ema_decay_at
+    from cbs_convert.stages.finetune import ema_decay_at
 
     anchored = FinetuneSettings(ema_decay=0.999, ema_warmup=False)
     ramped = FinetuneSettings(ema_decay=0.999, ema_warmup=True)
@@ -192,8 +192,8 @@ def test_both_losses_are_weighted_as_given():
 
 # -- block-feature distillation -------------------------------------------------------------------
 
-from cbs_convert.batches import draw_batch, noised  # noqa: E402
-from cbs_convert.finetune import _FeatureTaps  # noqa: E402
+from cbs_convert.stages.batches import draw_batch, noised  # noqa: E402
+from cbs_convert.stages.finetune import _FeatureTaps  # noqa: E402
 
 
 def _feature_gap(family, teacher, student, channels, pool, labels):

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from cbs_convert.metrics import CLASSIFIER_PATH, DigitsScorer, frechet_distance, load_classifier, load_digits_split
+from cbs_convert.bundled import DIGITS_CLASSIFIER
+from cbs_convert.evaluation.metrics import DigitsScorer, frechet_distance, load_classifier, load_digits_split
 
-pytestmark = pytest.mark.skipif(not CLASSIFIER_PATH.exists(), reason="run benchmarks/train_digits_classifier.py")
+pytestmark = pytest.mark.skipif(not DIGITS_CLASSIFIER.exists(), reason="run benchmarks/train_digits_classifier.py")
 
 
 @pytest.fixture(scope="module")

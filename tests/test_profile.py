@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from cbs_convert.profile import per_sample_monitors, profile_model
+from cbs_convert.stages.profile import per_sample_monitors, profile_model
 from helpers import tiny_model
 
 

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import pytest
 
-from cbs_convert.cli import main
+from cbs_convert.cli.main import main
 from cbs_convert.errors import RecipeError
-from cbs_convert.recipe import build_recipe, read_recipe_file
+from cbs_convert.pipeline.recipe import build_recipe, read_recipe_file
 from helpers import save_training_dict, tiny_model
 
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-3, 40))

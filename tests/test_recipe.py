@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from cbs_convert.errors import RecipeError
-from cbs_convert.recipe import BUNDLED, Recipe, build_recipe, bundled_recipe, read_recipe_file
+from cbs_convert.bundled import RECIPES
+from cbs_convert.pipeline.recipe import Recipe, build_recipe, bundled_recipe, read_recipe_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ def test_bundled_recipes_are_valid_and_reachable(name):
     recipe = build_recipe(values)
     assert recipe.k == int(name[-1])
     stem = name.rsplit("_k", 1)[0]
-    assert bundled_recipe(stem, recipe.k) == BUNDLED / f"{name}.yaml"
+    assert bundled_recipe(stem, recipe.k) == RECIPES / f"{name}.yaml"
     # sized for a real run, unlike the tiny defaults
     assert recipe.steps >= 1000 and recipe.pool_size >= 512
 
@@ -79,7 +80,7 @@ def test_later_layers_win():
 
 
 def test_a_recognised_architecture_gets_its_bundled_recipe_under_the_users_settings():
-    from cbs_convert.pipeline import resolve_recipe
+    from cbs_convert.pipeline.conversion import resolve_recipe
 
     recipe = resolve_recipe([{"checkpoint": "x.pt", "k": 2, "lr": 0.001}], "sit_xl_2")
     assert recipe.steps == 10000 and recipe.pool_size == 1024  # from recipes/sit_xl_2_k2.yaml
@@ -91,7 +92,7 @@ def test_a_recognised_architecture_gets_its_bundled_recipe_under_the_users_setti
 def test_help_documents_every_setting(capsys):
     from dataclasses import fields
 
-    from cbs_convert.cli import main
+    from cbs_convert.cli.main import main
 
     try:
         main(["--help"])
@@ -119,7 +120,7 @@ def test_help_documents_every_setting(capsys):
     ({"k": 2, "boundaries": [0.4], "monitors": ["acceleration"]}, ["acceleration"]),
 ])
 def test_the_monitors_a_run_reads_are_profiled_and_the_recipe_keeps_the_list_as_given(settings, profiled):
-    from cbs_convert.recipe import profiled_monitors
+    from cbs_convert.pipeline.recipe import profiled_monitors
 
     recipe = build_recipe(settings)
     assert recipe.monitors == settings.get("monitors", Recipe().monitors)
@@ -130,7 +131,7 @@ def test_monitor_alone_drives_the_cuts_and_the_report_says_what_was_profiled(tmp
     import torch
 
     import cbs_convert
-    from cbs_convert.split import plan_split
+    from cbs_convert.stages.split import plan_split
     from helpers import tiny_model
 
     _, model = tiny_model("sit")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from cbs_convert.errors import CheckpointError
 from cbs_convert.families import detect
-from cbs_convert.workdir import MARKER
+from cbs_convert.storage.workdir import MARKER
 from helpers import save_training_dict, tiny_config, tiny_model
 from test_safety import QUICK, assert_one_line_error, cli
 
@@ -203,7 +203,7 @@ def test_args_naming_a_published_model_must_agree_on_heads():
 
 @pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
 def test_compile_and_ddp_prefixes_are_stripped(tmp_path, prefix):
-    from cbs_convert.checkpoint import read_checkpoint
+    from cbs_convert.storage.checkpoint import read_checkpoint
 
     _, model = tiny_model("sit")
     path = tmp_path / "compiled.pt"
@@ -277,7 +277,7 @@ def test_the_profile_plot_is_written_atomically(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from cbs_convert import report as report_module
+    from cbs_convert.pipeline import report as report_module
 
     targets = []
     real = Figure.savefig
@@ -310,7 +310,7 @@ def test_a_diverging_learning_rate_is_one_line_naming_lr(tiny_pt, tmp_path, caps
 
 def test_a_run_begun_before_a_setting_existed_resumes_when_that_setting_is_at_its_default(tmp_path):
     from cbs_convert.errors import WorkdirError
-    from cbs_convert.workdir import WorkDir
+    from cbs_convert.storage.workdir import WorkDir
 
     folder = tmp_path / "D"
     WorkDir(folder).start({"source_sha256": "abc", "recipe": {"k": 2}}, ["profile.json"], resume=False, force=False)
@@ -402,7 +402,7 @@ def test_a_resume_compares_the_model_flags_build_not_how_they_are_typed(tmp_pt_r
 
 def test_a_flag_that_agrees_with_a_bundled_teacher_in_another_case_is_accepted():
     from cbs_convert import RecipeError, read_checkpoint
-    from cbs_convert.checkpoint import with_user_hints
+    from cbs_convert.storage.checkpoint import with_user_hints
 
     hints = read_checkpoint("digits_sit").hints
     assert with_user_hints(hints, {"path": "Linear", "family": "SiT"})["path"] == "Linear"

@@ -115,10 +115,10 @@ def test_a_conversion_of_the_bundled_digits_teacher_reports_its_sample_quality_a
                                                                                                   capsys):
     import math
 
-    from cbs_convert.metrics import TEACHER_PATH
+    from cbs_convert.bundled import DIGITS_TEACHER
 
     out = tmp_path / "digits.safetensors"
-    code, stdout, err = cli([TEACHER_PATH, "--k", "2", "--out", out, *QUICK], capsys)
+    code, stdout, err = cli([DIGITS_TEACHER, "--k", "2", "--out", out, *QUICK], capsys)
     assert code == 0, err
     quality = json.loads(out.with_name("digits.report.json").read_text())["sample_quality"]
     assert quality["dataset"] == "digits" and quality["samples"] == 500
@@ -145,7 +145,7 @@ def test_a_conversion_of_the_bundled_digits_teacher_reports_its_sample_quality_a
 
 
 def test_a_loss_still_falling_at_the_end_is_called_under_training_and_a_flat_one_is_not():
-    from cbs_convert.pipeline import late_improvement, undertraining_verdicts
+    from cbs_convert.pipeline.conversion import late_improvement, undertraining_verdicts
 
     falling = [1.0 / (1 + 0.01 * i) for i in range(500)]
     flat = [0.1 + 0.001 * ((-1) ** i) for i in range(500)]
@@ -170,7 +170,7 @@ def test_a_mistyped_flag_gets_the_flag_it_resembles(capsys):
 
 
 def test_the_bundled_teacher_and_recipes_are_found_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
-    from cbs_convert.recipe import read_recipe_file
+    from cbs_convert.pipeline.recipe import read_recipe_file
 
     monkeypatch.chdir(tmp_path)
     code, stdout, err = cli(["profile", "digits_sit", "--k", "2", *QUICK], capsys)

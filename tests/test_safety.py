@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cbs_convert.cli import main
+from cbs_convert.cli.main import main
 from helpers import save_training_dict, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_resume_with_other_settings_is_refused(tiny_pt, capsys, monkeypatch):
 WRITER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-import cbs_convert.files as files
+import cbs_convert.storage.files as files
 real = files.os.replace
 class DyingOs:
     def __getattr__(self, name):
@@ -291,7 +291,7 @@ class DyingOs:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(src, dst)
 files.os = DyingOs()
-from cbs_convert.cli import main
+from cbs_convert.cli.main import main
 main(sys.argv[1:])
 """
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cbs_convert.families import FAMILIES
-from cbs_convert.routed import RoutedModel, save_routed
+from cbs_convert.models.routed import RoutedModel
+from cbs_convert.storage.routed_file import save_routed
 from cbs_convert.sample.samplers import Guided, draw
 from cbs_convert.sample.schedules import (
     SCHEDULES, allocate, build_schedule, check_times, native_lists, place, profile_rule,
@@ -233,7 +234,7 @@ def routed_file(tmp_path_factory):
 
 
 def test_the_schedule_command_prints_native_and_diffusers_lists(routed_file, tmp_path, capsys):
-    from cbs_convert.cli import main
+    from cbs_convert.cli.main import main
 
     out = tmp_path / "s.json"
     assert main(["schedule", str(routed_file), "--steps-per-expert", "2,3", "--schedule", "logsnr", "--json", str(out)]) == 0
@@ -268,7 +269,7 @@ def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file,
     (["--schedule", "profile:nothing", "--steps", "4"], "unknown monitor 'nothing'"),
 ])
 def test_bad_schedules_get_one_line_and_exit_2(routed_file, tmp_path, capsys, flags, expected):
-    from cbs_convert.cli import main
+    from cbs_convert.cli.main import main
     from cbs_convert.sample.__main__ import main as sample
 
     assert main(["schedule", str(routed_file), *flags]) == 2

@@ -22,11 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cbs_convert
-from cbs_convert.checkpoint import read_checkpoint
-from cbs_convert.cli import main as cli_main
+from cbs_convert.storage.checkpoint import read_checkpoint
+from cbs_convert.cli.main import main as cli_main
 from cbs_convert.errors import UserError, is_warning
 from cbs_convert.families import detect
-from cbs_convert.routed import METADATA_KEY, save_routed
+from cbs_convert.storage.routed_file import METADATA_KEY, save_routed
 from cbs_convert.sample.__main__ import main as sample_main
 from test_routed import three_experts
 
@@ -342,7 +342,7 @@ def test_saved_args_of_a_training_dict_meet_the_same_schema(tmp_path):
 
 
 def test_adm_files_claiming_more_blocks_than_they_hold_are_refused_at_once(tmp_path):
-    from cbs_convert.split import allocate_widths
+    from cbs_convert.stages.split import allocate_widths
     from test_adm import tiny
 
     family, _ = tiny()

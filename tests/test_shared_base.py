@@ -8,12 +8,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cbs_convert
-from cbs_convert.cli import main as cli_main
+from cbs_convert.cli.main import main as cli_main
 from cbs_convert.errors import CheckpointError
-from cbs_convert.finetune import FinetuneSettings, finetune_expert
-from cbs_convert.loading import load_model
-from cbs_convert.routed import save_shared_base
-from cbs_convert.shared_base import SharedBaseModel, describe_shared_base
+from cbs_convert.stages.finetune import FinetuneSettings, finetune_expert
+from cbs_convert.storage.loading import load_model
+from cbs_convert.storage.routed_file import save_shared_base
+from cbs_convert.models.shared_base import SharedBaseModel, describe_shared_base
 from helpers import tiny_model
 from test_adm import inputs as adm_inputs, tiny as tiny_adm
 from test_end_to_end import QUICK_KW
@@ -242,7 +242,7 @@ def test_activation_checkpointing_in_the_base_keeps_every_delta_in_training(tmp_
     # ADM with use_checkpoint (--use-checkpoint) recomputes each block in backward, after the
     # routing was cleared: torch.utils.checkpoint refused the delta-less recomputation ("A different
     # number of tensors was saved") at the first backward of every --experts lora run with it
-    from cbs_convert.pipeline import Conversion
+    from cbs_convert.pipeline.conversion import Conversion
     from test_adm import HINTS
 
     save_file(tiny_adm()[1].state_dict(), str(tmp_path / "unet.safetensors"))

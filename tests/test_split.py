@@ -5,7 +5,7 @@ import pytest
 
 from cbs_convert.errors import BudgetError, RecipeError
 from cbs_convert.families import FAMILIES
-from cbs_convert.split import (
+from cbs_convert.stages.split import (
     allocate_widths, budget_targets, enforce_min_width, equidistribute, parse_budget, plan_split, segment_masses,
 )
 from helpers import tiny_model
@@ -193,13 +193,13 @@ def test_bad_allocation_strings_are_refused_naming_the_flag(allocation):
     with pytest.raises(RecipeError, match="--allocation"):
         plan_split(2, "uniform", GRID, np.ones_like(GRID), "dirichlet", allocation=allocation)
     with pytest.raises(RecipeError, match="--allocation"):
-        from cbs_convert.recipe import build_recipe
+        from cbs_convert.pipeline.recipe import build_recipe
 
         build_recipe({"allocation": allocation})
 
 
 def test_allocation_by_an_unknown_or_unprofiled_monitor_is_refused():
-    from cbs_convert.recipe import build_recipe
+    from cbs_convert.pipeline.recipe import build_recipe
 
     with pytest.raises(RecipeError, match="--allocation mass:nope"):
         build_recipe({"allocation": "mass:nope"})

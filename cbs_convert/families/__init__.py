@@ -11,10 +11,10 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from ..errors import CheckpointError
-from .adm import ADMFamily
-from .base import check_keys, Family
-from .sit import DiTFamily, SiTFamily
+from cbs_convert.errors import CheckpointError
+from cbs_convert.families.adm import ADMFamily
+from cbs_convert.families.base import check_keys, Family
+from cbs_convert.families.sit import DiTFamily, SiTFamily
 
 FAMILIES: Dict[str, Type[Family]] = {"sit": SiTFamily, "dit": DiTFamily, "adm": ADMFamily}
 

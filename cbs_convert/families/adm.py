@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointError, WarningNote
-from .base import Family, NoisePredictionDDPM, UnitGroup, WidthKnob, check_keys, setting
-from .sit import timestep_embedding
+from cbs_convert.errors import CheckpointError, WarningNote
+from cbs_convert.families.base import Family, NoisePredictionDDPM, UnitGroup, WidthKnob, check_keys, setting
+from cbs_convert.families.sit import timestep_embedding
 
 NORM_GROUPS = 32
 #: How guided-diffusion computes what the weights do not fix. The original DDPM UNet (diffusers'

@@ -396,7 +396,7 @@ def check_keys(
     state_dict: Dict[str, torch.Tensor], expected: Dict[str, Sequence[int]], what: str
 ) -> None:
     """Refuse a state dict that does not match ``expected`` exactly, naming the first offenders."""
-    from ..errors import CheckpointError
+    from cbs_convert.errors import CheckpointError
 
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]

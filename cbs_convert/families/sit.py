@@ -24,8 +24,8 @@ from torch import nn
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
 
-from ..errors import CheckpointError, WarningNote
-from .base import (
+from cbs_convert.errors import CheckpointError, WarningNote
+from cbs_convert.families.base import (
     Family,
     NoisePredictionDDPM,
     UnitGroup,

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ..families.base import Family, broadcast_to, schedule_and_derivative
+from cbs_convert.families.base import Family, broadcast_to, schedule_and_derivative
 
 
 def split_velocity(family: Family, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor):
@@ -33,7 +33,7 @@ def data_stepper(family: Family, model, labels: Optional[torch.Tensor] = None, c
     step's two times (0-dim tensors); ``last`` marks a final step that ends on the data (t = 0),
     which returns the predicted data. ``pin_experts``: each step computed by one expert of a routed
     model (``samplers.step_model``)."""
-    from .samplers import step_model
+    from cbs_convert.sample.samplers import step_model
 
     null = family.null_label(family.config)
     data_range = getattr(family, "data_range", None)
@@ -111,14 +111,14 @@ def sample_ode(
     _, sigma_start = family.schedule(one)
     x = broadcast_to(sigma_start, noise) * noise
     if times is not None or schedule is not None:
-        from .schedules import sampler_times
+        from cbs_convert.sample.schedules import sampler_times
 
         times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, t_end=t_end,
                                            sampler="data")
     if times is None:
         grid = torch.linspace(1.0, t_end, steps + 1, device=device)
     else:
-        from .schedules import time_grid
+        from cbs_convert.sample.schedules import time_grid
 
         grid = time_grid(times, device, t_end=None)
         t_end = float(times[-1])

@@ -20,16 +20,16 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, RecipeError, UserError
-from ..files import atomic_write, atomic_write_json
-from . import schedules
-from .samplers import DEFAULT_STEPS, ODE_METHODS, SAMPLERS, Guided, draw, to_uint8_nhwc
+from cbs_convert.errors import CheckpointError, RecipeError, UserError
+from cbs_convert.storage.files import atomic_write, atomic_write_json
+from cbs_convert.sample import schedules
+from cbs_convert.sample.samplers import DEFAULT_STEPS, ODE_METHODS, SAMPLERS, Guided, draw, to_uint8_nhwc
 
 SHARD_MARKER = "cbs_convert_samples.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _Parser
+    from cbs_convert.cli.main import _Parser
 
     p = _Parser(
         prog="python -m cbs_convert.sample",
@@ -159,7 +159,7 @@ class Decoder:
 def _settings(args, family, model_files: List[Path]) -> Dict:
     """Everything that decides the samples: a shard folder is continued only under the same ones. The
     model is named by its content, so a copy, a move or a touch keeps the shards and new weights do not."""
-    from ..checkpoint import content_sha256
+    from cbs_convert.storage.checkpoint import content_sha256
 
     return {
         # the flags that describe a source count through the model they build, not as typed
@@ -194,7 +194,7 @@ def _schedule_settings(args) -> Dict:
 
 
 def default_out(model: Path, settings: Dict) -> Path:
-    from ..checkpoint import model_name
+    from cbs_convert.storage.checkpoint import model_name
 
     guidance = f"-cfg{settings['cfg_scale']:g}" if settings["cfg_scale"] != 1.0 else ""
     if settings.get("cfg_scale_per_expert"):
@@ -240,7 +240,7 @@ def _check_flags(args) -> None:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    from ..files import check_writable
+    from cbs_convert.storage.files import check_writable
 
     if out.is_dir():
         raise RecipeError(f"--out {out} is a folder; give the .npz file to write, such as {out / 'samples.npz'}")
@@ -279,7 +279,7 @@ def _check(args, family, settings, model=None) -> None:
         raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"
                           if classes else "--class: this model is unconditional; drop --class")
     if settings["sampler"] in ("ddpm", "ddim"):
-        from .samplers import respaced_steps
+        from cbs_convert.sample.samplers import respaced_steps
 
         try:
             respaced_steps(len(family.alphas_cumprod), str(settings["respacing"] or settings["steps"]))
@@ -365,7 +365,7 @@ def _stored_form(decoder, family, device):
 
 
 def sample_to_npz(argv: Optional[List[str]] = None) -> int:
-    from ..cli import _guarded
+    from cbs_convert.cli.main import _guarded
 
     args = build_parser().parse_args(argv)
     messages: List[str] = []
@@ -379,9 +379,9 @@ def sample_to_npz(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args) -> List[str]:
-    from ..checkpoint import bundled_or_given, source_files
-    from ..loading import is_routed, load_model
-    from ..ranks import barrier, distributed, resolve_device
+    from cbs_convert.storage.checkpoint import bundled_or_given, source_files
+    from cbs_convert.storage.loading import is_routed, load_model
+    from cbs_convert.pipeline.ranks import barrier, distributed, resolve_device
 
     _check_flags(args)
     model_path = bundled_or_given(args.model)

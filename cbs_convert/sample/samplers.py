@@ -19,9 +19,9 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..families.base import Family, broadcast_to
-from . import split_velocity
-from .schedules import sampler_times, time_grid
+from cbs_convert.families.base import Family, broadcast_to
+from cbs_convert.sample import split_velocity
+from cbs_convert.sample.schedules import sampler_times, time_grid
 
 SAMPLERS = ("ode", "sde", "ddpm", "ddim")
 ODE_METHODS = ("heun", "euler", "dopri5")

@@ -37,8 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..errors import RecipeError
-from ..split import equidistribute, extend_to_unit_interval, segment_masses, temper
+from cbs_convert.errors import RecipeError
+from cbs_convert.stages.split import equidistribute, extend_to_unit_interval, segment_masses, temper
 
 SCHEDULES = ("uniform", "edm", "logsnr", "profile", "ots")
 #: EDM's published noise-level range (Karras et al. 2022), where a family's own one is wider
@@ -129,7 +129,7 @@ def parse_schedule(text: Union[str, Sequence[float], None]) -> Union[str, List[f
         if option and name not in ("profile", "ots"):
             raise RecipeError(f"--schedule {value}: only profile:MONITOR and ots:START take an option")
         if name == "profile" and option:
-            from ..profile import MONITORS
+            from cbs_convert.stages.profile import MONITORS
 
             if option not in MONITORS:
                 raise RecipeError(f"--schedule {value}: unknown monitor {option!r}; choose from {', '.join(MONITORS)}")
@@ -245,7 +245,7 @@ def uniform_rule() -> _Coordinate:
 def profile_rule(profile, monitor: Optional[str] = None, gamma: Optional[float] = None, floor: float = 0.0) -> _Curve:
     """The tempered curve of ``monitor`` (``PROFILE_MONITOR``) from ``profile`` (a ``Profile`` or
     its dict, as a routed file stores it)."""
-    from ..split import check_curve
+    from cbs_convert.stages.split import check_curve
 
     monitor = monitor or PROFILE_MONITOR
     gamma = PROFILE_GAMMA if gamma is None else gamma
@@ -324,8 +324,8 @@ def measure_profile(family, model, monitors: Sequence[str] = (PROFILE_MONITOR,),
                     batches: int = 2, batch_size: int = 16):
     """The model's own profile of ``monitors`` on a small pool of its ODE samples, as a conversion
     measures it (data-free), at a size meant for placing steps rather than cuts."""
-    from ..profile import profile_model
-    from . import sample_ode
+    from cbs_convert.stages.profile import profile_model
+    from cbs_convert.sample import sample_ode
 
     generator = torch.Generator().manual_seed(seed)
     classes = family.num_classes(family.config)
@@ -506,8 +506,8 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
 
 def _ots(family, model, forward, times, cuts, method, sampler, seed, device, labels_for, batch, reference_steps,
          sweeps, evaluations, rho):
-    from . import data_stepper
-    from .samplers import ode_stepper
+    from cbs_convert.sample import data_stepper
+    from cbs_convert.sample.samplers import ode_stepper
 
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, *family.sample_shape(family.config))
@@ -639,7 +639,7 @@ def add_arguments(parser, steps_help: Optional[str] = None) -> None:
 
 def command_parser():
     """``python -m cbs_convert schedule CHECKPOINT``'s flags."""
-    from ..cli import _Parser
+    from cbs_convert.cli.main import _Parser
 
     parser = _Parser(prog="python -m cbs_convert schedule",
                      description="Compute a sampling step schedule for a routed file or a source checkpoint and print it in "
@@ -662,10 +662,10 @@ def command_parser():
 
 def run_command(args) -> List[str]:
     """The ``schedule`` command: the lines it prints."""
-    from ..checkpoint import bundled_or_given
-    from ..errors import CheckpointError
-    from ..loading import is_routed, load_model
-    from ..ranks import resolve_device
+    from cbs_convert.storage.checkpoint import bundled_or_given
+    from cbs_convert.errors import CheckpointError
+    from cbs_convert.storage.loading import is_routed, load_model
+    from cbs_convert.pipeline.ranks import resolve_device
 
     check_arguments(args)
     if args.steps is not None and args.steps < 1:
@@ -688,7 +688,7 @@ def run_command(args) -> List[str]:
                               device=device)
     lines = describe(family, schedule, str(path))
     if args.json:
-        from ..files import atomic_write_json
+        from cbs_convert.storage.files import atomic_write_json
 
         atomic_write_json(Path(args.json), {"schedule": schedule.name, "times": schedule.times, "counts": schedule.counts,
                                             "boundaries": schedule.boundaries, "notes": schedule.notes,

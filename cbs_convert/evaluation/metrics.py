@@ -14,7 +14,7 @@ so the held-out digits measure generalisation rather than memory. Images are (N,
 pixel values 0..16 scaled linearly.
 
 The same two numbers exist for Fashion-MNIST (``apt-get install dataset-fashion-mnist``, read by
-``cbs_convert.datasets``): one Fréchet distance and one scorer, with a classifier per dataset
+``cbs_convert.evaluation.datasets``): one Fréchet distance and one scorer, with a classifier per dataset
 (``DATASETS``); the reference set there is the official 10,000 test images.
 """
 
@@ -28,13 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import MissingDependency
+from cbs_convert.bundled import DIGITS_CLASSIFIER, DIGITS_TEACHER, FMNIST_CLASSIFIER, FMNIST_TEACHER, bundled_teacher
+from cbs_convert.errors import MissingDependency
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-CLASSIFIER_PATH = ASSETS / "digits_classifier.safetensors"
-TEACHER_PATH = ASSETS / "digits_sit.safetensors"
-FMNIST_CLASSIFIER_PATH = ASSETS / "fmnist_classifier.safetensors"
-FMNIST_TEACHER_PATH = ASSETS / "fmnist_sit.safetensors"
 SPLIT_SEED = 0
 HELD_OUT = 0.2
 
@@ -115,7 +111,7 @@ class FashionClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def load_classifier(path=CLASSIFIER_PATH, architecture=DigitsClassifier) -> nn.Module:
+def load_classifier(path=DIGITS_CLASSIFIER, architecture=DigitsClassifier) -> nn.Module:
     from safetensors.torch import load_file
 
     model = architecture()
@@ -184,15 +180,15 @@ class FashionScorer(FeatureScorer):
 
     def __init__(self, classifier: Optional[nn.Module] = None, reference: Optional[torch.Tensor] = None):
         if reference is None:
-            from .datasets import load_fashion_mnist
+            from cbs_convert.evaluation.datasets import load_fashion_mnist
 
             reference = load_fashion_mnist().test_x
-        super().__init__(classifier if classifier is not None else load_classifier(FMNIST_CLASSIFIER_PATH, FashionClassifier),
+        super().__init__(classifier if classifier is not None else load_classifier(FMNIST_CLASSIFIER, FashionClassifier),
                          reference)
 
 
 def _fmnist_split():
-    from .datasets import load_fashion_mnist
+    from cbs_convert.evaluation.datasets import load_fashion_mnist
 
     return load_fashion_mnist()
 
@@ -206,26 +202,18 @@ class Dataset:
     scorer: Callable[[], FeatureScorer]
     teacher: Path
     classifier: Path
-    teacher_family: str = "sit"  # the family the bundled teacher was trained as (benchmarks/train_*_teacher.py)
 
 
 DATASETS: Dict[str, Dataset] = {
-    "digits": Dataset("digits", load_digits_split, DigitsScorer, TEACHER_PATH, CLASSIFIER_PATH),
-    "fmnist": Dataset("fmnist", _fmnist_split, FashionScorer, FMNIST_TEACHER_PATH, FMNIST_CLASSIFIER_PATH),
+    "digits": Dataset("digits", load_digits_split, DigitsScorer, DIGITS_TEACHER, DIGITS_CLASSIFIER),
+    "fmnist": Dataset("fmnist", _fmnist_split, FashionScorer, FMNIST_TEACHER, FMNIST_CLASSIFIER),
 }
 
 
 def bundled_dataset(source_sha256: str) -> Optional[Dataset]:
     """The dataset whose bundled teacher has this sha256, if any: a conversion of it can be scored."""
-    import hashlib
-
-    for dataset in DATASETS.values():
-        if not dataset.teacher.exists():
-            continue
-        digest = hashlib.sha256(dataset.teacher.read_bytes()).hexdigest()
-        if digest == source_sha256:
-            return dataset
-    return None
+    teacher = bundled_teacher(source_sha256)
+    return next((dataset for dataset in DATASETS.values() if dataset.teacher == teacher), None)
 
 
 def paired_sample_quality(family, teacher: nn.Module, converted: nn.Module, dataset: Dataset, samples: int,
@@ -235,7 +223,7 @@ def paired_sample_quality(family, teacher: nn.Module, converted: nn.Module, data
     One sampling seed: the paired difference is the number to read, since both models see the same
     noise; the benchmarks give the spread over seeds.
     """
-    from .sample import sample_ode
+    from cbs_convert.sample import sample_ode
 
     scorer = dataset.scorer()
     classes = family.num_classes(family.config)

@@ -19,7 +19,7 @@ from typing import List
 
 import torch
 
-from .errors import RecipeError
+from cbs_convert.errors import RecipeError
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families.base import Family
-from .routing import TimeRouted
+from cbs_convert.families.base import Family
+from cbs_convert.models.time_routed import TimeRouted
 
 _CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .files import atomic_write, atomic_write_json, atomic_write_text
+from cbs_convert.storage.files import atomic_write, atomic_write_json, atomic_write_text
 
 
 def _fmt_int(n: int) -> str:

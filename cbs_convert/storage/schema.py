@@ -23,7 +23,7 @@ import math
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from .errors import CheckpointError
+from cbs_convert.errors import CheckpointError
 
 #: routed formats this reader knows: 1, every expert whole; 2, a shared base with low-rank deltas
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
@@ -167,7 +167,7 @@ def _config_kind(config: Mapping) -> Optional[str]:
 
 
 def _check_transformer_config(check: _Check, name: str, config: Dict[str, Any], field: str) -> None:
-    from .families.sit import NUMERICS
+    from cbs_convert.families.sit import NUMERICS
 
     for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "head_dim", "mlp_hidden"):
         check.integer(check.get(config, key, f"{field}.{key}", "a whole number from 1"), f"{field}.{key}", low=1)
@@ -192,7 +192,7 @@ def _check_transformer_config(check: _Check, name: str, config: Dict[str, Any], 
 
 
 def _check_adm_config(check: _Check, config: Dict[str, Any], field: str) -> None:
-    from .families.adm import ATTENTION_ORDERS, NORM_GROUPS
+    from cbs_convert.families.adm import ATTENTION_ORDERS, NORM_GROUPS
 
     def need(key, expected):
         return check.get(config, key, f"{field}.{key}", expected)
@@ -254,7 +254,7 @@ def _kind_evidence(kind: str) -> str:
 
 
 def _family(check: _Check, name: str, config: Dict[str, Any], field: str):
-    from .families import family_from_config
+    from cbs_convert.families import family_from_config
 
     return _guarded(check, field, name, lambda: family_from_config(name, config))
 
@@ -303,7 +303,7 @@ def check_structure(check: _Check, name: str, config: Dict[str, Any], shapes: Sh
 def check_counts(check: _Check, family, config: Dict[str, Any], shapes: Shapes, field: str, what: str) -> None:
     """The parameter count, then every key and shape, from a meta-device build that the structure
     check has bounded by the tensors themselves."""
-    from .families.base import check_keys
+    from cbs_convert.families.base import check_keys
 
     name = family.name
     held = sum(_numel(shape) for shape in shapes.values())
@@ -349,7 +349,7 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
 
     Format 1 is checked whole. Format 2 (shared base and low-rank deltas) gets the entries both
     formats share here, and its own in ``validate_shared_base``."""
-    from .families import FAMILIES
+    from cbs_convert.families import FAMILIES
 
     check = _Check(path, "routed metadata", ROUTED_FIX)
     meta = check.mapping(meta, "(top level)")
@@ -550,7 +550,7 @@ def _against_source(check: _Check, name: str, config, source, field: str) -> Non
 
 
 def _families():
-    from .families import FAMILIES
+    from cbs_convert.families import FAMILIES
 
     return FAMILIES
 
@@ -623,7 +623,7 @@ def _same(given, value) -> bool:
 def _args_agree(check: _Check, family, config, args) -> None:
     """The args ``extract`` writes beside the config repeat what the config says (the head split,
     classes, time convention); an arg that says otherwise leaves two models in one file."""
-    from .families import FAMILIES
+    from cbs_convert.families import FAMILIES
 
     stated = dict(family.saved_args(config))
     stated.pop("model", None)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
-from .families.base import Family
+from cbs_convert.families.base import Family
 
 __all__ = ["is_routed", "load_model"]
 
@@ -24,7 +24,7 @@ def is_routed(path) -> bool:
         return False
     from safetensors import safe_open
 
-    from .routed import METADATA_KEY
+    from cbs_convert.storage.routed_file import METADATA_KEY
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -42,18 +42,18 @@ def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None,
     source checkpoint (an image size its weights cannot show, ...).
     """
     if is_routed(path):
-        from .routed import load
+        from cbs_convert.storage.routed_file import load
 
         model = load(path, device=device)
         return model.family, model
-    from .checkpoint import read_checkpoint, with_user_hints
-    from .families import detect
+    from cbs_convert.storage.checkpoint import read_checkpoint, with_user_hints
+    from cbs_convert.families import detect
 
     checkpoint = read_checkpoint(path)
     merged = with_user_hints(checkpoint.hints, hints or {})
     family, notes = detect(checkpoint.state_dict, merged)
     if on_warning is not None:
-        from .errors import is_warning
+        from cbs_convert.errors import is_warning
 
         for note in notes + checkpoint.notes:
             if is_warning(note):

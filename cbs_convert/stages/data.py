@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import UserError
+from cbs_convert.errors import UserError
 
 
 def load_latents(path, expected_shape, limit: int, seed: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -14,8 +14,8 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, Iterable, List, Optional
 
-from .errors import WorkdirError
-from .files import atomic_write_json
+from cbs_convert.errors import WorkdirError
+from cbs_convert.storage.files import atomic_write_json
 
 MARKER = "cbs_convert_run.json"
 FORMAT = 1

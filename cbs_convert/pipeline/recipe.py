@@ -12,9 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import RecipeError
-
-BUNDLED = Path(__file__).resolve().parent / "recipes"
+from cbs_convert.bundled import RECIPES
+from cbs_convert.errors import RecipeError
 
 
 @dataclass
@@ -175,7 +174,7 @@ def coerce(name: str, value: Any, origin: str) -> Any:
     if not isinstance(value, str):
         raise bad
     if name == "allocation":
-        from .split import parse_allocation
+        from cbs_convert.stages.split import parse_allocation
 
         try:
             parse_allocation(value)  # the monitor of mass:MONITOR is checked against the monitors in validate()
@@ -199,9 +198,9 @@ def read_recipe_file(path) -> Dict[str, Any]:
 
     path = Path(path)
     if not path.is_file() and path.parent == Path("."):  # a bundled recipe by its name, from anywhere
-        path = next((c for c in (BUNDLED / path.name, BUNDLED / f"{path.name}.yaml") if c.is_file()), path)
+        path = next((c for c in (RECIPES / path.name, RECIPES / f"{path.name}.yaml") if c.is_file()), path)
     if not path.is_file():
-        bundled = ", ".join(sorted(p.stem for p in BUNDLED.glob("*.yaml")))
+        bundled = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
         raise RecipeError(f"{path}: recipe not found; bundled recipes, usable by name: {bundled}")
     try:
         data = yaml.safe_load(path.read_text())
@@ -222,7 +221,7 @@ def read_recipe_file(path) -> Dict[str, Any]:
 def bundled_recipe(stem: Optional[str], k: int) -> Optional[Path]:
     if not stem:
         return None
-    candidate = BUNDLED / f"{stem}_k{k}.yaml"
+    candidate = RECIPES / f"{stem}_k{k}.yaml"
     return candidate if candidate.is_file() else None
 
 
@@ -245,7 +244,7 @@ def profiled_monitors(r: Recipe) -> List[str]:
     Kept apart from ``r.monitors`` so that the recipe records what was asked for and the profile what
     was measured; a recipe that already lists them profiles exactly its list, as before.
     """
-    from .split import parse_allocation
+    from cbs_convert.stages.split import parse_allocation
 
     kind, allocation_monitor = parse_allocation(r.allocation)
     needed = []
@@ -302,14 +301,14 @@ def validate(r: Recipe) -> None:
     for m in r.monitors:
         need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
     # A curve the cuts or the shares read need not be listed in --monitors: profiled_monitors adds it.
-    from .split import parse_allocation
+    from cbs_convert.stages.split import parse_allocation
 
     _, allocation_monitor = parse_allocation(r.allocation)
     if allocation_monitor is not None:
         need(allocation_monitor in CHOICES["monitor"],
              f"--allocation mass:{allocation_monitor}: unknown monitor; choose from {', '.join(CHOICES['monitor'])}")
     if r.boundaries is not None:
-        from .split import validate_boundaries
+        from cbs_convert.stages.split import validate_boundaries
 
         need(r.split in ("cbs", "explicit"), "--boundaries cannot be combined with --split uniform")
         r.split = "explicit"
@@ -331,6 +330,6 @@ def validate(r: Recipe) -> None:
     else:
         for name in ("base_lr_scale",):
             need(getattr(r, name) is None, f"{name} applies to --experts lora only; drop it or pass --experts lora")
-    from .split import parse_budget
+    from cbs_convert.stages.split import parse_budget
 
     parse_budget(r.budget, 1)

@@ -22,24 +22,24 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .checkpoint import (ARCHITECTURE_FLAGS, bundled_or_given, is_inside, model_name, read_checkpoint, source_files, source_folder,
+from cbs_convert.storage.checkpoint import (ARCHITECTURE_FLAGS, bundled_or_given, is_inside, model_name, read_checkpoint, source_files, source_folder,
                          with_user_hints)
-from .errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
-from .families import detect
-from .files import atomic_write_json, check_writable
-from .finetune import (FinetuneSettings, base_lr_scale, boundary_velocity, expert_defaults, finetune_expert, relative_error,
+from cbs_convert.errors import CheckpointError, RecipeError, WorkdirError, WriteError, is_warning
+from cbs_convert.families import detect
+from cbs_convert.storage.files import atomic_write_json, check_writable
+from cbs_convert.stages.finetune import (FinetuneSettings, base_lr_scale, boundary_velocity, expert_defaults, finetune_expert, relative_error,
                        seam_gap_of)
-from .profile import Profile, profile_model
-from .depth import RecoverySettings, allocate_depth, choose_blocks, target_depth
-from .prune import calibration_batches, prune_state_dict
-from .ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
-from .recipe import (FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, bundled_recipe, profiled_monitors,
+from cbs_convert.stages.profile import Profile, profile_model
+from cbs_convert.stages.depth import RecoverySettings, allocate_depth, choose_blocks, target_depth
+from cbs_convert.stages.prune import calibration_batches, prune_state_dict
+from cbs_convert.pipeline.ranks import barrier as _barrier, distributed as _distributed, plan_ranks, resolve_device as _resolve_device
+from cbs_convert.pipeline.recipe import (FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, bundled_recipe, profiled_monitors,
                      read_recipe_file)
-from .routed import run_description, save_routed_from_files, save_safetensors_atomic, save_shared_base
-from .sample import sample_ode
-from .shared_base import SharedBaseModel, describe_shared_base
-from .split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
-from .workdir import MARKER, WorkDir
+from cbs_convert.storage.routed_file import run_description, save_routed_from_files, save_safetensors_atomic, save_shared_base
+from cbs_convert.sample import sample_ode
+from cbs_convert.models.shared_base import SharedBaseModel, describe_shared_base
+from cbs_convert.stages.split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
+from cbs_convert.storage.workdir import MARKER, WorkDir
 
 
 @dataclass
@@ -251,7 +251,7 @@ class Conversion:
         path = self.work.path("pool.safetensors")
         r = self.recipe
         if r.data:
-            from .data import load_latents
+            from cbs_convert.stages.data import load_latents
 
             x0, labels = load_latents(r.data, self.family.sample_shape(self.config), r.pool_size, r.seed)
             if self.family.num_classes(self.config) and labels is None:
@@ -342,7 +342,7 @@ class Conversion:
         """The student of the sensitivity monitor: one expert of the mean size this run's budget gives
         (budget / K, capped at the source), pruned as the experts are, with importance measured over
         all of [0, 1], and not fine-tuned."""
-        from .profile import pruned_student
+        from cbs_convert.stages.profile import pruned_student
 
         r = self.recipe
         target = budget_targets(parse_budget(r.budget, self.source_params), [1.0 / r.k] * r.k, self.source_params)[0]
@@ -755,7 +755,7 @@ class Conversion:
 
     def write_preview(self) -> ConversionResult:
         """The report of a profile-only run: the curves, every rule's cuts, the planned experts."""
-        from .report import write_reports
+        from cbs_convert.pipeline.report import write_reports
 
         report = self.report({"experts": self.planned_experts(), "seams": []})
         report["preview"] = True
@@ -763,7 +763,7 @@ class Conversion:
         return ConversionResult(None, report, write_reports(report, stem))
 
     def write(self, evaluation: Dict[str, Any]) -> ConversionResult:
-        from .report import write_reports
+        from cbs_convert.pipeline.report import write_reports
 
         r = self.recipe
         report = self.report(evaluation)
@@ -792,9 +792,9 @@ class Conversion:
     def sample_quality(self) -> Optional[Dict[str, Any]]:
         """For a bundled teacher (whose data and classifier ship with the package): FD and class
         match of the routed model against the teacher, on the same noise and labels."""
-        from .errors import UserError
-        from .metrics import bundled_dataset, paired_sample_quality
-        from .routed import load as load_routed
+        from cbs_convert.errors import UserError
+        from cbs_convert.evaluation.metrics import bundled_dataset, paired_sample_quality
+        from cbs_convert.storage.routed_file import load as load_routed
 
         dataset = bundled_dataset(self.source.sha256)
         if dataset is None:

@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import draw_batch, noised, segment_inputs
-from .errors import TrainingDiverged
-from .files import atomic_write
-from .recipe import Recipe
-from .families.base import Family
+from cbs_convert.stages.batches import draw_batch, noised, segment_inputs
+from cbs_convert.errors import TrainingDiverged
+from cbs_convert.storage.files import atomic_write
+from cbs_convert.pipeline.recipe import Recipe
+from cbs_convert.families.base import Family
 
 LOSSES = ("distill", "data", "both")
 LR_SCHEDULES = ("cosine", "constant")

@@ -24,10 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import BudgetError
-from .families.base import Family
-from .finetune import FinetuneSettings, finetune_expert, relative_error
-from .shared_base import SharedBaseModel
+from cbs_convert.errors import BudgetError
+from cbs_convert.families.base import Family
+from cbs_convert.stages.finetune import FinetuneSettings, finetune_expert, relative_error
+from cbs_convert.models.shared_base import SharedBaseModel
 
 SELECTORS = ("importance", "recovery")
 

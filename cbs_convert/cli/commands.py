@@ -13,9 +13,9 @@ from typing import List
 
 import torch
 
-from .errors import CheckpointError, WorkdirError
-from .families import family_from_config
-from .routed import expert_state_dict, read_metadata, save_safetensors_atomic
+from cbs_convert.errors import CheckpointError, WorkdirError
+from cbs_convert.families import family_from_config
+from cbs_convert.storage.routed_file import expert_state_dict, read_metadata, save_safetensors_atomic
 
 
 def info(path) -> str:
@@ -102,7 +102,7 @@ def extract(path, expert: int, out, force: bool = False, format: str = "checkpoi
                                              "cbs_convert_expert": json.dumps({"source": str(path), "expert": expert,
                                                                                "segment": meta["experts"][expert]["segment"]})})
     else:
-        from .files import atomic_write
+        from cbs_convert.storage.files import atomic_write
 
         atomic_write(out, lambda tmp: torch.save({k: v.contiguous() for k, v in state.items()}, tmp))
     lo, hi = meta["experts"][expert]["segment"]
@@ -116,8 +116,8 @@ def extract(path, expert: int, out, force: bool = False, format: str = "checkpoi
 
 
 def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[str]:
-    from . import diffusers_io
-    from .files import atomic_folder, atomic_write_json
+    from cbs_convert.storage import diffusers as diffusers_io
+    from cbs_convert.storage.files import atomic_folder, atomic_write_json
 
     if out.suffix in (".pt", ".pth", ".safetensors", ".bin"):
         raise WorkdirError(f"--out {out}: --format diffusers writes a folder (config.json and weights); give a folder name")

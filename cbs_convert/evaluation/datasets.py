@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from cbs_convert.errors import UserError
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError, RecipeError
+from cbs_convert.bundled import TEACHER_FAMILIES, bundled_or_given, bundled_teacher
+from cbs_convert.errors import CheckpointError, RecipeError
 
 SAFE_GLOBALS = [argparse.Namespace]
 WEIGHT_KEYS_IN_ORDER = ("ema", "model", "state_dict", "module")
@@ -75,7 +76,7 @@ def source_folder(path) -> Optional[Path]:
     """The folder of a diffusers source, inside which nothing of the tool's may be written (a loader
     would take a stray weights file there for the model's own); None for a single-file checkpoint."""
     path = bundled_or_given(path)
-    from .diffusers_io import source_root
+    from cbs_convert.storage.diffusers import source_root
 
     return source_root(path) if path.exists() else None
 
@@ -91,7 +92,7 @@ def is_inside(path, folder: Path) -> bool:
 def source_files(path) -> List[Path]:
     """The files a source checkpoint at ``path`` consists of: what no output may replace."""
     path = bundled_or_given(path)
-    from .diffusers_io import model_files
+    from cbs_convert.storage.diffusers import model_files
 
     return (model_files(path) if path.exists() else None) or [path]
 
@@ -127,7 +128,7 @@ ARGS_METADATA_KEY = "args"
 def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     from safetensors.torch import load_file
 
-    from .schema import read_header, validate_args
+    from cbs_convert.storage.schema import read_header, validate_args
 
     metadata, shapes = read_header(path)
     args: Dict[str, Any] = {}
@@ -221,23 +222,9 @@ def _strip_wrappers(key: str) -> str:
     return key
 
 
-def bundled_or_given(path) -> Path:
-    """A bundled teacher by its name (``digits_sit``, ``fmnist_sit.safetensors``) when no such file is
-    here, so the demo runs from any directory after any install; otherwise the path as given."""
-    path = Path(path)
-    if path.exists() or path.parent != Path("."):
-        return path
-    from .metrics import ASSETS
-
-    for candidate in (ASSETS / path.name, ASSETS / f"{path.name}.safetensors"):
-        if candidate.is_file() and "_sit" in candidate.stem:
-            return candidate
-    return path
-
-
 def read_checkpoint(path) -> SourceCheckpoint:
     path = bundled_or_given(path)
-    from .diffusers_io import read_diffusers
+    from cbs_convert.storage.diffusers import read_diffusers
 
     found = read_diffusers(path) if path.exists() else None
     files = [path]
@@ -255,7 +242,7 @@ def read_checkpoint(path) -> SourceCheckpoint:
         elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
             state_dict, container, args = _unwrap(_load_pickle(path), path)
             if args:  # a training dict's args meet the same schema as a safetensors file's
-                from .schema import validate_args
+                from cbs_convert.storage.schema import validate_args
 
                 validate_args(args, {k: tuple(v.shape) for k, v in state_dict.items()}, path, "saved args")
         else:
@@ -272,11 +259,9 @@ def read_checkpoint(path) -> SourceCheckpoint:
         notes.append(f"weights stored as {'/'.join(dtypes)}; converted in float32")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     sha256 = content_sha256(files)
-    from .metrics import bundled_dataset
-
-    dataset = bundled_dataset(sha256)
-    if dataset is not None:  # our own teacher: its args are the ones it was built with
-        args = {**args, "define_the_model": True, "family": dataset.teacher_family}
+    teacher = bundled_teacher(sha256)
+    if teacher is not None:  # our own teacher: its args are the ones it was built with
+        args = {**args, "define_the_model": True, "family": TEACHER_FAMILIES[teacher]}
     return SourceCheckpoint(
         path=path,
         state_dict=state_dict,

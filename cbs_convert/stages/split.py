@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import BudgetError, RecipeError
+from cbs_convert.errors import BudgetError, RecipeError
 
 
 @dataclass

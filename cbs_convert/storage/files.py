@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import WorkdirError, WriteError
+from cbs_convert.errors import WorkdirError, WriteError
 
 
 def _umask() -> int:

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .families.base import Family, broadcast_to
+from cbs_convert.families.base import Family, broadcast_to
 
 
 def noised(family: Family, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

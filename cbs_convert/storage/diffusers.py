@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from cbs_convert.errors import CheckpointError
 
 DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -405,7 +405,7 @@ def diffusers_to_official(tensors: Dict[str, torch.Tensor], config: Dict[str, An
     if stray:
         raise CheckpointError(f"{where}: {len(stray)} tensors this DiT reader does not know (e.g. {stray[0]}); "
                               "only the DiT layout (norm_type ada_norm_zero) is supported")
-    from .families.sit import sincos_pos_embed
+    from cbs_convert.families.sit import sincos_pos_embed
 
     patch = out["x_embedder.proj.weight"]
     if tuple(patch.shape[1:]) != (config["in_channels"], config["patch_size"], config["patch_size"]):
@@ -734,7 +734,7 @@ def dit_model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
 def unet_model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
     """The UNet2DModel config that computes an ADM expert of ``config``, or CheckpointError naming
     what diffusers' class cannot hold. The inverse of ``_unet_args``."""
-    from .families.adm import NORM_GROUPS, complete_config, layout
+    from cbs_convert.families.adm import NORM_GROUPS, complete_config, layout
 
     c = complete_config(config)
     lay = layout(c)
@@ -779,7 +779,7 @@ def unet_model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
 def _legacy_qkv_to_new(state_dict: Dict[str, torch.Tensor], config: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """guided-diffusion's legacy qkv rows ([q_h, k_h, v_h] per head) in the [q | k | v] order that
     diffusers' to_q/to_k/to_v split: a permutation of rows, so the function is unchanged."""
-    from .families.adm import complete_config, layout
+    from cbs_convert.families.adm import complete_config, layout
 
     c = complete_config(config)
     out = dict(state_dict)

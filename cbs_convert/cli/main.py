@@ -12,8 +12,8 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Dict, List, Optional
 
-from .errors import UserError
-from .recipe import FIELDS, Recipe, _base_type, coerce, read_recipe_file
+from cbs_convert.errors import UserError
+from cbs_convert.pipeline.recipe import FIELDS, Recipe, _base_type, coerce, read_recipe_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,12 +129,12 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
 
 
 def _run_command(argv: List[str]) -> int:
-    from . import commands
+    from cbs_convert.cli import commands
 
     if argv[0] == "profile":
         return _convert(argv[1:], preview=True)
     if argv[0] == "schedule":
-        from .sample import schedules
+        from cbs_convert.sample import schedules
 
         schedule_args = schedules.command_parser().parse_args(argv[1:])
         return _guarded(lambda: print("\n".join(schedules.run_command(schedule_args))), schedule_args.debug)
@@ -233,7 +233,7 @@ def _convert(argv: List[str], preview: bool) -> int:
     def work():
         settings = read_recipe_file(args.recipe) if args.recipe else {}
         settings.update(_flag_values(args))
-        from .pipeline import Conversion
+        from cbs_convert.pipeline.conversion import Conversion
 
         results.append(Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force,
                                   keep_workdir=args.keep_workdir, on_warning=_print_warning, preview=preview).run())

@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .batches import segment_inputs
-from .families.base import Family, UnitGroup
+from cbs_convert.stages.batches import segment_inputs
+from cbs_convert.families.base import Family, UnitGroup
 
 CRITERIA = ("segment", "magnitude", "random")
 

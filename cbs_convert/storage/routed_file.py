@@ -1,5 +1,5 @@
-"""The routed checkpoint: K experts in one self-describing .safetensors file, and the model that
-routes each sample of a batch to the expert owning its time.
+"""The routed checkpoint: K experts (or a shared base and K deltas) in one self-describing
+.safetensors file, written and read back as the model of ``models/``.
 
 File layout: tensors ``experts.{k}.{source key}``; metadata key ``cbs_convert`` holds JSON with the
 format version, family, time convention, boundaries (canonical and native), every expert's segment,
@@ -15,62 +15,20 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import CheckpointError, WorkdirError
-from .files import atomic_write
-from .families import family_from_config
-from .families.base import Family, check_keys
-from .schema import tensor_shapes, validate_routed
-from .routing import TimeRouted, native_boundaries
-from .shared_base import SharedBaseModel, merge_delta
+from cbs_convert.errors import CheckpointError, WorkdirError
+from cbs_convert.storage.files import atomic_write
+from cbs_convert.families import family_from_config
+from cbs_convert.families.base import Family, check_keys
+from cbs_convert.storage.schema import tensor_shapes, validate_routed
+from cbs_convert.models.routed import RoutedModel
+from cbs_convert.models.time_routed import native_boundaries
+from cbs_convert.models.shared_base import SharedBaseModel, merge_delta
 
 FORMAT_VERSION = 1
 #: a shared base and K low-rank deltas (``shared_base.SharedBaseModel``): tensors ``base.{source key}``
 #: and ``deltas.{k}.{layer}.down/.up``; a reader of version 1 alone refuses it instead of misreading it
 SHARED_BASE_VERSION = 2
 METADATA_KEY = "cbs_convert"
-
-
-class RoutedModel(TimeRouted):
-    """A drop-in for the source model: same ``forward`` arguments, native time in, native output out.
-
-    Each sample goes to the expert whose segment [lo, hi) holds its time (the last segment is closed),
-    so mixed-time training batches work; the loop runs over experts, never over samples.
-    """
-
-    def __init__(self, family: Family, experts: Sequence[nn.Module], boundaries: Sequence[float], metadata=None):
-        if len(boundaries) != len(experts) + 1:
-            raise ValueError(f"{len(experts)} experts need {len(experts) + 1} boundaries, got {len(boundaries)}")
-        super().__init__(family, boundaries, experts[0], metadata)
-        self.experts = nn.ModuleList(experts)
-
-    def expert_at(self, native_t: float) -> nn.Module:
-        """The expert owning native time ``native_t``, chosen on the host with no tensor op.
-
-        For a sampler that knows its step's time as a number: calling the bare expert keeps the step
-        free of routing, so ``torch.compile`` and CUDA graph capture see one static module."""
-        return self.experts[self.segment_of(native_t)]
-
-    def forward(self, x, t, y=None, **kwargs):
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if len(self.experts) == 1:
-            return self.experts[0](x, t, y, **kwargs)
-        which = self.expert_index(t)
-        lo, hi = which.aminmax()
-        lo, hi = int(lo), int(hi)  # one host sync, instead of a gather and scatter per expert
-        if lo == hi:  # the sampling case: one expert owns the whole batch
-            return self.experts[lo](x, t, y, **kwargs)
-        out = None
-        for k in range(lo, hi + 1):
-            expert = self.experts[k]
-            index = torch.nonzero(which == k, as_tuple=True)[0]
-            if index.numel() == 0:
-                continue
-            part = expert(x[index], t[index], None if y is None else y[index], **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0], *part.shape[1:]))
-            out.index_copy_(0, index, part)
-        return out
 
 
 def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path, metadata: Optional[Dict[str, str]] = None):
@@ -287,7 +245,7 @@ def load(path, device="cpu", format: str = "cbs_convert"):
         raise ValueError(f"format {format!r}: choose 'cbs_convert' or 'diffusers'")
     routed = _load_routed(path, device)
     if format == "diffusers":
-        from .diffusers_io import as_diffusers
+        from cbs_convert.storage.diffusers import as_diffusers
 
         return as_diffusers(routed, routed.family)
     return routed

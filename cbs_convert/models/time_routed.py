@@ -13,7 +13,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .families.base import Family
+from cbs_convert.families.base import Family
 
 #: attributes of the source network that samplers and pipelines read off the model
 MODEL_ATTRIBUTES = ("in_channels", "out_channels", "learn_sigma", "input_size", "patch_size", "num_classes")

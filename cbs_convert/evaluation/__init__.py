@@ -1,0 +1,1 @@
+"""Sample quality: the bundled classifiers, Fréchet distances, the bundled data sets."""

@@ -1,0 +1,1 @@
+"""The runtime of routed models: time routing over K experts, and shared-base experts."""

@@ -1,0 +1,1 @@
+"""The conversion: the recipe, the runner over the stages, the ranks of a distributed run, the report."""
