@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from cbs_convert.evaluation.datasets import load_fashion_mnist  # noqa: E402
 from cbs_convert.errors import UserError  # noqa: E402
-from cbs_convert.families.sit import SiTFamily, initialize_for_training  # noqa: E402
+from cbs_convert.families.sit import SiTFamily  # noqa: E402
+from cbs_convert.families.transformer_net import initialize_for_training  # noqa: E402
 from cbs_convert.storage.files import atomic_write  # noqa: E402
 from cbs_convert.stages.finetune import ema_update  # noqa: E402
 from cbs_convert.bundled import ASSETS  # noqa: E402

@@ -11,7 +11,8 @@ from cbs_convert.storage.checkpoint import read_checkpoint
 from cbs_convert.cli.main import main as cli_main
 from cbs_convert.errors import BudgetError, CheckpointError
 from cbs_convert.families import FAMILIES, detect
-from cbs_convert.families.adm import PUBLISHED, AttentionBlock, ResBlock
+from cbs_convert.families.adm_detect import PUBLISHED
+from cbs_convert.families.adm_net import AttentionBlock, ResBlock
 from cbs_convert.stages.prune import calibration_batches, prune_state_dict
 from cbs_convert.pipeline.recipe import bundled_recipe, read_recipe_file
 from cbs_convert.stages.split import allocate_widths, check_budget_feasible, smallest_config

@@ -101,7 +101,7 @@ def test_fashion_scorer_separates_real_from_damaged_images():
 
 
 def test_load_model_reads_a_source_checkpoint_with_args_in_metadata():
-    from cbs_convert.families.sit import DiffusionTransformer
+    from cbs_convert.families.transformer_net import DiffusionTransformer
     from cbs_convert.storage.loading import is_routed, load_model
 
     family, model = load_model(DATASETS["digits"].teacher)

@@ -9,7 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import cbs_convert  # noqa: E402
 from cbs_convert import read_checkpoint  # noqa: E402
-from cbs_convert.storage.diffusers import diffusers_to_official, official_to_diffusers  # noqa: E402
+from cbs_convert.families.diffusers_dit import diffusers_to_official, official_to_diffusers  # noqa: E402
 from cbs_convert.families import detect  # noqa: E402
 
 CONFIG = dict(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
@@ -175,7 +175,7 @@ def test_a_unet2dmodel_reads_as_the_same_function(tmp_path, overrides):
 
 
 def test_unet_keys_round_trip():
-    from cbs_convert.storage.diffusers import adm_to_unet, unet_to_adm
+    from cbs_convert.families.diffusers_unet import adm_to_unet, unet_to_adm
 
     model = tiny_unet()
     theirs = model.state_dict()

@@ -1,4 +1,5 @@
-"""The registry of model families and the detection of which one a state dict belongs to.
+"""The registry of model families: which one a state dict or a stored config belongs to, and which
+of them have a counterpart among diffusers' model classes.
 
 This package is the only place that knows architectures and time conventions by name.
 """
@@ -17,6 +18,9 @@ from cbs_convert.families.base import check_keys, Family
 from cbs_convert.families.sit import DiTFamily, SiTFamily
 
 FAMILIES: Dict[str, Type[Family]] = {"sit": SiTFamily, "dit": DiTFamily, "adm": ADMFamily}
+#: the translators to and from diffusers' model classes, in the order a diffusers config is tried
+DIFFUSERS_COUNTERPARTS = tuple(dict.fromkeys(cls.diffusers_counterpart for cls in FAMILIES.values()
+                                             if cls.diffusers_counterpart is not None))
 
 
 def family_from_config(name: str, config: Dict[str, Any]) -> Family:
@@ -25,9 +29,27 @@ def family_from_config(name: str, config: Dict[str, Any]) -> Family:
     return FAMILIES[name](config)
 
 
-def _named_in(text: str) -> Optional[str]:
+def named_in(text: str) -> Optional[str]:
+    """The one family ``text`` (a model or file name) names as a word, if exactly one."""
     found = {name for name in FAMILIES if re.search(rf"(^|[^a-z]){name}([^a-z]|$)", text.lower())}
     return found.pop() if len(found) == 1 else None
+
+
+def config_family(config: Dict[str, Any]) -> Optional[str]:
+    """Which family a stored config's own keys say it belongs to, when they say."""
+    if "channel_mult" in config or "model_channels" in config:
+        return "adm"
+    if "hidden_size" in config or "depth" in config:
+        if "path" in config and "beta_schedule" not in config:
+            return "sit"
+        if "beta_schedule" in config and "path" not in config:
+            return "dit"
+    return None
+
+
+#: what in a config says which family it is, as ``config_family`` reads it
+CONFIG_EVIDENCE = {"adm": "it has channel_mult", "sit": "it has a path and no beta_schedule",
+                   "dit": "it has a beta_schedule and no path"}
 
 
 def detect(state_dict: Dict[str, torch.Tensor], hints: Dict[str, Any]) -> Tuple[Family, List[str]]:
@@ -64,10 +86,10 @@ def detect(state_dict: Dict[str, torch.Tensor], hints: Dict[str, Any]) -> Tuple[
         chosen = candidates[0]
         notes.append(f"family {chosen} (from the key layout)")
     else:
-        arg_name = _named_in(str(hints.get("args_model", "")))
+        arg_name = named_in(str(hints.get("args_model", "")))
         if hints.get("args_path_type"):
             arg_name = arg_name or "sit"
-        file_name = _named_in(Path(str(hints.get("source_name", ""))).name)
+        file_name = named_in(Path(str(hints.get("source_name", ""))).name)
         if arg_name in candidates:
             chosen = arg_name
             notes.append(f"family {chosen} (from the checkpoint's training args)")

@@ -1,17 +1,6 @@
-"""ADM: the class-conditional or unconditional UNet of guided-diffusion ("Diffusion Models Beat GANs").
-
-The network is key-compatible with guided-diffusion's ``UNetModel`` state dicts (module names,
-GroupNorm32, 1-D convolutions for qkv/proj_out, ``Dropout`` kept as an index in ``out_layers``), and
-is rebuilt from the state dict alone. What the shapes show: model_channels, channel_mult,
-num_res_blocks, attention resolutions, learn_sigma, classes, scale-shift norm, resblock_updown.
-What they do not show, and where it comes from instead (hints first, then the published flags of the
-released ImageNet models, else a clear default or error):
-
-* heads: ``num_head_channels`` 64 for the 64 and 256 (and 512) px models, ``num_heads`` 4 for 128 px;
-* qkv order: the 64 px model was trained with ``use_new_attention_order`` ([q | k | v] over all
-  heads), the others with the legacy order ([q_h, k_h, v_h] per head);
-* beta schedule: cosine for 64 px, linear otherwise; image size: the published models all end at
-  8x8, so ``8 * 2**(levels - 1)``.
+"""ADM: the class-conditional or unconditional UNet of guided-diffusion ("Diffusion Models Beat GANs"),
+as a family: counting, surgery and the checks of a stored config. Its layout is adm_layout.py, its
+network adm_net.py, the reading of its config from a state dict adm_detect.py.
 
 Time is DiT's: integer-valued DDPM steps 0..999 (float accepted), noise prediction in the first
 ``in_channels`` outputs and the learned variance in the rest.
@@ -24,172 +13,25 @@ pruned block has fewer groups of the original size instead of 32 groups of a new
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from cbs_convert.errors import CheckpointError, WarningNote
-from cbs_convert.families.base import Family, NoisePredictionDDPM, UnitGroup, WidthKnob, check_keys, setting
-from cbs_convert.families.sit import timestep_embedding
-
-NORM_GROUPS = 32
-#: How guided-diffusion computes what the weights do not fix. The original DDPM UNet (diffusers'
-#: UNet2DModel) differs in each: sin before cos with frequencies over half - 1, GroupNorm eps 1e-6,
-#: and a stride-2 convolution that pads only the far side. A config naming other values rebuilds
-#: that network exactly.
-GUIDED_DIFFUSION_NUMERICS = {"time_frequency_shift": 0, "time_sin_first": False, "norm_eps": 1e-5, "downsample_padding": 1}
-DIFFUSION_STEPS = 1000
-ATTENTION_ORDERS = ("legacy", "new")
-
-#: The released guided-diffusion models: what their weights show, and the flags they were trained
-#: with that the weights do not show (head split, qkv order, schedule, image size).
-PUBLISHED = {
-    "adm_64": dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_res_blocks=3, attention_ds=[2, 4, 8],
-                   image_size=64, num_heads=4, num_head_channels=64, attention_order="new", beta_schedule="cosine"),
-    "adm_128": dict(model_channels=256, channel_mult=[1, 1, 2, 3, 4], num_res_blocks=2, attention_ds=[4, 8, 16],
-                    image_size=128, num_heads=4, num_head_channels=-1, attention_order="legacy", beta_schedule="linear"),
-    "adm_256": dict(model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_res_blocks=2, attention_ds=[8, 16, 32],
-                    image_size=256, num_heads=4, num_head_channels=64, attention_order="legacy", beta_schedule="linear"),
-    "adm_512": dict(model_channels=256, channel_mult=[0.5, 1, 1, 2, 2, 4, 4], num_res_blocks=2, attention_ds=[16, 32, 64],
-                    image_size=512, num_heads=4, num_head_channels=64, attention_order="legacy", beta_schedule="linear"),
-}
-_SHAPE_FACTS = ("model_channels", "channel_mult", "num_res_blocks", "attention_ds")
-_HIDDEN_FACTS = ("num_heads", "num_head_channels", "attention_order")
-
-
-# ---------------------------------------------------------------------------------------------
-# The layout: one walk over guided-diffusion's construction order, shared by the model, the
-# closed-form counts and the surgery so that they cannot disagree.
-
-
-@dataclass(frozen=True)
-class Layer:
-    path: str  # module path in the state dict, e.g. "input_blocks.5.0"
-    kind: str  # "conv_in", "res", "attn", "down" or "up" (a resampling layer that is not a ResBlock)
-    channels: int  # input channels
-    out: int  # output channels
-    ds: int  # downsampling factor at its input
-    updown: str = ""  # "down" or "up" for a resampling ResBlock
-    index: int = -1  # position among the ResBlocks, or among the attention blocks
-    heads: int = 0  # attention: the source model's head count
-    head_dim: int = 0
-
-
-@dataclass(frozen=True)
-class Layout:
-    input_blocks: Tuple[Tuple[Layer, ...], ...]
-    middle_block: Tuple[Layer, ...]
-    output_blocks: Tuple[Tuple[Layer, ...], ...]
-    final_channels: int
-
-    def layers(self) -> List[Layer]:
-        return [l for b in self.input_blocks for l in b] + list(self.middle_block) + [
-            l for b in self.output_blocks for l in b
-        ]
-
-    def res(self) -> List[Layer]:
-        return [l for l in self.layers() if l.kind == "res"]
-
-    def attn(self) -> List[Layer]:
-        return [l for l in self.layers() if l.kind == "attn"]
-
-
-def _unconfirmed(what: str, origin: str) -> str:
-    """A head split from the checkpoint's args is a claim the weights cannot check: warn about it."""
-    if origin == "checkpoint args":
-        return WarningNote(f"{what} taken from the checkpoint's args, which the weights cannot confirm; "
-                           "--num-heads / --num-head-channels override")
-    return f"{what} ({origin})"
-
-
-def _level_widths(c) -> List[int]:
-    return [int(m * c["model_channels"]) for m in c["channel_mult"]]
-
-
-def _full_heads(c, channels: int, upsampling: bool) -> Tuple[int, int]:
-    """guided-diffusion's rule: a fixed head width wins over a fixed head count."""
-    if c["num_head_channels"] > 0:
-        heads = channels // c["num_head_channels"]
-        if heads * c["num_head_channels"] != channels:
-            raise ValueError(f"attention width {channels} is not a multiple of num_head_channels {c['num_head_channels']}")
-        return heads, c["num_head_channels"]
-    heads = c["num_heads"]
-    if upsampling and c.get("num_heads_upsample", -1) > 0:
-        heads = c["num_heads_upsample"]
-    if heads <= 0 or channels % heads:
-        raise ValueError(f"attention width {channels} is not divisible by {heads} heads")
-    return heads, channels // heads
-
-
-@lru_cache(maxsize=64)
-def _layout(key: Tuple) -> Layout:
-    c = dict(key)
-    widths = _level_widths(c)
-    nrb = c["num_res_blocks"]
-    attention_ds = set(c["attention_ds"])
-    counts = {"res": 0, "attn": 0}
-
-    def res(path, cin, cout, ds, updown=""):
-        counts["res"] += 1
-        return Layer(path, "res", cin, cout, ds, updown, counts["res"] - 1)
-
-    def attn(path, ch, ds, upsampling):
-        heads, head_dim = _full_heads(c, ch, upsampling)
-        counts["attn"] += 1
-        return Layer(path, "attn", ch, ch, ds, index=counts["attn"] - 1, heads=heads, head_dim=head_dim)
-
-    # guided-diffusion sizes the input convolution by the first level, int(channel_mult[0] * model_channels),
-    # which is not model_channels when that multiplier is not 1 (the 512x512 model's is 0.5)
-    first = widths[0]
-    inputs = [(Layer("input_blocks.0.0", "conv_in", c["in_channels"], first, 1),)]
-    ch, ds, skips = first, 1, [first]
-    for level, width in enumerate(widths):
-        for _ in range(nrb):
-            prefix = f"input_blocks.{len(inputs)}"
-            block = [res(prefix + ".0", ch, width, ds)]
-            ch = width
-            if ds in attention_ds:
-                block.append(attn(prefix + ".1", ch, ds, False))
-            inputs.append(tuple(block))
-            skips.append(ch)
-        if level != len(widths) - 1:
-            path = f"input_blocks.{len(inputs)}.0"
-            inputs.append((res(path, ch, ch, ds, "down") if c["resblock_updown"] else Layer(path, "down", ch, ch, ds),))
-            ds *= 2
-            skips.append(ch)
-    middle = (res("middle_block.0", ch, ch, ds), attn("middle_block.1", ch, ds, False), res("middle_block.2", ch, ch, ds))
-    outputs = []
-    for level in reversed(range(len(widths))):
-        for i in range(nrb + 1):
-            prefix = f"output_blocks.{len(outputs)}"
-            block = [res(prefix + ".0", ch + skips.pop(), widths[level], ds)]
-            ch = widths[level]
-            if ds in attention_ds:
-                block.append(attn(prefix + ".1", ch, ds, True))
-            if level and i == nrb:
-                path = f"{prefix}.{len(block)}"
-                block.append(res(path, ch, ch, ds, "up") if c["resblock_updown"] else Layer(path, "up", ch, ch, ds))
-                ds //= 2
-            outputs.append(tuple(block))
-    return Layout(tuple(inputs), middle, tuple(outputs), ch)
-
-
-def layout(config: Dict[str, Any]) -> Layout:
-    keys = ("in_channels", "model_channels", "channel_mult", "num_res_blocks", "attention_ds", "resblock_updown",
-            "num_heads", "num_head_channels", "num_heads_upsample")
-    return _layout(tuple((k, tuple(config[k]) if isinstance(config[k], list) else config[k]) for k in keys))
-
-
-def _inner_width(layer: Layer, groups: int) -> int:
-    return groups * (layer.out // NORM_GROUPS)
-
+from cbs_convert.families import diffusers_unet
+from cbs_convert.families.adm_detect import HIDDEN_FACTS, PUBLISHED, ADMDetection, published_name
+from cbs_convert.families.adm_layout import (
+    ATTENTION_ORDERS,
+    GUIDED_DIFFUSION_NUMERICS,
+    NORM_GROUPS,
+    complete_config,
+    inner_width,
+    layout,
+)
+from cbs_convert.families.adm_net import ADMUNet
+from cbs_convert.families.base import MAX_IMAGE_SIZE, MAX_SIZE, Family, UnitGroup, WidthKnob, block_indices
+from cbs_convert.families.ddpm import DIFFUSION_STEPS, NoisePredictionDDPM
 
 @lru_cache(maxsize=64)
 def _growth_order(fulls: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -220,252 +62,7 @@ def spread(total: int, fulls: Sequence[int]) -> List[int]:
     return kept
 
 
-def complete_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill the defaults and, where absent, the per-block widths of the unpruned model."""
-    c = {
-        "num_heads_upsample": -1, "resblock_updown": True, "conv_resample": True, "use_scale_shift_norm": True,
-        "attention_order": "legacy", "num_classes": 0, "beta_schedule": "linear", "diffusion_steps": DIFFUSION_STEPS,
-        "use_checkpoint": False, "dropout": 0.0, **GUIDED_DIFFUSION_NUMERICS,
-    }
-    c.update(config)
-    c["channel_mult"] = [int(m) if float(m).is_integer() else float(m) for m in c["channel_mult"]]
-    c["attention_ds"] = sorted(int(d) for d in c["attention_ds"])
-    c.setdefault("out_channels", c["in_channels"] * 2 if c.get("learn_sigma", True) else c["in_channels"])
-    c["learn_sigma"] = c["out_channels"] == 2 * c["in_channels"]
-    lay = layout(c)
-    c.setdefault("res_groups", [NORM_GROUPS] * len(lay.res()))
-    c.setdefault("attn_heads", [l.heads for l in lay.attn()])
-    # The per-block lists define the architecture; the totals are the allocator's knobs (and what
-    # the report shows), so they are always recomputed from the lists, never trusted.
-    c["inner_groups"] = sum(c["res_groups"])
-    c["attention_heads"] = sum(c["attn_heads"])
-    return c
-
-
-def _validate(c: Dict[str, Any], lay: Layout) -> None:
-    res, attn = lay.res(), lay.attn()
-    if c["attention_order"] not in ATTENTION_ORDERS:
-        raise ValueError(f"attention_order {c['attention_order']!r} is not one of {', '.join(ATTENTION_ORDERS)}")
-    if len(c["res_groups"]) != len(res) or not all(1 <= g <= NORM_GROUPS for g in c["res_groups"]):
-        raise ValueError(f"res_groups needs {len(res)} entries in 1..{NORM_GROUPS}, got {c['res_groups']}")
-    if len(c["attn_heads"]) != len(attn) or not all(1 <= h <= l.heads for h, l in zip(c["attn_heads"], attn)):
-        raise ValueError(f"attn_heads needs {len(attn)} entries, each from 1 to the block's head count, got {c['attn_heads']}")
-    for l in res + attn:
-        if l.channels % NORM_GROUPS or l.out % NORM_GROUPS:
-            raise ValueError(f"{l.path}: {l.channels}->{l.out} channels do not split into {NORM_GROUPS} GroupNorm groups")
-
-
-# ---------------------------------------------------------------------------------------------
-# The network.
-
-
-class GroupNorm32(nn.GroupNorm):
-    """guided-diffusion normalises in float32 whatever the activation dtype."""
-
-    def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
-
-
-def _downsample(x):
-    return F.avg_pool2d(x, kernel_size=2, stride=2)
-
-
-def _upsample(x):
-    return F.interpolate(x, scale_factor=2, mode="nearest")
-
-
-class ResBlock(nn.Module):
-    def __init__(self, layer: Layer, inner_groups: int, emb_channels: int, scale_shift: bool, dropout: float,
-                 use_checkpoint: bool, norm_eps: float = 1e-5):
-        super().__init__()
-        self.channels, self.out_channels = layer.channels, layer.out
-        inner = _inner_width(layer, inner_groups)
-        self.updown = layer.updown
-        self.scale_shift = scale_shift
-        self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(GroupNorm32(NORM_GROUPS, layer.channels, eps=norm_eps), nn.SiLU(),
-                                       nn.Conv2d(layer.channels, inner, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * inner if scale_shift else inner))
-        self.out_layers = nn.Sequential(
-            GroupNorm32(inner_groups, inner, eps=norm_eps), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(inner, layer.out, 3, padding=1)
-        )
-        self.skip_connection = nn.Identity() if layer.out == layer.channels else nn.Conv2d(layer.channels, layer.out, 1)
-
-    def forward(self, x, emb):
-        if self.use_checkpoint and torch.is_grad_enabled():
-            # Non-reentrant: gradients reach the parameters even when the inputs need none (frozen
-            # layers in front), which guided-diffusion's own checkpoint function assumes away.
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
-
-    def _forward(self, x, emb):
-        if self.updown:
-            resample = _upsample if self.updown == "up" else _downsample
-            h = resample(self.in_layers[:-1](x))
-            x = resample(x)
-            h = self.in_layers[-1](h)
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)[..., None, None]
-        if self.scale_shift:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            h = self.out_layers[1:](h)
-        else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
-
-
-class AttentionBlock(nn.Module):
-    def __init__(self, layer: Layer, heads: int, order: str, use_checkpoint: bool, norm_eps: float = 1e-5):
-        super().__init__()
-        self.heads, self.head_dim, self.order = heads, layer.head_dim, order
-        self.use_checkpoint = use_checkpoint
-        width = heads * layer.head_dim
-        self.norm = GroupNorm32(NORM_GROUPS, layer.channels, eps=norm_eps)
-        self.qkv = nn.Conv1d(layer.channels, 3 * width, 1)
-        self.proj_out = nn.Conv1d(width, layer.channels, 1)
-
-    def forward(self, x):
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
-
-    def _forward(self, x):
-        b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        length = qkv.shape[-1]
-        if self.order == "legacy":  # rows per head: [q_h, k_h, v_h]
-            q, k, v = qkv.reshape(b, self.heads, 3, self.head_dim, length).unbind(2)
-        else:  # rows: [q of all heads | k of all heads | v of all heads]
-            q, k, v = qkv.reshape(b, 3, self.heads, self.head_dim, length).unbind(1)
-        # guided-diffusion scales q and k by d^-1/4 each: the same 1/sqrt(d) as the fused kernel.
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        h = self.proj_out(h.transpose(-1, -2).reshape(b, self.heads * self.head_dim, length))
-        return (x + h).reshape(b, c, *spatial)
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int, use_conv: bool, padding: int = 1):
-        super().__init__()
-        # padding 0: the original DDPM's (and diffusers') pad of one row and column at the far side
-        self.pad_far_side = use_conv and padding == 0
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if use_conv else nn.AvgPool2d(2, 2)
-
-    def forward(self, x):
-        if self.pad_far_side:
-            x = F.pad(x, (0, 1, 0, 1))
-        return self.op(x)
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int, use_conv: bool):
-        super().__init__()
-        self.use_conv = use_conv
-        if use_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        x = _upsample(x)
-        return self.conv(x) if self.use_conv else x
-
-
-class TimestepEmbedSequential(nn.Sequential):
-    def forward(self, x, emb):
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
-        return x
-
-
-class ADMUNet(nn.Module):
-    """guided-diffusion's UNetModel (2-D), with per-block inner widths and head counts for pruning."""
-
-    def __init__(self, config: Dict[str, Any]):
-        super().__init__()
-        c = complete_config(config)
-        lay = layout(c)
-        _validate(c, lay)
-        self.config = c
-        self.image_size = c.get("image_size")
-        self.in_channels = c["in_channels"]
-        self.out_channels = c["out_channels"]
-        self.model_channels = c["model_channels"]
-        self.learn_sigma = c["learn_sigma"]
-        self.num_classes = c["num_classes"] or None  # None when unconditional, as in guided-diffusion
-        emb = 4 * c["model_channels"]
-        self.time_embed = nn.Sequential(nn.Linear(c["model_channels"], emb), nn.SiLU(), nn.Linear(emb, emb))
-        if self.num_classes:
-            self.label_emb = nn.Embedding(c["num_classes"], emb)
-
-        def make(layer: Layer) -> nn.Module:
-            if layer.kind == "conv_in":
-                return nn.Conv2d(layer.channels, layer.out, 3, padding=1)
-            if layer.kind == "res":
-                return ResBlock(layer, c["res_groups"][layer.index], emb, c["use_scale_shift_norm"], c["dropout"],
-                                c["use_checkpoint"], c["norm_eps"])
-            if layer.kind == "attn":
-                return AttentionBlock(layer, c["attn_heads"][layer.index], c["attention_order"], c["use_checkpoint"], c["norm_eps"])
-            if layer.kind == "down":
-                return Downsample(layer.channels, c["conv_resample"], c["downsample_padding"])
-            return Upsample(layer.channels, c["conv_resample"])
-
-        self.input_blocks = nn.ModuleList(TimestepEmbedSequential(*map(make, b)) for b in lay.input_blocks)
-        self.middle_block = TimestepEmbedSequential(*map(make, lay.middle_block))
-        self.output_blocks = nn.ModuleList(TimestepEmbedSequential(*map(make, b)) for b in lay.output_blocks)
-        ch = lay.final_channels
-        self.out = nn.Sequential(GroupNorm32(NORM_GROUPS, ch, eps=c["norm_eps"]), nn.SiLU(), nn.Conv2d(ch, c["out_channels"], 3, padding=1))
-        # PyTorch's default init rather than guided-diffusion's zeroed output convolutions: a freshly
-        # built model must compute something non-trivial (tests); checkpoints overwrite all of it.
-
-    def forward(self, x, timesteps, y=None):
-        if (y is not None) != bool(self.num_classes):
-            raise ValueError(
-                "this model is class-conditional: pass labels y" if self.num_classes
-                else "this model is unconditional: pass y=None"
-            )
-        if timesteps.dim() == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        features = timestep_embedding(timesteps, self.model_channels, frequency_shift=self.config["time_frequency_shift"])
-        if self.config["time_sin_first"]:
-            half = self.model_channels // 2
-            features = torch.cat([features[:, half: 2 * half], features[:, :half], features[:, 2 * half:]], dim=1)
-        emb = self.time_embed(features.to(self.time_embed[0].weight.dtype))
-        if self.num_classes:
-            emb = emb + self.label_emb(y)
-        skips = []
-        h = x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _published_name(c: Dict[str, Any]) -> Optional[str]:
-    for name, facts in PUBLISHED.items():
-        if all(c.get(k) == facts[k] for k in _SHAPE_FACTS) and c.get("resblock_updown") and c.get("use_scale_shift_norm"):
-            return name
-    return None
-
-
-def _mismatches(state_dict, expected) -> int:
-    keys = set(state_dict) ^ set(expected)
-    wrong = sum(1 for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k]))
-    return len(keys) + wrong
-
-
-def _block_count(state_dict, section: str) -> int:
-    found = [int(m.group(1)) for k in state_dict if (m := re.match(rf"{section}\.(\d+)\.", k))]
-    return max(found) + 1 if found else 0
-
-
-class ADMFamily(NoisePredictionDDPM, Family):
+class ADMFamily(NoisePredictionDDPM, ADMDetection, Family):
     """guided-diffusion UNet: noise (and variance) prediction on a 1000-step DDPM, like DiT."""
 
     name = "adm"
@@ -481,178 +78,12 @@ class ADMFamily(NoisePredictionDDPM, Family):
         return ([f"input_blocks.{i}" for i in range(len(lay.input_blocks))] + ["middle_block"]
                 + [f"output_blocks.{i}" for i in range(len(lay.output_blocks))])
     data_range = (-1.0, 1.0)  # pixels, as guided-diffusion's samplers clip them
+    # pruning shrinks the per-block lists; the totals follow them
+    pruned_keys = ("res_groups", "attn_heads", "inner_groups", "attention_heads")
+    diffusers_counterpart = diffusers_unet
 
     def __init__(self, config):
         super().__init__(complete_config(config))
-
-    # -- architecture -------------------------------------------------------------------------
-    @classmethod
-    def matches(cls, state_dict):
-        return "input_blocks.0.0.weight" in state_dict and "time_embed.0.weight" in state_dict
-
-    @classmethod
-    def config_from_state_dict(cls, state_dict, hints):
-        sd = state_dict
-        for key in ("input_blocks.0.0.weight", "time_embed.0.weight", "out.2.weight", "input_blocks.1.0.in_layers.2.weight",
-                    "input_blocks.1.0.emb_layers.1.weight"):
-            if key not in sd:
-                raise CheckpointError(f"not a guided-diffusion UNet state dict: missing key {key}")
-        notes: List[str] = []
-        # The time embedding reads model_channels sinusoid features whatever the channel multipliers.
-        model_channels = sd["time_embed.0.weight"].shape[1]
-        in_channels = sd["input_blocks.0.0.weight"].shape[1]
-        out_channels = sd["out.2.weight"].shape[0]
-        if out_channels not in (in_channels, 2 * in_channels):
-            raise CheckpointError(
-                f"out.2.weight has {out_channels} output channels: not {in_channels} (noise) or "
-                f"{2 * in_channels} (noise + variance) for {in_channels} input channels"
-            )
-        table = sd.get("label_emb.weight")
-        num_classes = 0 if table is None else int(table.shape[0])
-        given_classes, origin = setting(hints, "num_classes")
-        if given_classes is not None and int(given_classes) != num_classes:
-            flag = "--num-classes" if origin == "given" else "the checkpoint's args (num_classes)"
-            raise CheckpointError(f"{flag} says {given_classes} classes, but label_emb has {num_classes} rows (ADM keeps no null row)")
-        inner = sd["input_blocks.1.0.in_layers.2.weight"].shape[0]
-        emb_rows = sd["input_blocks.1.0.emb_layers.1.weight"].shape[0]
-        if emb_rows not in (inner, 2 * inner):
-            raise CheckpointError(f"input_blocks.1.0.emb_layers.1.weight has {emb_rows} rows for {inner} channels")
-        base = {
-            "in_channels": int(in_channels), "model_channels": int(model_channels), "out_channels": int(out_channels),
-            "num_classes": num_classes, "use_scale_shift_norm": emb_rows == 2 * inner,
-            # Heads do not change shapes: one head per block while the layout is being found.
-            "num_heads": 1, "num_head_channels": -1, "num_heads_upsample": -1,
-        }
-        structure = cls._find_structure(sd, base)
-        base.update(structure)
-        published = _published_name(base)
-        facts = PUBLISHED.get(published, {})
-        tag = f"published layout {published.upper().replace('_', '-')}" if published else None
-        base.update(cls._hidden_facts(hints, facts, tag, notes))
-        numerics = {k: hints[f"args_{k}"] for k in GUIDED_DIFFUSION_NUMERICS if hints.get(f"args_{k}") is not None}
-        if numerics and numerics != {k: GUIDED_DIFFUSION_NUMERICS[k] for k in numerics}:
-            base.update(numerics)
-            notes.append("numerics of the original DDPM UNet: " + ", ".join(f"{k} {v}" for k, v in sorted(numerics.items())))
-        levels = len(base["channel_mult"])
-        image_size, origin = setting(hints, "image_size")
-        if image_size:
-            base["image_size"] = int(image_size)
-            notes.append(f"image size {base['image_size']} ({origin})")
-        elif facts:
-            base["image_size"] = facts["image_size"]
-            notes.append(f"image size {base['image_size']} ({tag})")
-        else:
-            base["image_size"] = 8 * 2 ** (levels - 1)
-            notes.append(WarningNote(
-                f"image size {base['image_size']} ASSUMED (not in the weights, nor in the file's args; the published "
-                "models all end at 8x8); pass --image-size to change it"
-            ))
-        try:
-            config = complete_config(base)
-            expected = cls.expected_shapes(config)
-        except ValueError as exc:
-            raise CheckpointError(f"ADM checkpoint: {exc}; check the head settings (--num-heads)") from None
-        check_keys(sd, expected, "ADM checkpoint does not match its own widths")
-        notes.insert(0, cls(config).describe(config))
-        return config, notes
-
-    @classmethod
-    def _find_structure(cls, sd, base) -> Dict[str, Any]:
-        """num_res_blocks, channel_mult, attention resolutions and resampling kind from the keys.
-
-        Every num_res_blocks that divides the output-block count is tried; the layout whose expected
-        shapes match the state dict exactly is the one (resampling ResBlocks look like plain ones, so
-        the key names alone cannot decide)."""
-        n_out = _block_count(sd, "output_blocks")
-        if n_out < 2:
-            raise CheckpointError("ADM state dict has no output_blocks; not a guided-diffusion UNet")
-        mc = base["model_channels"]
-        tried = []
-        for nrb in range(1, n_out):
-            if n_out % (nrb + 1):
-                continue
-            levels = n_out // (nrb + 1)
-            widths = []
-            for level in range(levels):
-                key = f"output_blocks.{(levels - 1 - level) * (nrb + 1)}.0.out_layers.3.weight"
-                if key not in sd:
-                    break
-                widths.append(int(sd[key].shape[0]))
-            if len(widths) != levels:
-                continue
-            attention_ds = sorted({
-                2 ** ((i - 1) // (nrb + 1))
-                for i in range(1, levels * (nrb + 1))
-                if (i - 1) % (nrb + 1) < nrb and f"input_blocks.{i}.1.qkv.weight" in sd
-            })
-            down = f"input_blocks.{nrb + 1}.0."
-            structure = {
-                "num_res_blocks": nrb,
-                "channel_mult": [w // mc if w % mc == 0 else w / mc for w in widths],
-                "attention_ds": attention_ds,
-                "resblock_updown": levels == 1 or down + "in_layers.2.weight" in sd,
-                "conv_resample": down + "op.weight" in sd or levels == 1 or down + "in_layers.2.weight" in sd,
-            }
-            try:
-                expected = cls.expected_shapes(complete_config({**base, **structure}))
-            except ValueError:
-                continue
-            tried.append((_mismatches(sd, expected), nrb, structure, expected))
-            if tried[-1][0] == 0:
-                return structure
-        if not tried:
-            raise CheckpointError(f"ADM state dict: {n_out} output blocks fit no guided-diffusion UNet layout")
-        _, nrb, _, expected = min(tried, key=lambda item: item[0])
-        check_keys(sd, expected, f"ADM state dict fits no UNet layout (closest: {nrb} res blocks per level)")
-        raise AssertionError("unreachable: check_keys accepted a layout with mismatches")
-
-    @classmethod
-    def _hidden_facts(cls, hints, facts, tag, notes) -> Dict[str, Any]:
-        out = {}
-        head_channels, head_channels_origin = setting(hints, "num_head_channels")
-        heads, heads_origin = setting(hints, "num_heads")
-        if head_channels:
-            out.update(num_head_channels=int(head_channels), num_heads=-1)
-            notes.append(_unconfirmed(f"{out['num_head_channels']} channels per attention head", head_channels_origin))
-        elif heads:
-            out.update(num_heads=int(heads), num_head_channels=-1)
-            notes.append(_unconfirmed(f"{out['num_heads']} attention heads per block", heads_origin))
-        elif facts:
-            out.update(num_heads=facts["num_heads"], num_head_channels=facts["num_head_channels"])
-            split = (f"{facts['num_head_channels']} channels per head" if facts["num_head_channels"] > 0
-                     else f"{facts['num_heads']} heads per block")
-            notes.append(f"attention {split} ({tag}'s flags)")
-        else:
-            raise CheckpointError(
-                "cannot infer the attention head split of this ADM UNet from the weights; pass --num-heads N "
-                "(or the num_head_channels hint)"
-            )
-        order, order_origin = setting(hints, "attention_order")
-        if order is not None:
-            order = str(order).lower()
-            if order not in ATTENTION_ORDERS:
-                raise CheckpointError(f"attention_order {order!r} is unknown; use legacy or new")
-            out["attention_order"] = order
-            notes.append(f"{order} qkv order ({order_origin})")
-        elif facts:
-            out["attention_order"] = facts["attention_order"]
-            notes.append(f"{facts['attention_order']} qkv order ({tag}'s flags)")
-        else:
-            out["attention_order"] = "legacy"
-            notes.append("legacy qkv order ASSUMED (guided-diffusion's default; not visible in the weights)")
-        schedule, origin = setting(hints, "beta_schedule")
-        if schedule:
-            schedule = str(schedule).lower()
-            source = origin
-        else:
-            schedule, source = facts.get("beta_schedule", "linear"), (f"{tag}'s flags" if facts else "default; --beta-schedule to change")
-        if schedule not in ("linear", "cosine"):
-            raise CheckpointError(f"beta schedule {schedule!r} is not supported; use linear or cosine")
-        out.update(beta_schedule=schedule, diffusion_steps=DIFFUSION_STEPS)
-        notes.append(f"{schedule} beta schedule, {DIFFUSION_STEPS} steps, noise prediction ({source})")
-        if hints.get("use_checkpoint"):
-            out["use_checkpoint"] = True
-        return out
 
     @classmethod
     def build(cls, config):
@@ -666,7 +97,7 @@ class ADMFamily(NoisePredictionDDPM, Family):
 
     def describe(self, config):
         c = complete_config(config)
-        name = _published_name(c)
+        name = published_name(c)
         tag = f"ADM-{name.split('_')[1]}" if name else "ADM (custom)"
         heads = (f"{c['num_head_channels']}-channel heads" if c["num_head_channels"] > 0 else f"{c['num_heads']} heads")
         mult = ",".join(str(m) for m in c["channel_mult"])
@@ -688,8 +119,8 @@ class ADMFamily(NoisePredictionDDPM, Family):
                 "beta_schedule": c["beta_schedule"], "image_size": c["image_size"], **numerics}
 
     def recipe_name(self, config):
-        name = _published_name(config)
-        if name is None or any(config[k] != PUBLISHED[name][k] for k in _HIDDEN_FACTS):
+        name = published_name(config)
+        if name is None or any(config[k] != PUBLISHED[name][k] for k in HIDDEN_FACTS):
             return None
         return name
 
@@ -711,7 +142,7 @@ class ADMFamily(NoisePredictionDDPM, Family):
             if l.kind == "conv_in":
                 total += l.channels * l.out * 9 + l.out
             elif l.kind == "res":
-                inner = _inner_width(l, c["res_groups"][l.index])
+                inner = inner_width(l, c["res_groups"][l.index])
                 rows = 2 * inner if c["use_scale_shift_norm"] else inner
                 total += 2 * l.channels + l.channels * inner * 9 + inner + emb * rows + rows
                 total += 2 * inner + inner * l.out * 9 + l.out
@@ -736,7 +167,7 @@ class ADMFamily(NoisePredictionDDPM, Family):
                 macs += pixels_in * l.channels * l.out * 9
             elif l.kind == "res":
                 pixels = pixels_in * {"": 1, "down": 0.25, "up": 4}[l.updown]
-                inner = _inner_width(l, c["res_groups"][l.index])
+                inner = inner_width(l, c["res_groups"][l.index])
                 macs += emb * inner * (2 if c["use_scale_shift_norm"] else 1)
                 macs += pixels * (l.channels * inner + inner * l.out) * 9
                 if l.channels != l.out:
@@ -841,3 +272,60 @@ class ADMFamily(NoisePredictionDDPM, Family):
                 sd[p + "qkv.bias"] = sd[p + "qkv.bias"][rows]
                 sd[p + "proj_out.weight"] = sd[p + "proj_out.weight"][:, ch]
         return {k: v.contiguous() for k, v in sd.items()}
+
+    # -- stored configs -------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, check, config, field):
+        def need(key, expected):
+            return check.get(config, key, f"{field}.{key}", expected)
+
+        for key in ("in_channels", "model_channels", "num_res_blocks"):
+            check.integer(need(key, "a whole number from 1"), f"{field}.{key}", low=1)
+        mult = check.sequence(need("channel_mult", "a list of positive numbers"), f"{field}.channel_mult", low=1)
+        for i, m in enumerate(mult):
+            check.number(m, f"{field}.channel_mult[{i}]", low=1 / config["model_channels"], high=MAX_SIZE)
+        attention = check.sequence(need("attention_ds", "a list of downsampling factors"), f"{field}.attention_ds",
+                                   high=len(mult) + 1)
+        for i, ds in enumerate(attention):
+            check.integer(ds, f"{field}.attention_ds[{i}]", low=1)
+        heads = check.integer(need("num_heads", "a whole number"), f"{field}.num_heads", low=-1)
+        head_channels = check.integer(need("num_head_channels", "a whole number"), f"{field}.num_head_channels", low=-1)
+        if head_channels <= 0 and heads < 1:
+            raise check.fail(f"{field}.num_heads", "a head count from 1 when num_head_channels is not set", heads)
+        check.integer(need("image_size", "a whole number from 1"), f"{field}.image_size", 1, MAX_IMAGE_SIZE)
+        typed = {
+            "out_channels": lambda v, f: check.integer(v, f, low=1), "num_heads_upsample": lambda v, f: check.integer(v, f, low=-1),
+            "num_classes": check.integer, "diffusion_steps": lambda v, f: check.integer(v, f, DIFFUSION_STEPS, DIFFUSION_STEPS),
+            "time_frequency_shift": lambda v, f: check.integer(v, f, 0, 1), "downsample_padding": lambda v, f: check.integer(v, f, 0, 1),
+            "inner_groups": check.integer, "attention_heads": check.integer,
+            "resblock_updown": check.boolean, "conv_resample": check.boolean, "use_scale_shift_norm": check.boolean,
+            "use_checkpoint": check.boolean, "time_sin_first": check.boolean, "learn_sigma": check.boolean,
+            "dropout": lambda v, f: check.number(v, f, 0.0, 0.999), "norm_eps": lambda v, f: check.number(v, f, 1e-12, 1.0),
+            "attention_order": lambda v, f: check.text(v, f, ATTENTION_ORDERS),
+            "beta_schedule": lambda v, f: check.text(v, f, ("linear", "cosine")),
+        }
+        for key, checker in typed.items():
+            if key in config:
+                checker(config[key], f"{field}.{key}")
+        if "out_channels" in config and config["out_channels"] not in (config["in_channels"], 2 * config["in_channels"]):
+            raise check.fail(f"{field}.out_channels", f"{config['in_channels']} or {2 * config['in_channels']} "
+                             f"for {config['in_channels']} input channels", config["out_channels"])
+        for key, high in (("res_groups", NORM_GROUPS), ("attn_heads", MAX_SIZE)):
+            if key in config:
+                for i, value in enumerate(check.sequence(config[key], f"{field}.{key}")):
+                    check.integer(value, f"{field}.{key}[{i}]", 1, high)
+
+    @classmethod
+    def check_structure(cls, check, config, shapes, field, what):
+        levels, per_level = len(config["channel_mult"]), config["num_res_blocks"]
+        outputs, inputs = len(block_indices(shapes, "output_blocks")), len(block_indices(shapes, "input_blocks"))
+        if levels * (per_level + 1) != outputs:
+            raise check.fail(f"{field}.num_res_blocks", f"a layout of the {outputs} output blocks {what} holds "
+                             f"(with the {levels} levels of channel_mult)", per_level)
+        if 1 + levels * per_level + levels - 1 != inputs:
+            raise check.fail(f"{field}.channel_mult", f"levels that lay out the {inputs} input blocks {what} holds",
+                             config["channel_mult"])
+        width = shapes.get("time_embed.0.weight")
+        if width is None or len(width) != 2 or width[1] != config["model_channels"]:
+            raise check.fail(f"{field}.model_channels", f"the width of {what}'s time_embed.0.weight "
+                             f"({'absent' if width is None else width[-1]})", config["model_channels"])

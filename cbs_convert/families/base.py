@@ -8,12 +8,22 @@ A family translates at its border: native time in and out, native prediction to 
 
 from __future__ import annotations
 
-import math
+import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
+
+from cbs_convert.errors import CheckpointError
+
+#: No tensor dimension of a real model comes near 2^31; a larger width only makes the closed-form
+#: counts overflow floats (``info`` divides them) or ask for impossible memory.
+MAX_SIZE = 2**31 - 1
+#: An image side is not always in the tensors (ADM's is not), and the sampler allocates noise of
+#: that side: a side beyond this is a multi-gigabyte sample, which no released diffusion model works at.
+MAX_IMAGE_SIZE = 16384
 
 
 @dataclass(frozen=True)
@@ -182,8 +192,6 @@ class Family:
     def log_snr(self, t) -> "np.ndarray":
         """log(alpha^2 / sigma^2) at canonical times ``t`` (an array of floats), in float64; +inf
         where sigma is 0 and -inf where alpha is 0. What the snr split rule spaces equally."""
-        import numpy as np
-
         times = torch.as_tensor(np.asarray(t, dtype=np.float64))
         alpha, sigma = self.schedule(times)
         with np.errstate(divide="ignore"):
@@ -240,6 +248,35 @@ class Family:
         """Keep only the listed units of every group; returns a state dict for the target config."""
         raise NotImplementedError
 
+    # -- stored configs and diffusers ---------------------------------------------------------
+    #: the entries of a config that pruning may shrink; every other entry of an expert's config is
+    #: its source's own
+    pruned_keys: Tuple[str, ...] = ()
+    #: how a model runs, not what it computes: an expert's config may differ from its source's here
+    runtime_keys: Tuple[str, ...] = ("use_checkpoint", "dropout")
+    #: the module that translates to and from this family's counterpart among diffusers' model
+    #: classes (``diffusers_dit``, ``diffusers_unet``), or None where diffusers has none
+    diffusers_counterpart = None
+
+    def diffusers_refusal(self, what: str) -> str:
+        """Why ``what``, a model of this family, cannot be written as a diffusers folder."""
+        return f"{what}: a {self.name} model has no diffusers counterpart"
+
+    @classmethod
+    def check_config(cls, check, config: Dict[str, Any], field: str) -> None:
+        """Types, ranges and required keys of a stored config of this family. ``check`` is the
+        schema's checker of one file: its ``get``, ``integer``, ... raise that file's refusal."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_structure(cls, check, config: Dict[str, Any], shapes, field: str, what: str) -> None:
+        """Block counts and the base width of ``config`` against tensor ``shapes``, from the key
+        names alone: nothing that grows with a claimed depth may run before this passes."""
+        raise NotImplementedError
+
+    def check_args(self, check, config: Dict[str, Any], args: Dict[str, Any]) -> None:
+        """Refuse saved ``args`` beside ``config`` that say more than ``saved_args`` and contradict it."""
+
     def attention_context(self):
         """Context under which forward-mode autodiff works for this family's models."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -248,118 +285,11 @@ class Family:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared time machinery, used by the families' own conversions.
-
-
-class DiscreteVPSchedule:
-    """A DDPM schedule with ``T`` steps, extended to continuous canonical time.
-
-    Canonical ``t`` maps to the fractional step ``n = t * (T - 1)``; integer steps are exact.
-    """
-
-    def __init__(self, kind: str = "linear", steps: int = 1000):
-        if kind == "linear":
-            scale = 1000.0 / steps
-            betas = torch.linspace(scale * 1e-4, scale * 0.02, steps, dtype=torch.float64)
-        elif kind == "cosine":
-            def f(s):
-                return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-            betas = torch.tensor(
-                [min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)],
-                dtype=torch.float64,
-            )
-        else:
-            raise ValueError(f"unknown beta schedule {kind!r}")
-        self.kind = kind
-        self.steps = steps
-        self.log_alpha_bar = torch.cumsum(torch.log1p(-betas), 0)
-        self.slopes = torch.gradient(self.log_alpha_bar)[0]
-
-    def native_time(self, t: torch.Tensor) -> torch.Tensor:
-        return t * (self.steps - 1)
-
-    def canonical_time(self, n: torch.Tensor) -> torch.Tensor:
-        return n.to(torch.get_default_dtype() if not n.is_floating_point() else n.dtype) / (self.steps - 1)
-
-    def __call__(self, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        # Cubic Hermite interpolation of log(alpha_bar) between integer steps: exact at the steps
-        # and continuously differentiable, so the velocity is smooth in t and its t-derivative (the
-        # acceleration monitor) does not jump at every step. No clamp on n: a clamp has zero
-        # derivative at t = 0 and t = 1, which would zero the velocity where sampling starts.
-        table = self.log_alpha_bar.to(device=t.device, dtype=torch.float32)
-        slopes = self.slopes.to(device=t.device, dtype=torch.float32)
-        n = t.float() * (self.steps - 1)
-        lo = n.floor().clamp(0, self.steps - 2).long()
-        s = n - lo.to(n.dtype)
-        s2, s3 = s * s, s * s * s
-        log_ab = (
-            (2 * s3 - 3 * s2 + 1) * table[lo]
-            + (s3 - 2 * s2 + s) * slopes[lo]
-            + (-2 * s3 + 3 * s2) * table[lo + 1]
-            + (s3 - s2) * slopes[lo + 1]
-        )
-        alpha = torch.exp(0.5 * log_ab)
-        sigma = torch.sqrt((-torch.expm1(log_ab)).clamp_min(1e-12))
-        return alpha.to(t.dtype), sigma.to(t.dtype)
-
-
-class NoisePredictionDDPM:
-    """The border of a family trained as a discrete DDPM that predicts noise (DiT, ADM).
-
-    Native time is the step ``n = t (T - 1)``; the first C output channels are the noise and any
-    further ones a learned variance. Needs ``beta_schedule`` and ``diffusion_steps`` in the config.
-    """
-
-    default_sampler = "ddpm"
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._vp = DiscreteVPSchedule(self.config["beta_schedule"], self.config["diffusion_steps"])
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """The training chain's alpha-bar at every integer step (float64), for the DDPM samplers."""
-        return torch.exp(self._vp.log_alpha_bar)
-
-    def schedule(self, t):
-        return self._vp(t)
-
-    def native_time(self, t):
-        return self._vp.native_time(t)
-
-    def canonical_time(self, native):
-        return self._vp.canonical_time(native)
-
-    def velocity_from_native(self, native_out, x, t):
-        return eps_to_velocity(self.schedule, native_out[:, : x.shape[1]], x, t)
-
-    def data_loss(self, model, x0, y, t, noise, teacher_out=None, prediction=None):
-        out = prediction
-        if out is None:
-            alpha, sigma = self.schedule(t)
-            out = model(broadcast_to(alpha, x0) * x0 + broadcast_to(sigma, x0) * noise, self.native_time(t), y)
-        channels = x0.shape[1]
-        loss = torch.nn.functional.mse_loss(out[:, :channels], noise)
-        if teacher_out is not None and out.shape[1] > channels:
-            # The learned variance has no simple data target here; keep it by matching the teacher.
-            loss = loss + torch.nn.functional.mse_loss(out[:, channels:], teacher_out[:, channels:])
-        return loss
+# Helpers the families' own conversions share.
 
 
 def broadcast_to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
-
-
-def eps_to_velocity(schedule, eps: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """dx/dt for x = alpha x0 + sigma eps given a noise prediction.
-
-    Written as ``(alpha'/alpha) x + (sigma' - sigma alpha'/alpha) eps`` so that it stays finite
-    where alpha is tiny (t near 1), instead of dividing by alpha to recover x0.
-    """
-    alpha, sigma, d_alpha, d_sigma = schedule_and_derivative(schedule, t)
-    ratio = broadcast_to(d_alpha / alpha, x)
-    return ratio * x + (broadcast_to(d_sigma, x) - broadcast_to(sigma, x) * ratio) * eps
 
 
 def schedule_and_derivative(schedule, t: torch.Tensor):
@@ -387,6 +317,12 @@ def setting(hints: Dict[str, Any], name: str) -> Tuple[Any, Optional[str]]:
     return None, None
 
 
+def block_indices(keys: Iterable[str], section: str) -> set:
+    """The indices of the blocks ``section.N.`` that ``keys`` name."""
+    pattern = re.compile(rf"{re.escape(section)}\.(\d+)\.")
+    return {int(m.group(1)) for key in keys if (m := pattern.match(key))}
+
+
 def rademacher(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
     bits = torch.randint(0, 2, shape, generator=generator, device="cpu")
     return (bits.to(dtype) * 2 - 1).to(device)
@@ -396,8 +332,6 @@ def check_keys(
     state_dict: Dict[str, torch.Tensor], expected: Dict[str, Sequence[int]], what: str
 ) -> None:
     """Refuse a state dict that does not match ``expected`` exactly, naming the first offenders."""
-    from cbs_convert.errors import CheckpointError
-
     missing = [k for k in expected if k not in state_dict]
     extra = [k for k in state_dict if k not in expected]
     wrong = [

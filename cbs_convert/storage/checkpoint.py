@@ -27,6 +27,8 @@ import torch
 
 from cbs_convert.bundled import TEACHER_FAMILIES, bundled_or_given, bundled_teacher
 from cbs_convert.errors import CheckpointError, RecipeError
+from cbs_convert.storage.diffusers import model_files, read_diffusers, source_root
+from cbs_convert.storage.schema import read_header, validate_args
 
 SAFE_GLOBALS = [argparse.Namespace]
 WEIGHT_KEYS_IN_ORDER = ("ema", "model", "state_dict", "module")
@@ -76,8 +78,6 @@ def source_folder(path) -> Optional[Path]:
     """The folder of a diffusers source, inside which nothing of the tool's may be written (a loader
     would take a stray weights file there for the model's own); None for a single-file checkpoint."""
     path = bundled_or_given(path)
-    from cbs_convert.storage.diffusers import source_root
-
     return source_root(path) if path.exists() else None
 
 
@@ -92,8 +92,6 @@ def is_inside(path, folder: Path) -> bool:
 def source_files(path) -> List[Path]:
     """The files a source checkpoint at ``path`` consists of: what no output may replace."""
     path = bundled_or_given(path)
-    from cbs_convert.storage.diffusers import model_files
-
     return (model_files(path) if path.exists() else None) or [path]
 
 
@@ -127,8 +125,6 @@ ARGS_METADATA_KEY = "args"
 
 def _load_safetensors(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     from safetensors.torch import load_file
-
-    from cbs_convert.storage.schema import read_header, validate_args
 
     metadata, shapes = read_header(path)
     args: Dict[str, Any] = {}
@@ -224,8 +220,6 @@ def _strip_wrappers(key: str) -> str:
 
 def read_checkpoint(path) -> SourceCheckpoint:
     path = bundled_or_given(path)
-    from cbs_convert.storage.diffusers import read_diffusers
-
     found = read_diffusers(path) if path.exists() else None
     files = [path]
     if found is not None:
@@ -242,8 +236,6 @@ def read_checkpoint(path) -> SourceCheckpoint:
         elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") or zipfile.is_zipfile(path):
             state_dict, container, args = _unwrap(_load_pickle(path), path)
             if args:  # a training dict's args meet the same schema as a safetensors file's
-                from cbs_convert.storage.schema import validate_args
-
                 validate_args(args, {k: tuple(v.shape) for k, v in state_dict.items()}, path, "saved args")
         else:
             raise CheckpointError(

@@ -19,7 +19,9 @@ from cbs_convert.errors import CheckpointError, WorkdirError
 from cbs_convert.storage.files import atomic_write
 from cbs_convert.families import family_from_config
 from cbs_convert.families.base import Family, check_keys
-from cbs_convert.storage.schema import tensor_shapes, validate_routed
+from cbs_convert.families.diffusers import as_diffusers
+from cbs_convert.storage.routed_schema import validate_routed
+from cbs_convert.storage.schema import tensor_shapes
 from cbs_convert.models.routed import RoutedModel
 from cbs_convert.models.time_routed import native_boundaries
 from cbs_convert.models.shared_base import SharedBaseModel, merge_delta
@@ -245,8 +247,6 @@ def load(path, device="cpu", format: str = "cbs_convert"):
         raise ValueError(f"format {format!r}: choose 'cbs_convert' or 'diffusers'")
     routed = _load_routed(path, device)
     if format == "diffusers":
-        from cbs_convert.storage.diffusers import as_diffusers
-
         return as_diffusers(routed, routed.family)
     return routed
 
