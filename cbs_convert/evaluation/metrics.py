@@ -30,6 +30,8 @@ from torch import nn
 
 from cbs_convert.bundled import DIGITS_CLASSIFIER, DIGITS_TEACHER, FMNIST_CLASSIFIER, FMNIST_TEACHER, bundled_teacher
 from cbs_convert.errors import MissingDependency
+from cbs_convert.evaluation.datasets import load_fashion_mnist
+from cbs_convert.sample import sample_ode
 
 SPLIT_SEED = 0
 HELD_OUT = 0.2
@@ -180,17 +182,9 @@ class FashionScorer(FeatureScorer):
 
     def __init__(self, classifier: Optional[nn.Module] = None, reference: Optional[torch.Tensor] = None):
         if reference is None:
-            from cbs_convert.evaluation.datasets import load_fashion_mnist
-
             reference = load_fashion_mnist().test_x
         super().__init__(classifier if classifier is not None else load_classifier(FMNIST_CLASSIFIER, FashionClassifier),
                          reference)
-
-
-def _fmnist_split():
-    from cbs_convert.evaluation.datasets import load_fashion_mnist
-
-    return load_fashion_mnist()
 
 
 @dataclass(frozen=True)
@@ -206,7 +200,7 @@ class Dataset:
 
 DATASETS: Dict[str, Dataset] = {
     "digits": Dataset("digits", load_digits_split, DigitsScorer, DIGITS_TEACHER, DIGITS_CLASSIFIER),
-    "fmnist": Dataset("fmnist", _fmnist_split, FashionScorer, FMNIST_TEACHER, FMNIST_CLASSIFIER),
+    "fmnist": Dataset("fmnist", load_fashion_mnist, FashionScorer, FMNIST_TEACHER, FMNIST_CLASSIFIER),
 }
 
 
@@ -223,8 +217,6 @@ def paired_sample_quality(family, teacher: nn.Module, converted: nn.Module, data
     One sampling seed: the paired difference is the number to read, since both models see the same
     noise; the benchmarks give the spread over seeds.
     """
-    from cbs_convert.sample import sample_ode
-
     scorer = dataset.scorer()
     classes = family.num_classes(family.config)
     labels = torch.arange(samples) % classes if classes else None

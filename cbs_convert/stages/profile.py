@@ -42,8 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cbs_convert.stages.batches import noised
 from cbs_convert.families.base import Family, broadcast_to, rademacher, schedule_and_derivative
+from cbs_convert.stages.batches import noised
+from cbs_convert.stages.prune import calibration_batches, prune_state_dict
+from cbs_convert.stages.split import allocate_widths
 
 MONITORS = (
     "dirichlet", "acceleration", "path_acceleration", "denoiser", "nonlinear", "nonlinear_acceleration", "sensitivity",
@@ -334,9 +336,6 @@ def pruned_student(
     the ``segment`` importance measured on the whole time range [0, 1] since the student serves
     every t. ``state_dict`` defaults to the teacher's own.
     """
-    from cbs_convert.stages.prune import calibration_batches, prune_state_dict
-    from cbs_convert.stages.split import allocate_widths
-
     source = family.config
     config = allocate_widths(family, source, target_params)
     calibration = None

@@ -12,7 +12,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from torch import nn
 
+from cbs_convert.errors import is_warning
+from cbs_convert.families import detect
 from cbs_convert.families.base import Family
+from cbs_convert.storage.checkpoint import read_checkpoint, with_user_hints
+from cbs_convert.storage.routed_file import METADATA_KEY, load
 
 __all__ = ["is_routed", "load_model"]
 
@@ -23,8 +27,6 @@ def is_routed(path) -> bool:
     if path.suffix != ".safetensors" or not path.is_file():
         return False
     from safetensors import safe_open
-
-    from cbs_convert.storage.routed_file import METADATA_KEY
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -42,19 +44,12 @@ def load_model(path, device="cpu", hints: Optional[Dict[str, Any]] = None,
     source checkpoint (an image size its weights cannot show, ...).
     """
     if is_routed(path):
-        from cbs_convert.storage.routed_file import load
-
         model = load(path, device=device)
         return model.family, model
-    from cbs_convert.storage.checkpoint import read_checkpoint, with_user_hints
-    from cbs_convert.families import detect
-
     checkpoint = read_checkpoint(path)
     merged = with_user_hints(checkpoint.hints, hints or {})
     family, notes = detect(checkpoint.state_dict, merged)
     if on_warning is not None:
-        from cbs_convert.errors import is_warning
-
         for note in notes + checkpoint.notes:
             if is_warning(note):
                 on_warning(note)
