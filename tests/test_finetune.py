@@ -112,7 +112,7 @@ def test_library_defaults_are_the_clis():
     from cbs_convert.stages.finetune import FinetuneSettings
     from cbs_convert.pipeline.recipe import Recipe
 
-    from cbs_convert.stages.finetune import expert_defaults
+    from cbs_convert.pipeline.experts import expert_defaults
 
     cli = Recipe()
     library = FinetuneSettings()

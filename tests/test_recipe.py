@@ -80,7 +80,7 @@ def test_later_layers_win():
 
 
 def test_a_recognised_architecture_gets_its_bundled_recipe_under_the_users_settings():
-    from cbs_convert.pipeline.conversion import resolve_recipe
+    from cbs_convert.pipeline.recipe import resolve_recipe
 
     recipe = resolve_recipe([{"checkpoint": "x.pt", "k": 2, "lr": 0.001}], "sit_xl_2")
     assert recipe.steps == 10000 and recipe.pool_size == 1024  # from recipes/sit_xl_2_k2.yaml

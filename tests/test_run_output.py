@@ -145,7 +145,7 @@ def test_a_conversion_of_the_bundled_digits_teacher_reports_its_sample_quality_a
 
 
 def test_a_loss_still_falling_at_the_end_is_called_under_training_and_a_flat_one_is_not():
-    from cbs_convert.pipeline.conversion import late_improvement, undertraining_verdicts
+    from cbs_convert.pipeline.quality import late_improvement, undertraining_verdicts
 
     falling = [1.0 / (1 + 0.01 * i) for i in range(500)]
     flat = [0.1 + 0.001 * ((-1) ** i) for i in range(500)]

@@ -1,1 +1,2 @@
-"""The conversion: the recipe, the runner over the stages, the ranks of a distributed run, the report."""
+"""The conversion: the recipe, the stages as plain functions, the runner over them, the ranks of a
+distributed run, the report."""

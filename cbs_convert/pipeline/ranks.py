@@ -1,4 +1,5 @@
-"""Which processes train which expert under torchrun, and each process's device.
+"""Which processes train which expert under torchrun, each process's device, and the few
+collective calls the stages make (joining the group, barriers, gathering shares).
 
 With W processes and K experts:
 
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List
+from datetime import timedelta
+from typing import Any, Dict, List
 
 import torch
+import torch.distributed as dist
 
 from cbs_convert.errors import RecipeError
 
@@ -84,11 +87,7 @@ def distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist
-
     if not dist.is_initialized():
-        from datetime import timedelta
-
         # The other ranks wait at a barrier while rank 0 samples, profiles and prunes: at XL size that
         # takes longer than the default 10 minutes after which NCCL would abort the job.
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=6))
@@ -97,6 +96,26 @@ def distributed():
 
 def barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
+
+
+def gather(share: Dict[Any, Any], world: int) -> Dict[Any, Any]:
+    """Every rank's share of a dict of results, merged, on every rank."""
+    if world <= 1:
+        return share
+    shares: List[Dict[Any, Any]] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(shares, share)
+    return {key: value for each in shares for key, value in each.items()}
+
+
+def expert_groups(layout: RankLayout) -> Dict[int, Any]:
+    """A process group per expert trained by several ranks (created on every rank, in one order)."""
+    if layout.group_size <= 1:
+        return {}
+    return {k: dist.new_group(ranks) for k, ranks in enumerate(layout.experts)}
+
+
+def leave(world: int) -> None:
+    """Leave torchrun's process group once the ranks' shared work is done."""
+    if world > 1:
+        dist.destroy_process_group()

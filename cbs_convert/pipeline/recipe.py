@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from cbs_convert.bundled import RECIPES
 from cbs_convert.errors import RecipeError
+from cbs_convert.stages.finetune import FinetuneSettings
+from cbs_convert.stages.split import parse_allocation, parse_budget, validate_boundaries
 
 
 @dataclass
@@ -65,29 +67,29 @@ class Recipe:
     block_selector: str = field(default="importance", metadata={"help": "--structure depth: importance (greedy removal of the block whose absence changes the output least) or recovery (a few candidate sets, each given a short low-rank recovery; the best recovered wins)"})
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
-    # fine-tuning
-    steps: int = field(default=600, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
-    batch_size: int = field(default=16, metadata={"help": "fine-tuning batch size"})
+    # fine-tuning: the defaults are the library's own (FinetuneSettings'), so one place says each
+    steps: int = field(default=FinetuneSettings.steps, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
+    batch_size: int = field(default=FinetuneSettings.batch_size, metadata={"help": "fine-tuning batch size"})
     lr: Optional[float] = field(default=None, metadata={"help": "AdamW peak learning rate (default: 1e-4 for a full-width expert, 3e-4 for a pruned one; the README says why)"})
-    lr_schedule: str = field(default="cosine", metadata={"help": "cosine (warm-up, then a cosine down to lr_floor x lr at the last step) or constant (after the warm-up)"})
+    lr_schedule: str = field(default=FinetuneSettings.lr_schedule, metadata={"help": "cosine (warm-up, then a cosine down to lr_floor x lr at the last step) or constant (after the warm-up)"})
     warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear lr warm-up steps (default: 5%% of --steps)"})
-    lr_floor: float = field(default=0.1, metadata={"help": "the cosine's final lr as a fraction of --lr"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved expert weights"})
+    lr_floor: float = field(default=FinetuneSettings.lr_floor, metadata={"help": "the cosine's final lr as a fraction of --lr"})
+    weight_decay: float = field(default=FinetuneSettings.weight_decay, metadata={"help": "AdamW weight decay"})
+    ema_decay: float = field(default=FinetuneSettings.ema_decay, metadata={"help": "EMA decay of the saved expert weights"})
     ema_warmup: Optional[bool] = field(default=None, metadata={"help": "ramp the EMA decay up from 0 so the start is forgotten fast (default: on for a pruned expert, off for a full-width one, whose EMA stays anchored to the source)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 disables)"})
+    grad_clip: float = field(default=FinetuneSettings.grad_clip, metadata={"help": "gradient norm clip (0 disables)"})
     label_dropout: Optional[float] = field(default=None, metadata={"help": "label dropout probability (default: the teacher's, 0.1 with a null row)"})
-    loss: str = field(default="distill", metadata={"help": "distill (data-free), data (needs --data) or both (distill_weight x distill + data_weight x data)"})
-    distill_weight: float = field(default=0.9, metadata={"help": "weight of the distillation term under --loss both"})
-    data_weight: float = field(default=0.1, metadata={"help": "weight of the data term under --loss both"})
-    feature_weight: float = field(default=0.0, metadata={"help": "weight of block-feature distillation added to the loss: each block's output matched to the teacher's on the channels the student kept, outliers beyond feature_mask_sigma masked (TinyFusion's recipe; 0 = off)"})
-    feature_mask_sigma: float = field(default=2.0, metadata={"help": "feature distillation leaves out teacher activations more than this many standard deviations from their mean"})
-    margin: float = field(default=0.02, metadata={"help": "overlap margin around each segment for training times"})
-    checkpoint_every: int = field(default=50, metadata={"help": "fine-tune checkpoint interval in steps"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast when fine-tuning on CUDA"})
+    loss: str = field(default=FinetuneSettings.loss, metadata={"help": "distill (data-free), data (needs --data) or both (distill_weight x distill + data_weight x data)"})
+    distill_weight: float = field(default=FinetuneSettings.distill_weight, metadata={"help": "weight of the distillation term under --loss both"})
+    data_weight: float = field(default=FinetuneSettings.data_weight, metadata={"help": "weight of the data term under --loss both"})
+    feature_weight: float = field(default=FinetuneSettings.feature_weight, metadata={"help": "weight of block-feature distillation added to the loss: each block's output matched to the teacher's on the channels the student kept, outliers beyond feature_mask_sigma masked (TinyFusion's recipe; 0 = off)"})
+    feature_mask_sigma: float = field(default=FinetuneSettings.feature_mask_sigma, metadata={"help": "feature distillation leaves out teacher activations more than this many standard deviations from their mean"})
+    margin: float = field(default=FinetuneSettings.margin, metadata={"help": "overlap margin around each segment for training times"})
+    checkpoint_every: int = field(default=FinetuneSettings.checkpoint_every, metadata={"help": "fine-tune checkpoint interval in steps"})
+    bf16: bool = field(default=FinetuneSettings.bf16, metadata={"help": "bf16 autocast when fine-tuning on CUDA"})
     eval_samples: int = field(default=64, metadata={"help": "samples for the before/after error and seam measurements"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
+    seed: int = field(default=FinetuneSettings.seed, metadata={"help": "seed of every random draw"})
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -174,8 +176,6 @@ def coerce(name: str, value: Any, origin: str) -> Any:
     if not isinstance(value, str):
         raise bad
     if name == "allocation":
-        from cbs_convert.stages.split import parse_allocation
-
         try:
             parse_allocation(value)  # the monitor of mass:MONITOR is checked against the monitors in validate()
         except RecipeError as exc:
@@ -244,8 +244,6 @@ def profiled_monitors(r: Recipe) -> List[str]:
     Kept apart from ``r.monitors`` so that the recipe records what was asked for and the profile what
     was measured; a recipe that already lists them profiles exactly its list, as before.
     """
-    from cbs_convert.stages.split import parse_allocation
-
     kind, allocation_monitor = parse_allocation(r.allocation)
     needed = []
     if r.split == "cbs" or (kind == "mass" and allocation_monitor is None):
@@ -301,15 +299,11 @@ def validate(r: Recipe) -> None:
     for m in r.monitors:
         need(m in CHOICES["monitor"], f"monitors: {m!r} is unknown; choose from {', '.join(CHOICES['monitor'])}")
     # A curve the cuts or the shares read need not be listed in --monitors: profiled_monitors adds it.
-    from cbs_convert.stages.split import parse_allocation
-
     _, allocation_monitor = parse_allocation(r.allocation)
     if allocation_monitor is not None:
         need(allocation_monitor in CHOICES["monitor"],
              f"--allocation mass:{allocation_monitor}: unknown monitor; choose from {', '.join(CHOICES['monitor'])}")
     if r.boundaries is not None:
-        from cbs_convert.stages.split import validate_boundaries
-
         need(r.split in ("cbs", "explicit"), "--boundaries cannot be combined with --split uniform")
         r.split = "explicit"
         validate_boundaries(r.boundaries, r.k)
@@ -330,6 +324,17 @@ def validate(r: Recipe) -> None:
     else:
         for name in ("base_lr_scale",):
             need(getattr(r, name) is None, f"{name} applies to --experts lora only; drop it or pass --experts lora")
-    from cbs_convert.stages.split import parse_budget
-
     parse_budget(r.budget, 1)
+
+
+def resolve_recipe(user_layers: List[Dict[str, Any]], source_config_stem=None) -> Recipe:
+    """The run's recipe: the bundled recipe of the source's architecture (if one ships for this K)
+    under the user's layers of settings."""
+    merged_user: Dict[str, Any] = {}
+    for layer in user_layers:
+        merged_user.update({k: v for k, v in layer.items() if v is not None})
+    layers: List[Dict[str, Any]] = []
+    bundled = bundled_recipe(source_config_stem, merged_user.get("k", Recipe.k))
+    if bundled is not None:
+        layers.append(read_recipe_file(bundled))
+    return build_recipe(*layers, merged_user)

@@ -34,15 +34,10 @@ from torch import nn
 from cbs_convert.stages.batches import draw_batch, noised, segment_inputs
 from cbs_convert.errors import TrainingDiverged
 from cbs_convert.storage.files import atomic_write
-from cbs_convert.pipeline.recipe import Recipe
 from cbs_convert.families.base import Family
 
 LOSSES = ("distill", "data", "both")
 LR_SCHEDULES = ("cosine", "constant")
-
-
-# The library's defaults are the CLI's: one place (the recipe) says what they are.
-_CLI = Recipe()
 
 # The defaults the recipe leaves to the expert ("auto"), by case:
 # * a pruned student distils at 3e-4, the lr every pruned row of the benchmarks was measured at, and
@@ -61,29 +56,30 @@ WARMUP_SHARE = 0.05
 
 @dataclass
 class FinetuneSettings:
-    steps: int = _CLI.steps
-    batch_size: int = _CLI.batch_size
+    # These defaults are the CLI's too: the recipe (pipeline/recipe.py) takes its own from here.
+    steps: int = 600
+    batch_size: int = 16
     lr: float = PRUNED_LR
-    weight_decay: float = _CLI.weight_decay
-    ema_decay: float = _CLI.ema_decay
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
     # the recipe's None ("auto") for these two is settled per expert by the pipeline
-    # (``expert_defaults``); a library caller gets that rule's pruned-student values here
+    # (``pipeline.experts.expert_defaults``); a library caller gets that rule's pruned-student values here
     ema_warmup: bool = True
-    lr_schedule: str = _CLI.lr_schedule
+    lr_schedule: str = "cosine"
     warmup_steps: Optional[int] = None  # None: WARMUP_SHARE of the steps
-    lr_floor: float = _CLI.lr_floor
-    grad_clip: float = _CLI.grad_clip
+    lr_floor: float = 0.1
+    grad_clip: float = 1.0
     # the CLI reads it from the checkpoint (its class_dropout_prob); 0.1 is the published models'
     label_dropout: float = 0.1
-    loss: str = _CLI.loss
-    distill_weight: float = _CLI.distill_weight
-    data_weight: float = _CLI.data_weight
-    feature_weight: float = _CLI.feature_weight
-    feature_mask_sigma: float = _CLI.feature_mask_sigma
-    margin: float = _CLI.margin
-    checkpoint_every: int = _CLI.checkpoint_every
-    bf16: bool = _CLI.bf16  # autocast on CUDA only
-    seed: int = _CLI.seed
+    loss: str = "distill"
+    distill_weight: float = 0.9
+    data_weight: float = 0.1
+    feature_weight: float = 0.0
+    feature_mask_sigma: float = 2.0
+    margin: float = 0.02
+    checkpoint_every: int = 50
+    bf16: bool = True  # autocast on CUDA only
+    seed: int = 0
 
     def __post_init__(self):
         if self.warmup_steps is None:
@@ -104,20 +100,6 @@ class FinetuneResult:
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-
-
-def expert_defaults(recipe: Recipe, full_width: bool) -> dict:
-    """The fine-tuning settings of one expert that the recipe leaves to its case (None there)."""
-    auto_lr = DELTA_LR if recipe.experts == "lora" else FULL_WIDTH_LR if full_width else PRUNED_LR
-    return {
-        "lr": recipe.lr if recipe.lr is not None else auto_lr,
-        "ema_warmup": recipe.ema_warmup if recipe.ema_warmup is not None else not full_width,
-    }
-
-
-def base_lr_scale(recipe: Recipe) -> float:
-    """The shared base's lr as a multiple of the deltas' (``--experts lora``)."""
-    return recipe.base_lr_scale if recipe.base_lr_scale is not None else BASE_LR_SCALE
 
 
 def learning_rate(settings: FinetuneSettings, step: int) -> float:

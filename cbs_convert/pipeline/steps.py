@@ -1,0 +1,267 @@
+"""The stages before the experts, as plain functions over plain objects: load the source, draw the
+x0 pool, profile the teacher, split time and allocate the budget.
+
+Each takes what the stages before it returned and returns its own result; none reads or writes a
+work directory (``conversion.Conversion`` stores their results there, for resume). A library user
+can call them one by one:
+
+    source, recipe = load_source({"checkpoint": "model.pt", "k": 2})
+    pool = teacher_pool(source, recipe)
+    plan = plan_experts(source, recipe, profile_source(source, recipe, pool))
+
+and go on with ``experts.prune_expert`` and ``experts.finetune_one`` for each expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cbs_convert.errors import CheckpointError, RecipeError, is_warning
+from cbs_convert.families import detect
+from cbs_convert.families.base import Family
+from cbs_convert.pipeline.ranks import gather, resolve_device
+from cbs_convert.pipeline.recipe import Recipe, profiled_monitors, resolve_recipe
+from cbs_convert.sample import sample_ode
+from cbs_convert.stages.data import load_latents
+from cbs_convert.stages.depth import allocate_depth
+from cbs_convert.stages.profile import Profile, profile_model, pruned_student
+from cbs_convert.stages.split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
+from cbs_convert.storage.checkpoint import SourceCheckpoint, read_checkpoint, with_user_hints
+
+
+def silent(message: str) -> None:
+    """The default listener of a stage's messages and warnings: a library call prints nothing."""
+
+
+@dataclass
+class Source:
+    """The source model as the stages use it: its file, its family and architecture, and the
+    teacher network built from it on the run's device."""
+    checkpoint: SourceCheckpoint
+    family: Family
+    config: Dict[str, Any]
+    notes: List[str]  # what detection assumed
+    teacher: nn.Module  # shares storage with the checkpoint's tensors; neither is ever written to
+    params: int
+    device: torch.device
+
+    @property
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.checkpoint.state_dict
+
+
+@dataclass
+class Pool:
+    """The x0 that every later stage draws its x_t from: the user's data or the teacher's samples."""
+    x0: torch.Tensor
+    labels: Optional[torch.Tensor]
+    description: str  # where the x0 came from, as the report says it
+
+    def to(self, device) -> "Pool":
+        return Pool(self.x0.to(device), None if self.labels is None else self.labels.to(device), self.description)
+
+
+@dataclass
+class Plan:
+    """The split of time into segments, and what the budget gives each segment's expert."""
+    split: Split
+    targets: List[int]  # parameters
+    configs: List[Dict[str, Any]]  # architectures
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"split": self.split.to_dict(), "targets": self.targets, "configs": self.configs}
+
+    @classmethod
+    def from_dict(cls, stored: Dict[str, Any]) -> "Plan":
+        return cls(Split.from_dict(stored["split"]), stored["targets"], stored["configs"])
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(enabled: bool, total: int, description: str):
+    if not enabled:
+        return _NullBar()
+    return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def load_source(settings: Dict[str, Any], warn: Callable[[str], None] = silent) -> Tuple[Source, Recipe]:
+    """Read the checkpoint, recognise its family, settle the recipe (a published architecture's
+    bundled recipe under ``settings``) and build the teacher; refuse a recipe this model cannot run.
+    ``warn`` hears what the user should know at once."""
+    checkpoint = read_checkpoint(settings["checkpoint"])
+    family, notes = detect(checkpoint.state_dict, with_user_hints(checkpoint.hints, settings))
+    for note in notes + checkpoint.notes:
+        if is_warning(note):
+            warn(note)
+    config = family.config
+    recipe = resolve_recipe([settings], family.recipe_name(config))
+    device = resolve_device(recipe.device)
+    teacher = family.instantiate(config, checkpoint.state_dict)
+    teacher.to(device).eval().requires_grad_(False)
+    source = Source(checkpoint, family, config, notes, teacher, family.param_count(config), device)
+    _check_recipe(source, recipe, warn)
+    return source, recipe
+
+
+def _check_recipe(source: Source, recipe: Recipe, warn: Callable[[str], None]) -> None:
+    """What the recipe asks of this model: refused when impossible, said when it differs from what
+    was asked; the label dropout left unset becomes the teacher's own."""
+    family, config, r = source.family, source.config, recipe
+    total = parse_budget(r.budget, source.params)
+    check_budget_feasible(family, config, total, r.k)
+    if r.structure == "depth" and not family.removable_blocks(config):
+        raise RecipeError(f"--structure depth: the {family.name} family has no blocks that can be removed whole "
+                          "(a UNet's skip connections tie its blocks together); use --structure width")
+    if r.experts == "lora" and config.get("use_checkpoint"):
+        # SharedBaseModel turns it off (a recomputed block would lose its delta): say so, since
+        # the memory it was asked to save is not saved
+        warn("--use-checkpoint does not apply to --experts lora: the shared base trains without activation "
+             "checkpointing (its recomputation would run without the deltas); lower --batch-size if memory is short")
+    if total > r.k * source.params:
+        warn(
+            f"budget {r.budget} ({total:,} parameters) is more than {r.k} full-width experts can use "
+            f"({r.k} x {source.params:,}); an expert never grows past the source, so the total is "
+            f"{r.k * source.params:,}"
+        )
+    if r.label_dropout is None:
+        r.label_dropout = float(config.get("class_dropout_prob", 0.0))
+
+
+def data_pool(source: Source, recipe: Recipe) -> Pool:
+    """The pool from the user's latents (``--data``), on the CPU."""
+    x0, labels = load_latents(recipe.data, source.family.sample_shape(source.config), recipe.pool_size, recipe.seed)
+    if source.family.num_classes(source.config) and labels is None:
+        raise RecipeError(f"--data {recipe.data} has no labels but the model is class-conditional")
+    return Pool(x0, labels, f"data ({recipe.data}, {x0.shape[0]} latents)")
+
+
+def teacher_pool_description(recipe: Recipe, samples: int) -> str:
+    return f"teacher ODE samples ({samples}, {recipe.ode_steps} Heun steps)"
+
+
+def teacher_pool(source: Source, recipe: Recipe, rank: int = 0, world: int = 1, progress: bool = False) -> Pool:
+    """The teacher's own ODE samples, on the CPU. Under torchrun the ranks draw the chunks in turns
+    and gather them, so every rank holds the pool one process would draw."""
+    r, family = recipe, source.family
+    generator = torch.Generator().manual_seed(r.seed)
+    classes = family.num_classes(source.config)
+    labels = torch.randint(0, classes, (r.pool_size,), generator=generator) if classes else None
+    shape = family.sample_shape(source.config)
+    chunk = 64
+    starts = list(range(0, r.pool_size, chunk))
+    bar = _bar(progress and rank == 0, len(starts[rank::world]),
+               "teacher samples" if world == 1 else f"teacher samples (1/{world} per process)")
+    chunks: Dict[int, torch.Tensor] = {}
+    for i, start in enumerate(starts):
+        n = min(chunk, r.pool_size - start)
+        # every rank draws every chunk's noise, so the pool is one process's whatever the launch
+        noise = torch.randn((n, *shape), generator=generator)
+        if i % world != rank:
+            continue
+        y = None if labels is None else labels[start:start + n].to(source.device)
+        x = sample_ode(family, source.teacher, (n, *shape), y, steps=r.ode_steps, device=source.device,
+                       noise=noise.to(source.device))
+        chunks[i] = x.cpu()
+        bar.update(1)
+    bar.close()
+    chunks = gather(chunks, world)
+    x0 = torch.cat([chunks[i] for i in range(len(starts))])
+    if not torch.isfinite(x0).all():
+        raise CheckpointError("the teacher's ODE samples diverged (NaN/Inf); check --family/--path or pass --data")
+    return Pool(x0, labels, teacher_pool_description(r, x0.shape[0]))
+
+
+def profile_source(source: Source, recipe: Recipe, pool: Pool, rank: int = 0, world: int = 1,
+                   progress: bool = False) -> Optional[Profile]:
+    """The monitors' curves on the recipe's grid; None when the split reads none. Under torchrun
+    each rank measures its share of the grid times and every rank gets the whole profile."""
+    r = recipe
+    monitors = profiled_monitors(r)
+    if not monitors:
+        return None
+    grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
+    bar = _bar(progress and rank == 0, len(range(rank, r.grid, world)) * r.profile_batches,
+               "profile" if world == 1 else f"profile (1/{world} of the grid per process)")
+    profile = profile_model(
+        source.family, source.teacher, pool.x0, pool.labels, grid, monitors,
+        r.profile_batches, r.profile_batch_size, r.seed, pool.description, bar,
+        student=partial(sensitivity_student, source, recipe, pool), derivatives=r.derivatives, rank=rank, world=world,
+    )
+    bar.close()
+    added = [m for m in monitors if m not in r.monitors]
+    if added:
+        # the recipe keeps --monitors as given, so the profile says why it holds more curves
+        profile.notes.append(
+            f"profiled {', '.join(added)} as well as --monitors [{', '.join(r.monitors)}]: "
+            f"the cuts or the budget shares are read from {'it' if len(added) == 1 else 'them'}")
+    return profile
+
+
+def sensitivity_student(source: Source, recipe: Recipe, pool: Pool) -> nn.Module:
+    """The student of the sensitivity monitor: one expert of the mean size this run's budget gives
+    (budget / K, capped at the source), pruned as the experts are, with importance measured over
+    all of [0, 1], and not fine-tuned."""
+    r = recipe
+    target = budget_targets(parse_budget(r.budget, source.params), [1.0 / r.k] * r.k, source.params)[0]
+    student = pruned_student(
+        source.family, source.teacher, target, r.prune, pool.x0, pool.labels,
+        state_dict=source.state_dict, calib_batches=r.calib_batches, batch_size=r.batch_size, seed=r.seed,
+    )
+    return student.to(source.device)
+
+
+def plan_experts(source: Source, recipe: Recipe, profile: Optional[Profile],
+                 say: Callable[[str], None] = silent) -> Plan:
+    """Cut time into the recipe's K segments and give each expert its share of the budget as an
+    architecture (``--experts lora``: every expert is the whole source)."""
+    r, family = recipe, source.family
+    # --split uniform/snr may profile other monitors than --monitor: then there is no cut curve
+    profiled = profile is not None and r.monitor in profile.mean
+    split = plan_split(
+        r.k, r.split,
+        grid=profile.grid if profile else None,
+        phi=profile.curve(r.monitor) if profiled else None,
+        monitor=r.monitor, boundaries=r.boundaries, min_width=r.min_width, gamma=r.gamma, floor=r.floor,
+        allocation=r.allocation, curves=profile.mean if profile else None,
+        log_snr=family.log_snr, t_range=(r.t_min, r.t_max),
+    )
+    if r.experts == "lora":
+        # every expert is the whole source plus its delta: nothing to allocate
+        return Plan(split, [source.params] * r.k, [source.config] * r.k)
+    total = parse_budget(r.budget, source.params)
+    targets = budget_targets(total, split.shares, source.params)
+    say(f"allocating widths: {total:,} parameters over {r.k} experts, shares "
+        + ", ".join(f"{share:.3f}" for share in split.shares))
+    shapes = ([allocate_depth(family, source.config, t) for t in targets] if r.structure == "depth"
+              else [source.config] * r.k)
+    return Plan(split, targets, [allocate_widths(family, shape, t) for shape, t in zip(shapes, targets)])
+
+
+def trains(source: Source, recipe: Recipe, plan: Plan, k: int) -> bool:
+    """Whether expert k is fine-tuned: not with --steps 0, and not a full-width copy of the teacher
+    under the distillation loss alone, whose gradient is exactly zero."""
+    return recipe.steps > 0 and not (recipe.loss == "distill" and plan.configs[k] == source.config)
+
+
+def idle_experts(source: Source, recipe: Recipe, plan: Plan) -> Optional[str]:
+    """The warning, before any pruning or training, about experts that cannot learn anything from the teacher."""
+    r = recipe
+    idle = [k for k in range(r.k) if r.steps > 0 and not trains(source, r, plan, k)]
+    if not idle:
+        return None
+    which = "every expert is" if len(idle) == r.k else f"expert{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} {'are' if len(idle) > 1 else 'is'}"
+    return (f"{which} a full-width copy of the teacher: distilling it has exactly zero gradient, so its "
+            f"{r.steps} fine-tuning steps are skipped; --loss data (or both) with --data LATENTS trains it on data")
