@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
+
 from cbs_convert.storage.files import atomic_write, atomic_write_json, atomic_write_text
 
 
@@ -162,7 +164,7 @@ def _quality_lines(quality) -> List[str]:
 
 def plot_profile(report: Dict[str, Any], path: Path) -> bool:
     """Draw phi(t) with its standard error, the cuts and the shares; False without matplotlib."""
-    try:
+    try:  # here, not at the top: matplotlib is an optional extra (cbs_convert[plot])
         import matplotlib
 
         matplotlib.use("Agg")
@@ -172,8 +174,6 @@ def plot_profile(report: Dict[str, Any], path: Path) -> bool:
     prof, split = report.get("profile"), report["split"]
     if not prof:
         return False
-    import numpy as np
-
     monitors = list(prof["mean"])
     allocation = split.get("allocation") or ""
     # the shares are written on the curve they came from: --allocation mass:MONITOR's, else --monitor's
