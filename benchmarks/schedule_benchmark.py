@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _bench  # noqa: E402
 from _bench import REAL, RESULTS  # noqa: E402
-from cbs_convert.sample import schedules  # noqa: E402
+from cbs_convert.sample import model_schedules  # noqa: E402
 
 SCHEDULES = ["uniform", "edm", "logsnr", "profile", "ots"]
 STEPS = [4, 6, 8, 12, 16]
@@ -60,8 +60,8 @@ FINE_STEPS, FINE_STEPS_QUICK = 64, 16
 #: bumped when what a cached schedule or score means changes
 CACHE_VERSION = 1
 #: the full run's ots search (the library's defaults) and the quick run's
-OTS = {"batch": schedules.OTS_BATCH, "reference_steps": schedules.OTS_REFERENCE_STEPS, "sweeps": schedules.OTS_SWEEPS,
-       "evaluations": schedules.OTS_EVALUATIONS}
+OTS = {"batch": model_schedules.OTS_BATCH, "reference_steps": model_schedules.OTS_REFERENCE_STEPS,
+       "sweeps": model_schedules.OTS_SWEEPS, "evaluations": model_schedules.OTS_EVALUATIONS}
 OTS_QUICK = {"batch": 4, "reference_steps": 16, "sweeps": 1, "evaluations": 4}
 #: the quick run's profile measurement (the full run's: the library's defaults)
 PROFILE_QUICK = dict(pool_size=16, pool_steps=8, grid=(0.02, 0.98, 6), batches=1, batch_size=8)
@@ -85,7 +85,8 @@ def _model(path: str):
 
 
 def measure_profile(path: str, seed: int, sizes: Dict[str, Any]) -> Dict[str, Any]:
-    from cbs_convert.sample.schedules import PROFILE_MONITOR, measure_profile as measure
+    from cbs_convert.sample.model_schedules import measure_profile as measure
+    from cbs_convert.sample.schedules import PROFILE_MONITOR
 
     family, model = _model(path)
     began = time.time()
@@ -95,7 +96,7 @@ def measure_profile(path: str, seed: int, sizes: Dict[str, Any]) -> Dict[str, An
 
 def compute_schedule(path: str, name: str, steps: int, method: str, align: bool, seed: int, ots: Dict[str, int],
                      profile: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    from cbs_convert.sample.schedules import build_schedule
+    from cbs_convert.sample.model_schedules import build_schedule
 
     family, model = _model(path)
     extra = {f"ots_{k}": v for k, v in ots.items()} if name == "ots" else {}
@@ -340,7 +341,7 @@ def main(argv=None):
 
 
 def _fine_times(path: str, steps: int) -> List[float]:
-    from cbs_convert.sample.schedules import build_schedule
+    from cbs_convert.sample.model_schedules import build_schedule
 
     family, model = _model(path)
     return build_schedule(family, model, "edm", steps, align=False).times

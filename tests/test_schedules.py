@@ -11,9 +11,8 @@ from cbs_convert.families import FAMILIES
 from cbs_convert.models.routed import RoutedModel
 from cbs_convert.storage.routed_file import save_routed
 from cbs_convert.sample.samplers import Guided, draw
-from cbs_convert.sample.schedules import (
-    SCHEDULES, allocate, build_schedule, check_times, native_lists, place, profile_rule,
-)
+from cbs_convert.sample.model_schedules import build_schedule
+from cbs_convert.sample.schedules import SCHEDULES, allocate, check_times, native_lists, place, profile_rule
 from helpers import tiny_config, tiny_model
 from test_monitors import gaussian_model
 
@@ -246,7 +245,7 @@ def test_the_schedule_command_prints_native_and_diffusers_lists(routed_file, tmp
 
 
 def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file, tmp_path, capsys):
-    from cbs_convert.sample.__main__ import main as sample
+    from cbs_convert.cli.sample import main as sample
 
     args = [str(routed_file), "--num-samples", "4", "--batch-size", "4", "--quiet"]
     assert sample([*args, "--out", str(tmp_path / "plain.npz")]) == 0
@@ -270,7 +269,7 @@ def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file,
 ])
 def test_bad_schedules_get_one_line_and_exit_2(routed_file, tmp_path, capsys, flags, expected):
     from cbs_convert.cli.main import main
-    from cbs_convert.sample.__main__ import main as sample
+    from cbs_convert.cli.sample import main as sample
 
     assert main(["schedule", str(routed_file), *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
@@ -283,7 +282,7 @@ def test_bad_schedules_get_one_line_and_exit_2(routed_file, tmp_path, capsys, fl
 
 
 def test_sample_refuses_schedule_flags_where_they_cannot_apply(routed_file, tmp_path, capsys):
-    from cbs_convert.sample.__main__ import main as sample
+    from cbs_convert.cli.sample import main as sample
 
     base = [str(routed_file), "--num-samples", "2", "--quiet", "--out", str(tmp_path / "x.npz")]
     for flags, expected in ((["--schedule", "edm", "--sampler", "sde"], "sde takes its own steps"),

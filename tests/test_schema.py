@@ -27,7 +27,7 @@ from cbs_convert.cli.main import main as cli_main
 from cbs_convert.errors import UserError, is_warning
 from cbs_convert.families import detect
 from cbs_convert.storage.routed_file import METADATA_KEY, save_routed
-from cbs_convert.sample.__main__ import main as sample_main
+from cbs_convert.cli.sample import main as sample_main
 from test_routed import three_experts
 
 #: the issue's bound: a malformed file is refused in under 5 s, whatever it claims

@@ -7,15 +7,58 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import List
 
 import torch
 
+from cbs_convert.cli.common import Parser, guarded
 from cbs_convert.errors import CheckpointError, WorkdirError
 from cbs_convert.families import family_from_config
+from cbs_convert.storage import diffusers as diffusers_io
+from cbs_convert.storage.files import atomic_folder, atomic_write, atomic_write_json
 from cbs_convert.storage.routed_file import expert_state_dict, read_metadata, save_safetensors_atomic
+
+
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """``info``'s or ``extract``'s flags."""
+    if name == "info":
+        parser = Parser(prog="python -m cbs_convert info",
+                        description="Show a routed checkpoint: segments in canonical and native time, each expert's "
+                        "parameters and FLOPs against the source, the source's hash and architecture, the recipe.")
+        parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
+    else:
+        parser = Parser(prog="python -m cbs_convert extract",
+                        description="Write one expert alone as a plain checkpoint in the source's own key layout: "
+                        ".pt/.pth is a flat state dict (the official loaders' format), .safetensors carries the "
+                        "settings its shapes do not show as args metadata.")
+        parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
+        parser.add_argument("--expert", type=int, required=True, help="index of the expert, 0 = the one nearest the data")
+        parser.add_argument("--out", required=True, help="file to write (.pt, .pth or .safetensors), or with "
+                            "--format diffusers the folder to write")
+        parser.add_argument("--format", choices=("checkpoint", "diffusers"), default="checkpoint",
+                            help="checkpoint: a state dict file, by --out's suffix (default); diffusers: a model folder "
+                            "(config.json, diffusion_pytorch_model.safetensors, scheduler_config.json) that "
+                            "DiTTransformer2DModel or UNet2DModel.from_pretrained reads")
+        parser.add_argument("--force", action="store_true", help="overwrite an existing --out (with --format "
+                            "diffusers: only a folder it wrote)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(name: str, argv: List[str]) -> int:
+    """The ``info`` or ``extract`` command on its arguments (those after its name); the exit code."""
+    args = build_parser(name).parse_args(argv)
+
+    def work():
+        if name == "info":
+            print(info(args.routed))
+        else:
+            print("\n".join(extract(args.routed, args.expert, args.out, force=args.force, format=args.format)))
+
+    return guarded(work, args.debug)
 
 
 def info(path) -> str:
@@ -102,8 +145,6 @@ def extract(path, expert: int, out, force: bool = False, format: str = "checkpoi
                                              "cbs_convert_expert": json.dumps({"source": str(path), "expert": expert,
                                                                                "segment": meta["experts"][expert]["segment"]})})
     else:
-        from cbs_convert.storage.files import atomic_write
-
         atomic_write(out, lambda tmp: torch.save({k: v.contiguous() for k, v in state.items()}, tmp))
     lo, hi = meta["experts"][expert]["segment"]
     lines = [f"wrote {out}: expert {expert} of {path} (t in [{lo:.4f}, {hi:.4f}]), {sum(v.numel() for v in state.values()):,} parameters",
@@ -114,11 +155,7 @@ def extract(path, expert: int, out, force: bool = False, format: str = "checkpoi
     return lines
 
 
-
 def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[str]:
-    from cbs_convert.storage import diffusers as diffusers_io
-    from cbs_convert.storage.files import atomic_folder, atomic_write_json
-
     if out.suffix in (".pt", ".pth", ".safetensors", ".bin"):
         raise WorkdirError(f"--out {out}: --format diffusers writes a folder (config.json and weights); give a folder name")
     if out.exists() and not out.is_dir():
@@ -129,7 +166,7 @@ def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[
     if out.exists():
         if not force:
             raise WorkdirError(f"{out} exists; pass --force to replace it")
-        _check_replaceable(out, diffusers_io)
+        _check_replaceable(out)
     meta = read_metadata(path)
     count = len(meta["experts"])
     if not 0 <= expert < count:
@@ -166,7 +203,7 @@ def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[
     return lines
 
 
-def _check_replaceable(out: Path, diffusers_io) -> None:
+def _check_replaceable(out: Path) -> None:
     """--force replaces only a folder this command wrote: its config carries the mark, and it holds
     nothing else. A user's own model folder (a download, a source) is never replaced."""
     stray = sorted(entry.name for entry in out.iterdir() if entry.name not in diffusers_io.WRITTEN_FILES)

@@ -1,4 +1,5 @@
-"""python -m cbs_convert CHECKPOINT --k K: flags and recipe into a conversion.
+"""python -m cbs_convert CHECKPOINT --k K: flags and recipe into a conversion, and the door to the
+other commands (``info``, ``extract``, ``profile``, ``schedule``).
 
 Every problem the user can fix ends as one line on stderr and exit code 2; ``--debug`` shows the
 traceback.
@@ -7,33 +8,16 @@ traceback.
 from __future__ import annotations
 
 import argparse
-import os
+import importlib.util
 import sys
 from dataclasses import MISSING, fields
 from typing import Dict, List, Optional
 
+from cbs_convert.cli import commands, schedule
+from cbs_convert.cli.common import Parser, guarded, launch_rank
 from cbs_convert.errors import UserError
+from cbs_convert.pipeline.conversion import Conversion
 from cbs_convert.pipeline.recipe import FIELDS, Recipe, _base_type, coerce, read_recipe_file
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}{self._suggestion(message)} (see --help)\n")
-
-    def _suggestion(self, message: str) -> str:
-        """For a mistyped flag, the known flag it most resembles, as recipe keys get."""
-        import difflib
-        import re
-
-        known = [o for o in self._option_string_actions if o.startswith("--")]
-        guesses = []
-        for typed in re.findall(r"(--?[A-Za-z][\w-]*)", message.split(":", 1)[-1]):
-            if typed in known:
-                continue
-            close = difflib.get_close_matches(typed.replace("_", "-"), known, n=1, cutoff=0.6)
-            if close:
-                guesses.append(f"{typed}: did you mean {close[0]}?")
-        return f"; {'; '.join(guesses)}" if guesses else ""
 
 
 def _default_text(f) -> str:
@@ -50,7 +34,7 @@ def build_parser(preview: bool = False) -> argparse.ArgumentParser:
         "Convert a SiT, DiT or ADM (guided-diffusion UNet) checkpoint into K complexity-balanced time-segment experts, "
         "written as one routed .safetensors checkpoint that loads back with cbs_convert.load()."
     )
-    parser = _Parser(
+    parser = Parser(
         prog="python -m cbs_convert" + (" profile" if preview else ""),
         description=description,
         epilog="Settings come from, lowest first: built-in defaults sized for tiny models, the bundled recipe "
@@ -103,94 +87,12 @@ def _flag_values(namespace) -> Dict[str, object]:
 COMMANDS = ("info", "extract", "profile", "schedule")
 
 
-def _command_parser(name: str) -> argparse.ArgumentParser:
-    if name == "info":
-        parser = _Parser(prog="python -m cbs_convert info",
-                         description="Show a routed checkpoint: segments in canonical and native time, each expert's "
-                         "parameters and FLOPs against the source, the source's hash and architecture, the recipe.")
-        parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
-    else:
-        parser = _Parser(prog="python -m cbs_convert extract",
-                         description="Write one expert alone as a plain checkpoint in the source's own key layout: "
-                         ".pt/.pth is a flat state dict (the official loaders' format), .safetensors carries the "
-                         "settings its shapes do not show as args metadata.")
-        parser.add_argument("routed", help="routed .safetensors checkpoint written by cbs_convert")
-        parser.add_argument("--expert", type=int, required=True, help="index of the expert, 0 = the one nearest the data")
-        parser.add_argument("--out", required=True, help="file to write (.pt, .pth or .safetensors), or with "
-                            "--format diffusers the folder to write")
-        parser.add_argument("--format", choices=("checkpoint", "diffusers"), default="checkpoint",
-                            help="checkpoint: a state dict file, by --out's suffix (default); diffusers: a model folder "
-                            "(config.json, diffusion_pytorch_model.safetensors, scheduler_config.json) that "
-                            "DiTTransformer2DModel or UNet2DModel.from_pretrained reads")
-        parser.add_argument("--force", action="store_true", help="overwrite an existing --out (with --format "
-                            "diffusers: only a folder it wrote)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
-
-
 def _run_command(argv: List[str]) -> int:
-    from cbs_convert.cli import commands
-
     if argv[0] == "profile":
         return _convert(argv[1:], preview=True)
     if argv[0] == "schedule":
-        from cbs_convert.sample import schedules
-
-        schedule_args = schedules.command_parser().parse_args(argv[1:])
-        return _guarded(lambda: print("\n".join(schedules.run_command(schedule_args))), schedule_args.debug)
-    args = _command_parser(argv[0]).parse_args(argv[1:])
-
-    def work():
-        if argv[0] == "info":
-            print(commands.info(args.routed))
-        else:
-            print("\n".join(commands.extract(args.routed, args.expert, args.out, force=args.force,
-                                                  format=args.format)))
-
-    return _guarded(work, args.debug)
-
-
-def _launch_rank() -> int:
-    """This process's rank under torchrun (0 alone)."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-#: how a conversion continues after an interruption or a fixed file-system problem
-CONVERSION_RERUN = ("rerun the same command with --resume to continue",
-                    "then rerun (with --resume if a work directory was made)")
-
-
-def _guarded(work, debug: bool, rerun=CONVERSION_RERUN) -> int:
-    """Run ``work``; a user's problem becomes one line and exit 2, a bug of ours exit 1.
-
-    Under torchrun every rank reads the same input and finds the same problem: rank 0 says it once.
-    ``rerun`` is the command's own advice (after Ctrl-C, after an OSError), as it continues."""
-    try:
-        work()
-    except UserError as exc:
-        if debug:
-            raise
-        if _launch_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # the file system said no outside the writers that name their file
-        if debug:
-            raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or exc}; fix the path or its permissions, {rerun[1]}",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {rerun[0]}", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug of ours, not the user's: say so, keep the details one flag away
-        if debug:
-            raise
-        where = f"rank {_launch_rank()}: " if "RANK" in os.environ else ""
-        print(f"error: {where}internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
-    return 0
+        return schedule.main(argv[1:])
+    return commands.main(argv[0], argv[1:])
 
 
 def _return_large_frees_to_the_os() -> None:
@@ -233,12 +135,10 @@ def _convert(argv: List[str], preview: bool) -> int:
     def work():
         settings = read_recipe_file(args.recipe) if args.recipe else {}
         settings.update(_flag_values(args))
-        from cbs_convert.pipeline.conversion import Conversion
-
         results.append(Conversion(settings, progress=not args.quiet, resume=args.resume, force=args.force,
                                   keep_workdir=args.keep_workdir, on_warning=_print_warning, preview=preview).run())
 
-    code = _guarded(work, args.debug)
+    code = guarded(work, args.debug)
     if code != 0:
         return code
     result = results[0]
@@ -249,7 +149,7 @@ def _convert(argv: List[str], preview: bool) -> int:
 
 
 def _print_warning(message: str) -> None:
-    if _launch_rank() != 0:  # the same warning on every rank: rank 0 says it
+    if launch_rank() != 0:  # the same warning on every rank: rank 0 says it
         return
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -276,8 +176,6 @@ def _summary(result) -> None:
     for path in result.report_files:
         print(f"  report: {path}")
     if report.get("profile") and not any(str(p).endswith(".png") for p in result.report_files):
-        import importlib.util
-
         if importlib.util.find_spec("matplotlib") is None:
             print("  plot: none written, matplotlib is not installed (pip install 'cbs_convert[plot]' adds it)")
     work = report.get("workdir")

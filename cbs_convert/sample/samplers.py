@@ -8,6 +8,9 @@
   respaced subset of the training steps, the learned variance used where the model has one,
   as guided-diffusion (and DiT through it) sample.
 
+``sample_ode`` is the library's own: Heun in the data-prediction form, which draws the teacher's
+samples for data-free profiling and distillation.
+
 Each takes ``model(x, native_t, y)`` (a source model, a routed model, or a guided wrapper) and the
 starting noise, and returns the sample; nothing here knows which architecture it calls.
 """
@@ -20,8 +23,9 @@ import torch
 from torch import nn
 
 from cbs_convert.families.base import Family, broadcast_to
-from cbs_convert.sample import split_velocity
-from cbs_convert.sample.schedules import sampler_times, time_grid
+from cbs_convert.sample.model_schedules import sampler_times
+from cbs_convert.sample.schedules import time_grid
+from cbs_convert.sample.steppers import integrate_data, ode_stepper, run_steps, split_velocity
 
 SAMPLERS = ("ode", "sde", "ddpm", "ddim")
 ODE_METHODS = ("heun", "euler", "dopri5")
@@ -70,28 +74,13 @@ class Guided(nn.Module):
 
     def expert_at(self, native_t: float) -> nn.Module:
         """Guidance of the expert owning ``native_t`` alone, at that expert's scale (see
-        :func:`step_model`)."""
+        ``steppers.step_model``)."""
         scale = self.cfg_scale
         if self.segment_scales is not None:
             at = torch.tensor([float(native_t)], dtype=torch.float64)
             scale = self.segment_scales[int(self.model.expert_index(at)[0])]
         pick = getattr(self.model, "expert_at", None)
         return Guided(self.family, self.model if pick is None else pick(native_t), scale)
-
-
-def step_model(family: Family, model, t0, t1):
-    """What computes a whole step from ``t0`` to ``t1``: for a routed model, the expert owning the
-    step's interior, also where the step starts or ends on one of its cuts.
-
-    The router gives a time on a cut to one side (the expert above it, or the one float32 rounding
-    of the time lands in), so one of the two steps that meet on a cut would mix two experts. With
-    the step edges on the cuts (:mod:`.schedules` aligns them) pinning by the midpoint keeps every
-    step within one expert; a routed model without ``expert_at`` is called as it is."""
-    pick = getattr(model, "expert_at", None)
-    if pick is None:
-        return model
-    middle = torch.tensor([0.5 * (float(t0) + float(t1))], dtype=torch.float64)
-    return pick(float(family.native_time(middle)[0]))
 
 
 def respaced_steps(total: int, spacing: str) -> List[int]:
@@ -173,29 +162,49 @@ def sample_ddpm(family, model, noise, labels, steps: str = "250", clip: bool = F
     return x
 
 
-def ode_stepper(family, model, labels, method: str = "heun", pin_experts: bool = False):
-    """One step of :func:`sample_ode_x` as a function ``step(x, t0, t1, last)`` of the state and the
-    step's two times (0-dim tensors); ``last`` marks the final step. ``pin_experts``: each step
-    computed by one expert of a routed model (:func:`step_model`)."""
-    if method not in ("heun", "euler"):
-        raise ValueError(f"unknown fixed-step ODE method {method!r}; choose heun or euler")
+@torch.no_grad()
+def sample_ode(
+    family: Family,
+    model,
+    shape,
+    labels: Optional[torch.Tensor] = None,
+    steps: int = 32,
+    t_end: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    device="cpu",
+    noise: Optional[torch.Tensor] = None,
+    cfg_scale: float = 1.0,
+    times=None,
+    pin_experts: Optional[bool] = None,
+    schedule: Optional[str] = None,
+) -> torch.Tensor:
+    """Heun's method for dx/dt = v(x, t) from t = 1 to ``t_end`` on a uniform grid, in the
+    data-prediction form: with r = alpha/sigma and y = x/sigma the ODE is dy/dr = x0_hat(x, t).
 
-    def step(x, t0, t1, last: bool):
-        forward = step_model(family, model, t0, t1) if pin_experts else model
-        n = len(x)
+    Its Euler step is DDIM. Unlike Heun in x it stays stable where alpha'/alpha is huge (the cosine
+    schedule near t = 1), and it starts cleanly at t = 1 where alpha = 0 (SiT). The last step to
+    t = 0 returns the predicted data, as the reference DDPM samplers do. A family whose data has a
+    known range (``family.data_range``, pixels in [-1, 1]) has its predicted x0 clipped to it.
+    ``cfg_scale`` > 1 mixes the conditional and null-label velocities.
 
-        def velocity(t_scalar, x):
-            return family.velocity(forward, x, t_scalar * torch.ones(n, device=x.device), labels)
-
-        v0 = velocity(t0, x)
-        # the last step is Euler's: a second evaluation there would sit at t = 0, where a noise
-        # prediction is undefined (as EDM's Heun sampler ends)
-        if method == "euler" or last:
-            return x + (t1 - t0) * v0
-        x_euler = x + (t1 - t0) * v0
-        return x + (t1 - t0) * 0.5 * (v0 + velocity(t1, x_euler))
-
-    return step
+    ``times``: the canonical times of the steps instead of the uniform grid, decreasing from 1 to
+    their last value, which takes the place of ``steps`` and ``t_end``, as a list or a
+    ``schedules.Schedule``; ``schedule``: a schedule by name (``"edm"``, ``"profile"``...) of
+    ``steps`` steps to ``t_end``, built for ``model`` (:mod:`.model_schedules`). ``pin_experts``: each step
+    computed by one expert of a routed model; by default exactly when the schedule is aligned to
+    its cuts.
+    """
+    if noise is None:
+        noise = torch.randn(shape, generator=generator).to(device)
+    if times is not None or schedule is not None:
+        times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, t_end=t_end,
+                                           sampler="data")
+    if times is None:
+        grid = torch.linspace(1.0, t_end, steps + 1, device=device)
+    else:
+        grid = time_grid(times, device, t_end=None)
+        t_end = float(times[-1])
+    return integrate_data(family, model, noise, labels, grid, cfg_scale, bool(pin_experts), t_end == 0.0, device)
 
 
 @torch.no_grad()
@@ -205,7 +214,7 @@ def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "
 
     ``times``: the canonical times of the steps instead, decreasing from 1 to 0, as a list or a
     ``schedules.Schedule``; ``schedule``: a schedule by name (``"edm"``, ``"profile"``...) of
-    ``steps`` steps, built for ``model`` (:mod:`.schedules`). ``pin_experts``: each step computed by
+    ``steps`` steps, built for ``model`` (:mod:`.model_schedules`). ``pin_experts``: each step computed by
     one expert of a routed model; by default exactly when the schedule is aligned to its cuts."""
     if method != "dopri5" and (times is not None or schedule is not None):
         times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, method=method)
@@ -228,11 +237,7 @@ def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "
     if method not in ("heun", "euler"):
         raise ValueError(f"unknown ODE method {method!r}; choose from {', '.join(ODE_METHODS)}")
     grid = torch.linspace(1.0, 0.0, steps + 1, device=x.device) if times is None else time_grid(times, x.device)
-    step = ode_stepper(family, model, labels, method, bool(pin_experts))
-    count = len(grid) - 1
-    for i in range(count):
-        x = step(x, grid[i], grid[i + 1], i == count - 1)
-    return x
+    return run_steps(ode_stepper(family, model, labels, method, bool(pin_experts)), x, grid)
 
 
 @torch.no_grad()
@@ -299,5 +304,5 @@ def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
     return (127.5 * images.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-__all__ = ["DEFAULT_STEPS", "Guided", "ODE_METHODS", "SAMPLERS", "draw", "ode_stepper", "respaced_steps", "sample_ddpm",
-           "sample_ode_x", "sample_sde", "step_model", "to_uint8_nhwc"]
+__all__ = ["DEFAULT_STEPS", "Guided", "ODE_METHODS", "SAMPLERS", "draw", "respaced_steps", "sample_ddpm", "sample_ode",
+           "sample_ode_x", "sample_sde", "to_uint8_nhwc"]

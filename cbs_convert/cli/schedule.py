@@ -1,0 +1,128 @@
+"""``python -m cbs_convert schedule MODEL``: a sampling step schedule computed for a routed file or a
+source checkpoint, printed in canonical time, in the family's native time, and as the lists
+diffusers' schedulers take; and the schedule flags it shares with ``python -m cbs_convert.sample``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import List
+
+from cbs_convert.cli.common import Parser, add_source_arguments, guarded, model_source
+from cbs_convert.errors import RecipeError
+from cbs_convert.pipeline.ranks import resolve_device
+from cbs_convert.sample.model_schedules import build_schedule
+from cbs_convert.sample.schedules import DEFAULT_RHO, Schedule, native_lists, parse_counts, parse_schedule
+from cbs_convert.storage.files import atomic_write_json
+from cbs_convert.storage.loading import load_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose a schedule, shared by ``python -m cbs_convert.sample`` and the
+    ``schedule`` command."""
+    parser.add_argument("--schedule", help="where the ode sampler's steps go: uniform (the default), edm (rho), "
+                        "logsnr, profile (equal shares of the profiled path acceleration; profile:MONITOR for "
+                        "another), ots (edm fitted to a fine reference; ots:START), or a comma-separated list of "
+                        "canonical times from 1 (noise) down to 0 (data)")
+    parser.add_argument("--rho", type=float, default=DEFAULT_RHO, help="edm only: the exponent (default 7)")
+    parser.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
+                        help="routed models: put a step edge on every expert cut, so that no step spans two experts "
+                        "(default on)")
+    parser.add_argument("--steps-per-expert", help="routed models: steps of each expert, expert 0 (nearest the data) "
+                        "first, e.g. 4,8 (their sum is the step count)")
+
+
+def check_arguments(args) -> None:
+    """What the shared flags alone can show."""
+    if not (math.isfinite(args.rho) and args.rho > 0):
+        raise RecipeError(f"--rho {args.rho}: give a positive number (EDM's is 7)")
+    parse_schedule(args.schedule)
+    parse_counts(args.steps_per_expert)
+    if args.steps_per_expert and not args.align:
+        raise RecipeError("--steps-per-expert places steps within each expert's segment; drop --no-align")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m cbs_convert schedule CHECKPOINT``'s flags."""
+    parser = Parser(prog="python -m cbs_convert schedule",
+                    description="Compute a sampling step schedule for a routed file or a source checkpoint and print it in "
+                    "canonical time, in the family's native time, and as the lists diffusers' schedulers take.")
+    parser.add_argument("model", help="a routed .safetensors file or a source checkpoint (file or diffusers folder)")
+    parser.add_argument("--steps", type=int, help="the number of steps (or --steps-per-expert)")
+    add_arguments(parser)
+    parser.add_argument("--method", choices=("heun", "euler"), default="heun",
+                        help="the ode sampler's method the ots schedule is fitted to (default heun)")
+    parser.add_argument("--seed", type=int, default=0, help="the noise of the profile's pool and of the ots batch")
+    add_source_arguments(parser)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", help="also write the schedule and its native lists to this JSON file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run(args) -> List[str]:
+    """The ``schedule`` command: the lines it prints."""
+    check_arguments(args)
+    if args.steps is not None and args.steps < 1:
+        raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
+    if args.seed < 0:
+        raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
+    if args.steps is None and args.steps_per_expert is None and not isinstance(parse_schedule(args.schedule), list):
+        raise RecipeError("give --steps N (or --steps-per-expert, or the times themselves as --schedule)")
+    path, hints, _ = model_source(args)
+    device = resolve_device(args.device)
+    family, model = load_model(path, device=device, hints=hints)
+    schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,
+                              align=args.align, steps_per_expert=parse_counts(args.steps_per_expert), seed=args.seed,
+                              device=device)
+    lines = describe(family, schedule, str(path))
+    if args.json:
+        atomic_write_json(Path(args.json), {"schedule": schedule.name, "times": schedule.times, "counts": schedule.counts,
+                                            "boundaries": schedule.boundaries, "notes": schedule.notes,
+                                            "seconds": schedule.seconds, **native_lists(family, schedule.times)})
+        lines.append(f"wrote {args.json}")
+    return lines
+
+
+def describe(family, schedule: Schedule, model_name: str = "the model") -> List[str]:
+    """Lines that show a schedule: canonical and native times, what diffusers takes, where it came from."""
+    lists = native_lists(family, schedule.times)
+
+    def show(values, spec=".6g"):
+        return ",".join(format(v, spec) for v in values)
+
+    split = ""
+    if schedule.aligned:
+        split = (f", aligned to the expert cuts {', '.join(f'{b:.4g}' for b in schedule.boundaries)}: "
+                 + " + ".join(str(c) for c in schedule.counts) + " steps (expert 0, nearest the data, first)")
+    lines = [f"{schedule.name} schedule for {model_name}: {schedule.steps} steps{split}; computed in {schedule.seconds:.3g} s"]
+    lines += [f"  {note}" for note in schedule.notes]
+    lines.append("canonical t (1 = noise, 0 = data; python -m cbs_convert.sample --schedule takes this list):")
+    lines.append(f"  {show(schedule.times)}")
+    direction = "0 = noise" if lists["native"][0] < lists["native"][-1] else f"{lists['native'][0]:g} = noise"
+    lines.append(f"native {lists['native_name']} ({family.name}, {direction}):")
+    lines.append(f"  {show(lists['native'])}")
+    if "diffusers_timesteps" in lists:
+        lines.append("diffusers: scheduler.set_timesteps(timesteps=[...]) (DDPMScheduler, EulerDiscreteScheduler, "
+                     "DPMSolverMultistepScheduler), one per model call:")
+        lines.append(f"  [{', '.join(str(t) for t in lists['diffusers_timesteps'])}]")
+        lines.append("diffusers: EulerDiscreteScheduler.set_timesteps(sigmas=[...]) (sigma/alpha, the final 0 the data):")
+        lines.append(f"  [{', '.join(format(s, '.6g') for s in lists['diffusers_sigmas'])}]")
+    if "diffusers_flow_sigmas" in lists:
+        lines.append("diffusers: FlowMatchEulerDiscreteScheduler(shift=1.0).set_timesteps(sigmas=[...]), one per model "
+                     "call (it appends the final 0):")
+        lines.append(f"  [{', '.join(format(s, '.6g') for s in lists['diffusers_flow_sigmas'])}]")
+    if "diffusers_note" in lists:
+        lines.append(f"  note: {lists['diffusers_note']}")
+    return lines
+
+
+def main(argv: List[str]) -> int:
+    """The command on its arguments (those after ``schedule``); the exit code."""
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: print("\n".join(run(args))), args.debug)
+
+
+__all__ = ["add_arguments", "build_parser", "check_arguments", "describe", "main", "run"]
