@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cbs_convert.families.adm import ADMFamily  # noqa: E402
 from cbs_convert.families.adm_detect import PUBLISHED  # noqa: E402
-from cbs_convert.stages.split import smallest_config  # noqa: E402
+from cbs_convert.stages.budget import smallest_config  # noqa: E402
 
 LAYOUTS = {"64 cond": ("adm_64", 1000), "128 cond": ("adm_128", 1000), "256 cond": ("adm_256", 1000),
            "256 uncond": ("adm_256", 0)}

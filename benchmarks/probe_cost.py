@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cbs_convert.families import FAMILIES  # noqa: E402
-from cbs_convert.stages.profile import MONITORS, GaussianFit, per_sample_monitors  # noqa: E402
+from cbs_convert.stages.gaussian import GaussianFit  # noqa: E402
+from cbs_convert.stages.profile import MONITORS, per_sample_monitors  # noqa: E402
 
 SHAPES = {"S": (12, 384, 6, 32), "B": (12, 768, 12, 32), "tiny": (2, 64, 4, 8)}  # depth, width, heads, latent size
 

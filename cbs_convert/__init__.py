@@ -21,7 +21,8 @@ from cbs_convert.pipeline.recipe import Recipe, read_recipe_file
 from cbs_convert.models.routed import RoutedModel
 from cbs_convert.storage.routed_file import load, read_metadata, save_routed
 from cbs_convert.sample import sample_ode
-from cbs_convert.stages.split import Split, allocate_widths, budget_targets, equidistribute, parse_budget, plan_split
+from cbs_convert.stages.budget import allocate_widths, budget_targets, parse_budget
+from cbs_convert.stages.split import Split, equidistribute, plan_split
 
 __version__ = "0.1.0"
 

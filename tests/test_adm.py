@@ -15,7 +15,7 @@ from cbs_convert.families.adm_detect import PUBLISHED
 from cbs_convert.families.adm_net import AttentionBlock, ResBlock
 from cbs_convert.stages.prune import calibration_batches, prune_state_dict
 from cbs_convert.pipeline.recipe import bundled_recipe, read_recipe_file
-from cbs_convert.stages.split import allocate_widths, check_budget_feasible, smallest_config
+from cbs_convert.stages.budget import allocate_widths, check_budget_feasible, smallest_config
 
 ADM = FAMILIES["adm"]
 LAYOUTS = json.loads((Path(__file__).parent / "data" / "adm_published_layouts.json").read_text())["layouts"]

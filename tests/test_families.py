@@ -9,7 +9,7 @@ import torch
 from cbs_convert.errors import CheckpointError
 from cbs_convert.families import FAMILIES, detect
 from cbs_convert.stages.prune import prune_state_dict, select_units, unit_scores
-from cbs_convert.stages.split import allocate_widths
+from cbs_convert.stages.budget import allocate_widths
 from helpers import tiny_config, tiny_model
 
 LAYOUTS = json.loads((Path(__file__).parent / "data" / "sit_dit_layouts.json").read_text())

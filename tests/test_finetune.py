@@ -5,7 +5,7 @@ import torch
 
 from cbs_convert.stages.finetune import FinetuneSettings, finetune_expert, relative_error
 from cbs_convert.stages.prune import prune_state_dict
-from cbs_convert.stages.split import allocate_widths
+from cbs_convert.stages.budget import allocate_widths
 from helpers import tiny_model
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from cbs_convert.families import FAMILIES
 from cbs_convert.families.base import broadcast_to, schedule_and_derivative
-from cbs_convert.stages.profile import GaussianFit, per_sample_monitors, profile_model, pruned_student
+from cbs_convert.stages.gaussian import GaussianFit
+from cbs_convert.stages.profile import per_sample_monitors, profile_model, pruned_student
 from helpers import tiny_config, tiny_model
 
 SHAPE = (2, 4, 4)  # D = 32

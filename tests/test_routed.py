@@ -10,7 +10,7 @@ import cbs_convert
 from cbs_convert.errors import CheckpointError
 from cbs_convert.models.routed import RoutedModel
 from cbs_convert.storage.routed_file import METADATA_KEY, save_routed
-from cbs_convert.stages.split import allocate_widths
+from cbs_convert.stages.budget import allocate_widths
 from helpers import tiny_model
 
 

@@ -342,7 +342,7 @@ def test_saved_args_of_a_training_dict_meet_the_same_schema(tmp_path):
 
 
 def test_adm_files_claiming_more_blocks_than_they_hold_are_refused_at_once(tmp_path):
-    from cbs_convert.stages.split import allocate_widths
+    from cbs_convert.stages.budget import allocate_widths
     from test_adm import tiny
 
     family, _ = tiny()

@@ -5,9 +5,8 @@ import pytest
 
 from cbs_convert.errors import BudgetError, RecipeError
 from cbs_convert.families import FAMILIES
-from cbs_convert.stages.split import (
-    allocate_widths, budget_targets, enforce_min_width, equidistribute, parse_budget, plan_split, segment_masses,
-)
+from cbs_convert.stages.budget import allocate_widths, budget_targets, parse_budget
+from cbs_convert.stages.split import enforce_min_width, equidistribute, plan_split, segment_masses
 from helpers import tiny_model
 
 GRID = np.linspace(0.0, 1.0, 401)

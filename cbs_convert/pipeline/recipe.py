@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 from cbs_convert.bundled import RECIPES
 from cbs_convert.errors import RecipeError
 from cbs_convert.stages.finetune import FinetuneSettings
-from cbs_convert.stages.split import parse_allocation, parse_budget, validate_boundaries
+from cbs_convert.stages.budget import parse_budget
+from cbs_convert.stages.split import parse_allocation, validate_boundaries
 
 
 @dataclass

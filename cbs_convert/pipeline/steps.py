@@ -32,7 +32,8 @@ from cbs_convert.sample import sample_ode
 from cbs_convert.stages.data import load_latents
 from cbs_convert.stages.depth import allocate_depth
 from cbs_convert.stages.profile import Profile, profile_model, pruned_student
-from cbs_convert.stages.split import Split, allocate_widths, budget_targets, check_budget_feasible, parse_budget, plan_split
+from cbs_convert.stages.budget import allocate_widths, budget_targets, check_budget_feasible, parse_budget
+from cbs_convert.stages.split import Split, plan_split
 from cbs_convert.storage.checkpoint import SourceCheckpoint, read_checkpoint, with_user_hints
 
 

@@ -17,7 +17,7 @@ from cbs_convert.pipeline.steps import Plan, Source, trains
 from cbs_convert.pipeline.workfiles import SHARED_LOG, pruned_file, trained_file
 from cbs_convert.stages.finetune import seam_gap_of
 from cbs_convert.stages.profile import Profile
-from cbs_convert.stages.split import parse_budget
+from cbs_convert.stages.budget import parse_budget
 from cbs_convert.storage.workdir import WorkDir
 
 

@@ -1,0 +1,144 @@
+"""The parameter budget: what a budget string means, how it is shared among the experts, and the
+widths that make one expert the size it was given.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from cbs_convert.errors import BudgetError, RecipeError
+
+
+def parse_budget(budget, source_params: int) -> int:
+    """'1x' (default, the source's own count), '2x', or an absolute count such as 300e6 or 300M."""
+    text = str(budget).strip().lower().replace("_", "")
+    try:
+        if text.endswith("x"):
+            value = float(text[:-1]) * source_params
+        elif text[-1:] in ("k", "m", "b"):
+            value = float(text[:-1]) * {"k": 1e3, "m": 1e6, "b": 1e9}[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise RecipeError(f"budget {budget!r} is not understood; use 1x, 2x, or a count like 300M") from None
+    if not np.isfinite(value) or value <= 0:
+        raise RecipeError(f"budget {budget!r} must be positive")
+    return int(round(value))
+
+
+def budget_targets(total: int, shares: Sequence[float], per_expert_cap: int) -> List[int]:
+    """Split ``total`` by ``shares``; an expert cannot grow past the source, so its excess is
+    redistributed to the others in proportion to their shares (water-filling)."""
+    shares = np.asarray(shares, dtype=np.float64)
+    targets = np.zeros(len(shares))
+    free = np.ones(len(shares), dtype=bool)
+    remaining = float(total)
+    while free.any():
+        proposal = remaining * shares[free] / shares[free].sum()
+        over = proposal > per_expert_cap
+        if not over.any():
+            targets[free] = proposal
+            break
+        idx = np.flatnonzero(free)[over]
+        targets[idx] = per_expert_cap
+        remaining -= per_expert_cap * len(idx)
+        free[idx] = False
+    return [int(round(t)) for t in targets]
+
+
+def smallest_config(family, config: Dict) -> Dict:
+    """Every width knob at its minimum: the floor of what pruning can reach."""
+    return family.with_widths(config, {knob.name: knob.minimum for knob in family.width_knobs(config)})
+
+
+def check_budget_feasible(family, config: Dict, total: int, k: int) -> None:
+    """Refuse, before any heavy work, a budget that cannot hold k experts of the smallest width."""
+    floor = family.param_count(smallest_config(family, config))
+    if total < k * floor * 0.99:
+        raise BudgetError(
+            f"a total budget of {total:,} parameters cannot hold {k} experts of at least {floor:,} each "
+            f"(the narrowest prunable {family.name}); raise --budget to {k * floor:,} or more, or lower --k"
+        )
+
+
+def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) -> Dict:
+    """The config of ``family`` whose parameter count is closest to ``target``.
+
+    Knobs come coarsest first (heads), finest last. For each value of the coarsest knob near the
+    common shrink factor, the middle knobs shrink together by bisection and the finest knob is then
+    moved alone to land on the target. Among the choices within ``tolerance`` the one closest to
+    uniform shrinking wins. Raises BudgetError if none gets within ``tolerance``.
+    """
+    knobs = family.width_knobs(config)
+    full = family.param_count(config)
+    if target >= full:
+        return dict(config)
+
+    def scaled(rho, fixed):
+        widths = {}
+        for knob in knobs:
+            if knob.name in fixed:
+                widths[knob.name] = fixed[knob.name]
+                continue
+            value = int(round(knob.full * rho / knob.multiple)) * knob.multiple
+            widths[knob.name] = int(min(knob.full, max(knob.minimum, value)))
+        return family.with_widths(config, widths)
+
+    def shrink_factor(fixed):
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            if family.param_count(scaled(mid, fixed)) <= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    smallest = family.param_count(smallest_config(family, config))
+    if target < smallest * (1 - tolerance):
+        raise BudgetError(
+            f"a budget of {target:,} parameters per expert is below the smallest prunable model "
+            f"({smallest:,}); raise --budget or lower --k"
+        )
+    rho = shrink_factor({})
+    coarse, fine = knobs[0], knobs[-1]
+    values = list(range(coarse.minimum, coarse.full + 1))
+    if coarse.multiple > 1 or len(values) > 64:
+        centre = int(round(coarse.full * rho))
+        values = sorted({min(coarse.full, max(coarse.minimum, centre + d * coarse.multiple)) for d in range(-3, 4)})
+    candidates = []
+    for value in values:
+        fixed = {coarse.name: value}
+        base = scaled(shrink_factor(fixed), fixed)
+        candidates.extend(_fit_finest(family, base, fine, target))
+    def balance(c):
+        return abs(c[coarse.name] / coarse.full - rho)
+
+    within = [c for c in candidates if abs(family.param_count(c) - target) <= tolerance * target]
+    if within:
+        return min(within, key=lambda c: (balance(c), abs(family.param_count(c) - target)))
+    closest = min(candidates, key=lambda c: abs(family.param_count(c) - target))
+    raise BudgetError(
+        f"no width choice gets within {tolerance:.0%} of {target:,} parameters (closest "
+        f"{family.param_count(closest):,}); adjust --budget"
+    )
+
+
+def _fit_finest(family, base: Dict, fine, target: int) -> List[Dict]:
+    """Bisection on the finest knob alone (the count is monotone in it); both neighbours returned."""
+    low, high = fine.minimum, fine.full
+    if family.param_count(family.with_widths(base, {fine.name: low})) > target:
+        return [family.with_widths(base, {fine.name: low})]
+    if family.param_count(family.with_widths(base, {fine.name: high})) <= target:
+        return [family.with_widths(base, {fine.name: high})]
+    while high - low > fine.multiple:
+        mid = max(low + 1, (low + high) // 2 // fine.multiple * fine.multiple)
+        if mid >= high:
+            break
+        if family.param_count(family.with_widths(base, {fine.name: mid})) <= target:
+            low = mid
+        else:
+            high = mid
+    return [family.with_widths(base, {fine.name: w}) for w in (low, high)]
