@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cbs_convert.cli.common import Parser, add_source_arguments, guarded, model_source
+from cbs_convert.cli.common import Parser, add_source_arguments, guarded, launch_rank, model_source
 from cbs_convert.cli.sample_shards import (
     SHARD_MARKER, Decoder, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
 )
@@ -208,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rerun = ("rerun the same command to continue from the batches already written",
              "then rerun the same command (it continues from the batches already written)")
     code = guarded(lambda: messages.extend(_run(args)), args.debug, rerun)
-    if code == 0 and int(os.environ.get("RANK", "0")) == 0:
+    if code == 0 and launch_rank() == 0:
         for line in messages:
             print(line)
     return code

@@ -305,7 +305,7 @@ def base_rule(family, name: str, rho: float = DEFAULT_RHO, profile=None, monitor
     raise RecipeError(f"schedule {name!r} is not a placement rule; choose uniform, edm, logsnr or profile")
 
 
-# -- what a user sees ------------------------------------------------------------------------------------
+# -- in the family's own terms ------------------------------------------------------------------------
 
 
 def native_lists(family, times: Sequence[float]) -> Dict[str, object]:
