@@ -17,6 +17,7 @@ import torch
 from cbs_convert.cli.common import Parser, guarded
 from cbs_convert.errors import CheckpointError, WorkdirError
 from cbs_convert.families import family_from_config
+from cbs_convert.families.diffusers import scheduler_config
 from cbs_convert.storage import diffusers as diffusers_io
 from cbs_convert.storage.files import atomic_folder, atomic_write, atomic_write_json
 from cbs_convert.storage.routed_file import expert_state_dict, read_metadata, save_safetensors_atomic
@@ -177,8 +178,8 @@ def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[
     what = f"expert {expert} of {path}"
     model_config = diffusers_io.expert_model_config(family, config, what)
     state = expert_state_dict(path, expert)
-    tensors = diffusers_io.expert_tensors(family, config, model_config, state)
-    scheduler = diffusers_io.scheduler_config(family)
+    tensors = family.diffusers_counterpart.expert_tensors(config, model_config, state)
+    scheduler = scheduler_config(family)
     model_config[diffusers_io.WRITTEN_MARK] = {"routed": str(path), "expert": expert, "segment": segment}
     checked = []
 

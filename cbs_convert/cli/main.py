@@ -17,7 +17,7 @@ from cbs_convert.cli import commands, schedule
 from cbs_convert.cli.common import Parser, guarded, launch_rank
 from cbs_convert.errors import UserError
 from cbs_convert.pipeline.conversion import Conversion
-from cbs_convert.pipeline.recipe import FIELDS, Recipe, _base_type, coerce, read_recipe_file
+from cbs_convert.pipeline.recipe import FIELDS, Recipe, base_type, coerce, read_recipe_file
 
 
 def _default_text(f) -> str:
@@ -52,7 +52,7 @@ def build_parser(preview: bool = False) -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + _default_text(f)
-        if _base_type(f.name) is bool:
+        if base_type(f.name) is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
@@ -72,7 +72,7 @@ def _flag_values(namespace) -> Dict[str, object]:
         raw = getattr(namespace, name, None)
         if raw is None:
             continue
-        kind = _base_type(name)
+        kind = base_type(name)
         if isinstance(raw, str) and kind in (int, float):
             try:
                 raw = float(raw) if kind is float else int(raw)

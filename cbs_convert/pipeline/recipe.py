@@ -123,7 +123,7 @@ FIRST_DEFAULTS = {"derivatives": "jvp", "lr_schedule": "constant", "warmup_steps
                   "distill_weight": 1.0, "data_weight": 1.0}
 
 
-def _base_type(name: str):
+def base_type(name: str):
     annotation = FIELDS[name].type
     text = str(annotation)
     if "List[float]" in text:
@@ -144,7 +144,7 @@ def coerce(name: str, value: Any, origin: str) -> Any:
         raise RecipeError(f"{origin}: unknown key '{name}'{hint}")
     if value is None:
         return None
-    kind = _base_type(name)
+    kind = base_type(name)
     bad = RecipeError(f"{origin}: '{name}' must be {_kind_name(kind)}, got {value!r}")
     if kind in ("floats", "strs"):
         items = value.split(",") if isinstance(value, str) else value
@@ -266,9 +266,9 @@ def validate(r: Recipe) -> None:
 
     for name, f in FIELDS.items():
         value = getattr(r, name)
-        if _base_type(name) is float and value is not None:
+        if base_type(name) is float and value is not None:
             need(math.isfinite(value), f"{name}={value} must be a finite number")
-        if _base_type(name) == "floats" and value is not None:
+        if base_type(name) == "floats" and value is not None:
             need(all(math.isfinite(v) for v in value), f"{name}={value} must hold finite numbers")
     need(r.k >= 1, f"k={r.k}: need at least one expert (--k 1 or more)")
     need(r.min_width > 0, f"min_width={r.min_width} must be positive (a segment needs training times)")

@@ -17,7 +17,6 @@ import torch
 from cbs_convert.errors import CheckpointError
 from cbs_convert.families import DIFFUSERS_COUNTERPARTS
 from cbs_convert.families.diffusers import INSTEAD, check_scheduler
-from cbs_convert.families.diffusers import scheduler_config as ddpm_scheduler_config
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULER_FILE = "scheduler_config.json"
@@ -244,18 +243,6 @@ def expert_model_config(family, config: Dict[str, Any], what: str) -> Dict[str, 
     except ImportError:
         pass
     return model_config
-
-
-def expert_tensors(family, config: Dict[str, Any], model_config: Dict[str, Any],
-                   state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The weights file's tensors, under diffusers' names, for the model ``expert_model_config`` gave."""
-    return family.diffusers_counterpart.expert_tensors(config, model_config, state_dict)
-
-
-def scheduler_config(family) -> Optional[Dict[str, Any]]:
-    """The scheduler_config.json an expert folder holds beside its model, or None where diffusers
-    has no name for the family's betas."""
-    return ddpm_scheduler_config(family)
 
 
 def check_expert_folder(folder: Path, family, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
