@@ -18,7 +18,7 @@ from cbs_convert.cli.common import Parser, guarded
 from cbs_convert.errors import CheckpointError, WorkdirError
 from cbs_convert.families import family_from_config
 from cbs_convert.families.diffusers import scheduler_config
-from cbs_convert.storage import diffusers as diffusers_io
+from cbs_convert.storage import diffusers as diffusers_files
 from cbs_convert.storage.files import atomic_folder, atomic_write, atomic_write_json
 from cbs_convert.storage.routed_file import expert_state_dict, read_metadata, save_safetensors_atomic
 
@@ -176,28 +176,28 @@ def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[
     config = meta["experts"][expert]["config"]
     segment = meta["experts"][expert]["segment"]
     what = f"expert {expert} of {path}"
-    model_config = diffusers_io.expert_model_config(family, config, what)
+    model_config = diffusers_files.expert_model_config(family, config, what)
     state = expert_state_dict(path, expert)
     tensors = family.diffusers_counterpart.expert_tensors(config, model_config, state)
     scheduler = scheduler_config(family)
-    model_config[diffusers_io.WRITTEN_MARK] = {"routed": str(path), "expert": expert, "segment": segment}
+    model_config[diffusers_files.WRITTEN_MARK] = {"routed": str(path), "expert": expert, "segment": segment}
     checked = []
 
     def write(folder: Path) -> None:
         atomic_write_json(folder / "config.json", model_config)
-        save_safetensors_atomic(tensors, folder / diffusers_io.WEIGHT_FILES[0], {"format": "pt"})
+        save_safetensors_atomic(tensors, folder / diffusers_files.WEIGHT_FILES[0], {"format": "pt"})
         if scheduler is not None:
-            atomic_write_json(folder / diffusers_io.SCHEDULER_FILE, scheduler)
-        checked.append(diffusers_io.check_expert_folder(folder, family, config, state, segment, what))
+            atomic_write_json(folder / diffusers_files.SCHEDULER_FILE, scheduler)
+        checked.append(diffusers_files.check_expert_folder(folder, family, config, state, segment, what))
 
-    atomic_folder(out, write, diffusers_io.WRITTEN_FILES)
+    atomic_folder(out, write, diffusers_files.WRITTEN_FILES)
     lo, hi = segment
     cls = model_config["_class_name"]
     lines = [f"wrote {out}: expert {expert} of {path} (t in [{lo:.4f}, {hi:.4f}]) as a diffusers {cls}, "
              f"{sum(v.numel() for v in tensors.values()):,} parameters",
              f"  load: diffusers.{cls}.from_pretrained({str(out)!r})", *checked]
     if scheduler is not None:
-        lines.append(f"  scheduler: {diffusers_io.SCHEDULER_FILE} beside it ({scheduler['beta_schedule']} betas), "
+        lines.append(f"  scheduler: {diffusers_files.SCHEDULER_FILE} beside it ({scheduler['beta_schedule']} betas), "
                      f"diffusers.DDPMScheduler.from_pretrained({str(out)!r})")
     else:
         lines.append(f"  scheduler: none written; diffusers has no name for its {family.config.get('beta_schedule')} betas")
@@ -207,9 +207,9 @@ def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[
 def _check_replaceable(out: Path) -> None:
     """--force replaces only a folder this command wrote: its config carries the mark, and it holds
     nothing else. A user's own model folder (a download, a source) is never replaced."""
-    stray = sorted(entry.name for entry in out.iterdir() if entry.name not in diffusers_io.WRITTEN_FILES)
+    stray = sorted(entry.name for entry in out.iterdir() if entry.name not in diffusers_files.WRITTEN_FILES)
     try:
-        marked = diffusers_io.WRITTEN_MARK in json.loads((out / "config.json").read_text())
+        marked = diffusers_files.WRITTEN_MARK in json.loads((out / "config.json").read_text())
     except (OSError, ValueError, TypeError):
         marked = False
     if stray or not marked:

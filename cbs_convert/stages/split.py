@@ -1,4 +1,4 @@
-"""Cutting canonical time into K segments of equal complexity, and sharing the parameter budget.
+"""Cutting canonical time into K segments of equal complexity (the budget they share: budget.py).
 
 Equidistribution (de Boor): with Phi the cumulative trapezoid integral of the processed curve,
 boundary k is Phi^-1(k/K * Phi(1)). Guards applied in order, each one's effect reported:

@@ -1,4 +1,4 @@
-"""The schema of a routed checkpoint's ``cbs_convert`` metadata (``routed.routed_metadata``): format
+"""The schema of a routed checkpoint's ``cbs_convert`` metadata (``routed_file.routed_metadata``): format
 version, family, the source's config, boundaries in canonical and native time, each expert's
 segment, config and parameter count, and the run's profile, split, source and recipe; format 2's
 shared base and its low-rank deltas. Checked against itself and against the tensors of the file's
