@@ -5,7 +5,8 @@
 * a ``.safetensors`` file, optionally with its training args as JSON under the metadata key
   ``args`` (what a training dict keeps in an ``argparse.Namespace``, without a pickle);
 * a diffusers DiT or UNet2DModel: a pipeline folder, its ``transformer/`` or ``unet/`` folder, or
-  the weights file in it (mapped to the official DiT or guided-diffusion layout by the family's diffusers counterpart in ``families/``).
+  the weights file in it (mapped to the official DiT or guided-diffusion layout by the family's
+  diffusers counterpart in ``families/``).
 
 Pickles are read with ``torch.load(weights_only=True)`` and an explicit allow-list holding only
 ``argparse.Namespace`` (what the training dict stores its args in): a pickle that asks for anything
