@@ -19,7 +19,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cbs_convert.bundled import DIGITS_CLASSIFIER
+from cbs_convert.bundled import DIGITS_CLASSIFIER  # noqa: E402
 from cbs_convert.evaluation.metrics import DigitsClassifier, load_digits_split  # noqa: E402
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from cbs_convert.families.sit import SiTFamily  # noqa: E402
 from cbs_convert.families.transformer_net import initialize_for_training  # noqa: E402
 from cbs_convert.stages.finetune import ema_update  # noqa: E402
-from cbs_convert.bundled import ASSETS
+from cbs_convert.bundled import ASSETS  # noqa: E402
 from cbs_convert.evaluation.metrics import load_digits_split  # noqa: E402
 
 CONFIG = dict(

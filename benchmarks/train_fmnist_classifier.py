@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from cbs_convert.evaluation.datasets import load_fashion_mnist  # noqa: E402
 from cbs_convert.errors import UserError  # noqa: E402
-from cbs_convert.bundled import FMNIST_CLASSIFIER
+from cbs_convert.bundled import FMNIST_CLASSIFIER  # noqa: E402
 from cbs_convert.evaluation.metrics import FashionClassifier  # noqa: E402
 
 SHIFT = 2

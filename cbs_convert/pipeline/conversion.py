@@ -54,7 +54,11 @@ def default_output(checkpoint: str, k: int) -> Path:
 
 
 class Conversion:
-    """One conversion run. ``run()`` executes the stages; each is also a method of its own."""
+    """One conversion run. ``run()`` executes the stages; each is also a method of its own, which
+    leaves its result on the object: ``load()`` the ``source`` (family, config, teacher, device),
+    ``draw_pool()`` the ``pool`` (x0 and labels), ``profile()`` the ``profile_result``, ``split()`` the
+    ``plan`` (segments, budget targets, expert configs). The same stages without a work directory
+    are the plain functions of ``pipeline.steps`` and ``pipeline.experts``."""
 
     def __init__(self, settings: Dict[str, Any], progress: bool = True, resume: bool = False, force: bool = False,
                  keep_workdir: bool = False, on_warning=None, preview: bool = False):
