@@ -7,7 +7,6 @@ without importing the evaluation layer that scores its samples.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -23,18 +22,12 @@ FMNIST_CLASSIFIER = ASSETS / "fmnist_classifier.safetensors"
 TEACHER_FAMILIES = {DIGITS_TEACHER: "sit", FMNIST_TEACHER: "sit"}
 
 
-@lru_cache(maxsize=None)
-def _digest(path: Path, size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def bundled_teacher(source_sha256: str) -> Optional[Path]:
     """The bundled teacher whose content has this sha256, if any."""
     for teacher in TEACHER_FAMILIES:
         if not teacher.exists():
             continue
-        stat = teacher.stat()
-        if _digest(teacher, stat.st_size, stat.st_mtime_ns) == source_sha256:
+        if hashlib.sha256(teacher.read_bytes()).hexdigest() == source_sha256:
             return teacher
     return None
 
