@@ -59,6 +59,16 @@ PINNED = {"derivatives": "jvp", "monitor": "dirichlet", "monitors": ["dirichlet"
           "experts": "copies", "feature_weight": 0.0}
 
 
+#: Issue 18's fine-tuning of full-width experts: the source's final lr, a 5% warm-up, a cosine to a
+#: tenth of it, and an EMA anchored at the source (no decay ramp). Spelled out, so that a later change
+#: of the tool's defaults cannot change what a cached row means.
+GENTLE = dict(lr=1e-4, lr_schedule="cosine", warmup_steps=None, lr_floor=0.1, ema_warmup=False)
+#: Shared-base experts (issue 18): the source as one base, trained at the gentle lr (1e-4 = 0.1 x the
+#: deltas' 1e-3), plus a rank-R delta per segment, all trained together on mixed-time batches of data.
+LORA = dict(experts="lora", loss="data", lr=1e-3, base_lr_scale=0.1, lr_schedule="cosine", warmup_steps=None,
+            lr_floor=0.1, ema_warmup=False)
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _bench  # noqa: E402
-from _bench import RESULTS  # noqa: E402
+from _bench import GENTLE, LORA, RESULTS  # noqa: E402
 
 DOCS = ROOT / "docs"
 
@@ -53,6 +53,8 @@ DOCS = ROOT / "docs"
 # the pipeline's allocation default, and no profiling time is spent on them.
 PLAIN = dict(split="uniform", monitors=[])
 DENSE = "dense teacher fine-tuned (K=1)"
+DENSE_GENTLE = "dense fine-tuned, gentle"
+LORA_R2 = "K=2 lora r2 uniform"
 METHODS = {
     # Distilling an unpruned copy has exactly zero gradient: it would return the teacher bit for
     # bit. The data loss is the extra training this control is there to measure.
@@ -74,6 +76,10 @@ METHODS = {
     # the guards against a curve dominated by the data end (run with --methods, see the README)
     "K=2 CBS dirichlet, gamma 0.25": dict(k=2, split="cbs", monitor="dirichlet", gamma=0.25),
     "K=2 CBS dirichlet, floor 0.5": dict(k=2, split="cbs", monitor="dirichlet", floor=0.5),
+    # issue 18's same-cost rows, as on Fashion-MNIST: the gentle dense control and the shared-base
+    # split that led there (the teacher plus a rank-2 delta per half of time)
+    DENSE_GENTLE: dict(k=1, loss="data", **PLAIN, **GENTLE),
+    LORA_R2: dict(k=2, rank=2, **PLAIN, **LORA),
 }
 DEFAULT_METHODS = [name for name in METHODS if "gamma 0.25" not in name and "floor 0.5" not in name]
 QUICK_METHODS = [DENSE, "K=2 uniform", "K=2 CBS dirichlet"]
@@ -92,6 +98,8 @@ PAIRED = [
     ("K=2 CBS sensitivity", "K=2 uniform"),
     ("K=2 CBS dirichlet, magnitude pruning", "K=2 CBS dirichlet"),
     ("K=2 CBS dirichlet, random pruning", "K=2 CBS dirichlet"),
+    (DENSE_GENTLE, DENSE),
+    (LORA_R2, DENSE_GENTLE),
 ]
 
 

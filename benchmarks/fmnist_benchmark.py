@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import _bench  # noqa: E402
-from _bench import RESULTS  # noqa: E402
+from _bench import GENTLE, LORA, RESULTS  # noqa: E402
 
 PLAIN = dict(split="uniform", monitors=[])
 # Full-width copies of the teacher learn nothing from distillation (zero gradient at the start).
@@ -89,20 +89,12 @@ ROWS = {
     "K=2 2x uniform": dict(k=2, budget="2x", **PLAIN, **FULL),
     "K=2 2x best cbs": dict(best_of=K2_CBS, k=2, budget="2x", **FULL),
 }
-# Issue 18's fine-tuning for full-width experts: the source's final lr, a 5% warm-up, a cosine to a
-# tenth of it, and an EMA anchored at the source (no decay ramp). Spelled out, so that a later change
-# of the tool's defaults cannot change what a cached row means.
-GENTLE = dict(lr=1e-4, lr_schedule="cosine", warmup_steps=None, lr_floor=0.1, ema_warmup=False)
 DENSE_GENTLE = "dense fine-tuned, gentle"
 ROWS[DENSE_GENTLE] = dict(k=1, budget="1x", **PLAIN, **FULL, **GENTLE)
 ROWS[f"{DENSE_GENTLE}, 4x steps"] = dict(ROWS[DENSE_GENTLE], steps_factor=4.0)
 ROWS["K=2 2x uniform, gentle"] = dict(k=2, budget="2x", **PLAIN, **FULL, **GENTLE)
-# Shared-base experts (issue 18): the teacher as one base, trained at the gentle recipe's lr (1e-4 =
-# 0.1 x the deltas' 1e-3), plus a rank-R delta per segment, all trained together on mixed-time
-# batches for the row's total steps. Ranks 2 and 4 on this width-96 teacher cost 1.03x and 1.05x
-# its per-step FLOPs.
-LORA = dict(experts="lora", **FULL, lr=1e-3, base_lr_scale=0.1, lr_schedule="cosine", warmup_steps=None, lr_floor=0.1,
-            ema_warmup=False)
+# Shared-base experts (_bench.LORA) for the row's total steps: ranks 2 and 4 on this width-96 teacher
+# cost 1.03x and 1.05x its per-step FLOPs.
 LORA_ROWS = []
 for _k in (2, 4):
     for _rank in (4, 2):
