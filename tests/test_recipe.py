@@ -150,3 +150,14 @@ def test_monitor_alone_drives_the_cuts_and_the_report_says_what_was_profiled(tmp
     again = plan_split(2, "cbs", prof["grid"], prof["mean"]["acceleration"], "acceleration", min_width=0.05, gamma=0.5)
     assert split["boundaries"] == again.boundaries
     assert split["alternatives"]["cbs:acceleration"] != split["alternatives"]["cbs:dirichlet"]
+
+
+def test_the_same_cost_preset_is_the_row_the_fashion_mnist_benchmark_measured(monkeypatch):
+    """The preset claims the benchmark's winning same-cost row: editing one without the other fails here."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import fmnist_benchmark
+
+    measured = {k: v for k, v in fmnist_benchmark.ROWS["K=2 lora r2 uniform"].items() if k != "monitors"}
+    assert read_recipe_file("same_cost") == measured
+    recipe = build_recipe(read_recipe_file("same_cost"), {"data": "latents.npz"})
+    assert (recipe.experts, recipe.rank, recipe.k, recipe.budget) == ("lora", 2, 2, "1x")

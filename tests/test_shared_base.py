@@ -270,6 +270,7 @@ def test_activation_checkpointing_in_the_base_keeps_every_delta_in_training(tmp_
     (["--experts", "lora", "--rank", "0"], "rank=0 must be 1 or more"),
     (["--experts", "lora"], "--experts lora trains its deltas on data"),
     (["--experts", "lora", "--structure", "depth", "--steps", "0"], "--structure depth prunes copies"),
+    (["--recipe", "same_cost"], "loss 'data' needs real latents: pass --data"),
 ])
 def test_contradictory_lora_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
     family, source, *_ = _model_and_inputs("sit")
@@ -300,3 +301,16 @@ def test_diffusers_sources_convert_to_zero_deltas_that_equal_them_inside_diffuse
         x, t = torch.randn(2, 3, 16, 16, generator=generator), torch.tensor([900, 20])
         with torch.no_grad():
             assert torch.allclose(wrapped(x, t).sample, model(x, t).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_the_same_cost_preset_converts_by_name_into_two_rank_2_deltas_over_the_source(tmp_path, capsys):
+    family, source, *_ = _model_and_inputs("sit")
+    save_file(source.state_dict(), str(tmp_path / "tiny.safetensors"))
+    code, printed = _cli(["tiny.safetensors", "--num-heads", "4", "--family", "sit", "--recipe", "same_cost",
+                          "--data", str(_data(tmp_path)), "--steps", "2", "--pool-size", "16", "--batch-size", "4",
+                          "--eval-samples", "4", "--grid", "6", "--quiet", "--out", "same.safetensors"], tmp_path, capsys)
+    assert code == 0, printed.err
+    with safe_open(str(tmp_path / "same.safetensors"), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["cbs_convert"])
+    assert meta["boundaries"] == [0.0, 0.5, 1.0] and meta["shared_base"]["rank"] == 2
+    assert meta["recipe"]["split"] == "uniform" and meta["recipe"]["lr"] == 1e-3
