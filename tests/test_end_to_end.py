@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import cbs_convert
 from cbs_convert.sample import sample_ode
+from cbs_convert.sample.model_schedules import build_schedule
 from helpers import save_training_dict, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,13 @@ def test_library_call_with_data_uniform_split_and_magnitude_pruning(tmp_path):
     assert result.report["profile"]["source"].startswith("data")
     loaded = cbs_convert.load(result.output)
     assert len(loaded.experts) == 3
+    # the profile schedule's curve came with the file: placing steps by it calls no model
+    stored = loaded.metadata["step_profile"]
+    assert stored["grid"] == pytest.approx(np.linspace(0.02, 0.98, QUICK_KW["grid"]).tolist())
+    assert list(stored["mean"]) == ["path_acceleration"] and "step_profile" in result.report["timings_s"]
+    schedule = build_schedule(family, loaded, "profile", 9)
+    assert "profile_seconds" not in schedule.details and "stored at conversion" in schedule.notes[0]
+    assert schedule.times == build_schedule(family, loaded, "profile", 9, profile=stored).times
 
 
 def test_explicit_boundaries_and_a_2x_budget(tmp_path):

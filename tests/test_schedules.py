@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from cbs_convert.families import FAMILIES
 from cbs_convert.models.routed import RoutedModel
@@ -279,6 +281,55 @@ def test_bad_schedules_get_one_line_and_exit_2(routed_file, tmp_path, capsys, fl
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert not list(tmp_path.iterdir())
+
+
+def test_a_schedule_file_samples_as_its_times_and_only_for_the_model_it_was_computed_for(routed_file, tmp_path, capsys):
+    from cbs_convert.cli.main import main
+    from cbs_convert.cli.sample import main as sample
+
+    saved = tmp_path / "edm.json"
+    assert main(["schedule", str(routed_file), "--steps", "5", "--schedule", "edm", "--json", str(saved)]) == 0
+    times = json.loads(saved.read_text())["times"]
+    args = ["--num-samples", "4", "--batch-size", "4", "--quiet"]
+    assert sample([str(routed_file), *args, "--schedule", str(saved), "--out", str(tmp_path / "file.npz")]) == 0
+    assert sample([str(routed_file), *args, "--schedule", ",".join(map(repr, times)), "--out", str(tmp_path / "list.npz")]) == 0
+    assert np.array_equal(*(np.load(tmp_path / f"{n}.npz")["latents"] for n in ("file", "list")))
+    # the same architecture and cuts with one weight moved is another model
+    with safe_open(str(routed_file), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(routed_file))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata=metadata)
+    capsys.readouterr()
+    for command in (lambda: sample([str(other), *args, "--schedule", str(saved), "--out", str(tmp_path / "o.npz")]),
+                    lambda: main(["schedule", str(other), "--schedule", str(saved)])):
+        assert command() == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "was computed for another model" in lines[0], lines
+    assert not (tmp_path / "o.npz").exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "no such file"),
+    ("{not json", "not a readable JSON file"),
+    ('{"model_sha256": "00"}', "holds no list of times"),
+    ('{"times": [1.0, 0.5, 0.0]}', "does not say which model"),
+    ('{"times": [1.0, "half", 0.0], "model_sha256": "00"}', "its times must all be numbers"),
+])
+def test_a_damaged_schedule_file_gets_one_line_and_exit_2(routed_file, tmp_path, capsys, content, expected):
+    from cbs_convert.cli.sample import main as sample
+
+    saved = tmp_path / "given" / "s.json"
+    saved.parent.mkdir()
+    if content is not None:
+        saved.write_text(content)
+    out = tmp_path / "x.npz"
+    assert sample([str(routed_file), "--schedule", str(saved), "--num-samples", "2", "--quiet", "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()
 
 
 def test_sample_refuses_schedule_flags_where_they_cannot_apply(routed_file, tmp_path, capsys):

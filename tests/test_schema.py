@@ -118,6 +118,7 @@ def world(tmp_path_factory):
         "split": {"boundaries": boundaries, "shares": [0.3, 0.35, 0.35], "method": "cbs", "monitor": "denoiser"},
         "recipe": {"k": 3, "steps": 0, "monitor": "denoiser"},
         "profile": {"grid": [0.1, 0.5, 0.9], "mean": {"denoiser": [1.0, 0.5, 0.2]}},
+        "step_profile": {"grid": [0.1, 0.5, 0.9], "mean": {"path_acceleration": [4.0, 1.0, 0.5]}},
     }
     routed = save_routed(root / "routed.safetensors", family, [e.state_dict() for e in experts], configs, boundaries,
                          extra=extra)
@@ -266,6 +267,12 @@ ROUTED_CASES = {
     "string shares": (("split", "shares", 0), lambda m: "a third"),
     "params that lie": (("experts", 1, "params"), lambda m: 10**6),
     "format from the future": (("format_version",), lambda m: 99),
+    "step profile times falling": (("step_profile", "grid", 2), lambda m: 0.3),
+    "step profile time past 1": (("step_profile", "grid", 2), lambda m: 1.5),
+    "nan in the step profile": (("step_profile", "mean", "path_acceleration", 1), lambda m: float("nan")),
+    "negative step profile": (("step_profile", "mean", "path_acceleration", 0), lambda m: -1.0),
+    "step profile shorter than its grid": (("step_profile", "mean", "path_acceleration"), lambda m: [4.0, 1.0]),
+    "step profile without a grid": (("step_profile", "grid"), lambda m: DELETE),
 }
 
 

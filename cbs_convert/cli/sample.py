@@ -26,6 +26,7 @@ from cbs_convert.cli.sample_shards import (
 )
 from cbs_convert.cli.schedule import add_arguments as add_schedule_arguments
 from cbs_convert.cli.schedule import check_arguments as check_schedule_arguments
+from cbs_convert.cli.schedule import check_schedule_model
 from cbs_convert.errors import RecipeError, UserError
 from cbs_convert.pipeline.ranks import barrier, distributed, resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
@@ -225,6 +226,7 @@ def _run(args) -> List[str]:
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
     settings = _settings(args, family, model_files)
+    check_schedule_model(args, settings["model_sha256"], str(args.model))
     _check(args, family, settings, model)
     schedule = None
     if "schedule" in settings:

@@ -6,15 +6,17 @@ diffusers' schedulers take; and the schedule flags it shares with ``python -m cb
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from cbs_convert.cli.common import Parser, add_source_arguments, guarded, model_source
 from cbs_convert.errors import RecipeError
 from cbs_convert.pipeline.ranks import resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
 from cbs_convert.sample.schedules import DEFAULT_RHO, Schedule, native_lists, parse_counts, parse_schedule
+from cbs_convert.storage.checkpoint import content_sha256, source_files
 from cbs_convert.storage.files import atomic_write_json
 from cbs_convert.storage.loading import load_model
 
@@ -24,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ``schedule`` command."""
     parser.add_argument("--schedule", help="where the ode sampler's steps go: uniform (the default), edm (rho), "
                         "logsnr, profile (equal shares of the profiled path acceleration; profile:MONITOR for "
-                        "another), ots (edm fitted to a fine reference; ots:START), or a comma-separated list of "
-                        "canonical times from 1 (noise) down to 0 (data)")
+                        "another), ots (edm fitted to a fine reference; ots:START), a comma-separated list of "
+                        "canonical times from 1 (noise) down to 0 (data), or a FILE.json that "
+                        "python -m cbs_convert schedule --json wrote for this model")
     parser.add_argument("--rho", type=float, default=DEFAULT_RHO, help="edm only: the exponent (default 7)")
     parser.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
                         help="routed models: put a step edge on every expert cut, so that no step spans two experts "
@@ -34,8 +37,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first, e.g. 4,8 (their sum is the step count)")
 
 
+def read_schedule_file(path: Path) -> Tuple[List[float], str]:
+    """``--schedule FILE.json``, as ``schedule --json`` wrote it: its times, and the SHA-256 of the model
+    they were computed for."""
+    try:
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"--schedule {path}: no such file; write one with python -m cbs_convert schedule MODEL "
+                          f"--steps N --json {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RecipeError(f"--schedule {path}: not a readable JSON file ({type(exc).__name__}); write it again with "
+                          "python -m cbs_convert schedule MODEL --json FILE") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("times"), list):
+        raise RecipeError(f"--schedule {path}: holds no list of times; it is not a file written by python -m "
+                          "cbs_convert schedule --json")
+    if not isinstance(stored.get("model_sha256"), str):
+        raise RecipeError(f"--schedule {path}: does not say which model it was computed for; write it again with "
+                          "python -m cbs_convert schedule MODEL --json FILE, or pass its times as --schedule t0,t1,...")
+    return stored["times"], stored["model_sha256"]
+
+
+def resolve_schedule_file(args) -> None:
+    """A ``--schedule`` that names a JSON file: its times take the file name's place, and
+    ``args.schedule_for`` keeps the model they belong to (None otherwise)."""
+    args.schedule_file = args.schedule_for = None
+    if args.schedule and str(args.schedule).strip().endswith(".json"):
+        times, args.schedule_for = read_schedule_file(Path(str(args.schedule).strip()))
+        args.schedule_file = args.schedule
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            raise RecipeError(f"--schedule {args.schedule_file}: its times must all be numbers")
+        args.schedule = ",".join(repr(float(t)) for t in times)
+
+
+def check_schedule_model(args, model_sha256: str, model: str) -> None:
+    """Refuse a schedule file computed for another model: its steps (an ots fit, a stored profile, the
+    cuts it was aligned to) belong to that one."""
+    if args.schedule_for is not None and args.schedule_for != model_sha256:
+        raise RecipeError(f"--schedule {args.schedule_file} was computed for another model (sha256 "
+                          f"{args.schedule_for[:12]}..., {model} is {model_sha256[:12]}...); compute one for it with "
+                          f"python -m cbs_convert schedule {model} --steps N --json FILE, or pass the times as "
+                          "--schedule t0,t1,... to use them anyway")
+
+
 def check_arguments(args) -> None:
     """What the shared flags alone can show."""
+    resolve_schedule_file(args)
     if not (math.isfinite(args.rho) and args.rho > 0):
         raise RecipeError(f"--rho {args.rho}: give a positive number (EDM's is 7)")
     parse_schedule(args.schedule)
@@ -71,7 +117,9 @@ def run(args) -> List[str]:
         raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
     if args.steps is None and args.steps_per_expert is None and not isinstance(parse_schedule(args.schedule), list):
         raise RecipeError("give --steps N (or --steps-per-expert, or the times themselves as --schedule)")
-    path, hints, _ = model_source(args)
+    path, hints, routed = model_source(args)
+    model_sha256 = content_sha256([path] if routed else source_files(path))
+    check_schedule_model(args, model_sha256, str(args.model))
     device = resolve_device(args.device)
     family, model = load_model(path, device=device, hints=hints)
     schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,
@@ -79,7 +127,8 @@ def run(args) -> List[str]:
                               device=device)
     lines = describe(family, schedule, str(path))
     if args.json:
-        atomic_write_json(Path(args.json), {"schedule": schedule.name, "times": schedule.times, "counts": schedule.counts,
+        atomic_write_json(Path(args.json), {"schedule": schedule.name, "model": str(args.model), "model_sha256": model_sha256,
+                                            "times": schedule.times, "counts": schedule.counts,
                                             "boundaries": schedule.boundaries, "notes": schedule.notes,
                                             "seconds": schedule.seconds, **native_lists(family, schedule.times)})
         lines.append(f"wrote {args.json}")
@@ -125,4 +174,5 @@ def main(argv: List[str]) -> int:
     return guarded(lambda: print("\n".join(run(args))), args.debug)
 
 
-__all__ = ["add_arguments", "build_parser", "check_arguments", "describe", "main", "run"]
+__all__ = ["add_arguments", "build_parser", "check_arguments", "check_schedule_model", "describe", "main",
+           "read_schedule_file", "resolve_schedule_file", "run"]

@@ -31,9 +31,9 @@ from cbs_convert.pipeline.ranks import barrier, distributed, expert_groups, leav
 from cbs_convert.pipeline.recipe import FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, read_recipe_file
 from cbs_convert.pipeline.report import write_reports
 from cbs_convert.pipeline.steps import (Plan, Pool, data_pool, idle_experts, load_source, plan_experts, profile_source,
-                                        teacher_pool, teacher_pool_description)
+                                        step_profile, teacher_pool, teacher_pool_description)
 from cbs_convert.pipeline.summary import build_report, evaluation, finetune_summary, planned_experts
-from cbs_convert.pipeline.workfiles import POOL, PROFILE, SPLIT, final_file, tidy, work_files
+from cbs_convert.pipeline.workfiles import POOL, PROFILE, SPLIT, STEP_PROFILE, final_file, tidy, work_files
 from cbs_convert.stages.profile import Profile
 from cbs_convert.storage.checkpoint import (ARCHITECTURE_FLAGS, bundled_or_given, is_inside, model_name, source_files,
                                             source_folder)
@@ -167,6 +167,17 @@ class Conversion:
         self.plan = plan_experts(self.source, self.recipe, self.profile_result, self.say)
         atomic_write_json(path, self.plan.to_dict())
 
+    def measure_step_profile(self):
+        """Rank 0: the curve of the ``profile`` sampling schedule, for the routed file to carry."""
+        began = time.time()
+        path = self.work.path(STEP_PROFILE)
+        if path.exists():
+            self.step_profile = Profile.from_dict(json.loads(path.read_text()))
+        else:
+            self.step_profile = step_profile(self.source, self.recipe, self.pool)
+            atomic_write_json(path, self.step_profile.to_dict())
+        self.timings["step_profile"] = time.time() - began
+
     def check_trainable(self) -> None:
         """Say before any pruning or training which experts cannot learn anything from the teacher."""
         idle = idle_experts(self.source, self.recipe, self.plan)
@@ -214,6 +225,10 @@ class Conversion:
         report["ranks"] = team.layout.to_dict()
         self.say(f"writing {self.output}")
         extra = run_description(source.family, source.checkpoint, report["profile"], report["split"], report["recipe"])
+        extra["step_profile"] = self.step_profile.to_dict()
+        report["step_profile"] = {"monitor": next(iter(self.step_profile.mean)), "times": len(self.step_profile.grid),
+                                  "samples_per_point": self.step_profile.samples_per_point,
+                                  "notes": self.step_profile.notes}
         if r.experts == "lora":
             save_shared_base(self.output, experts.shared_student(trained=experts.trains(0)), extra)
         else:
@@ -256,6 +271,8 @@ class Conversion:
         if rank == 0:
             self.split()
             self.check_trainable()
+            if not self.preview:
+                self.measure_step_profile()
         barrier(world)
         if rank != 0:
             self.split()

@@ -94,6 +94,11 @@ def markdown(report: Dict[str, Any]) -> str:
     if measured_on:
         lines += ["", f"Rel. error: {measured_on['error']}.", f"Seam gap: {measured_on['seam']}."]
     lines += _finetune_lines(report.get("finetune"))
+    steps = report.get("step_profile")
+    if steps:
+        lines += ["", f"Sampling steps: the routed file carries the teacher's {steps['monitor']} curve ({steps['times']} times, "
+                  f"{steps['samples_per_point']} samples each; {'; '.join(steps['notes'])}), by which `--schedule profile` "
+                  "places steps without profiling again."]
     lines += _quality_lines(report.get("sample_quality"))
     work = report.get("workdir")
     if work:

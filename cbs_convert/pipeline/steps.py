@@ -14,6 +14,7 @@ and go on with ``experts.prune_expert`` and ``experts.finetune_one`` for each ex
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -29,6 +30,7 @@ from cbs_convert.families.base import Family
 from cbs_convert.pipeline.ranks import gather, resolve_device
 from cbs_convert.pipeline.recipe import Recipe, profiled_monitors, resolve_recipe
 from cbs_convert.sample import sample_ode
+from cbs_convert.sample.schedules import PROFILE_MONITOR
 from cbs_convert.stages.data import load_latents
 from cbs_convert.stages.depth import allocate_depth
 from cbs_convert.stages.profile import Profile, profile_model, pruned_student
@@ -208,6 +210,26 @@ def profile_source(source: Source, recipe: Recipe, pool: Pool, rank: int = 0, wo
         profile.notes.append(
             f"profiled {', '.join(added)} as well as --monitors [{', '.join(r.monitors)}]: "
             f"the cuts or the budget shares are read from {'it' if len(added) == 1 else 'them'}")
+    return profile
+
+
+#: grid-point batches of the step profile: the steps follow a curve tempered to the power 1/4, which asks
+#: less precision of it than the cuts ask of theirs
+STEP_PROFILE_BATCHES = 2
+
+
+def step_profile(source: Source, recipe: Recipe, pool: Pool) -> Profile:
+    """The curve the ``profile`` sampling schedule places steps by (``PROFILE_MONITOR``), measured on the
+    teacher and the run's pool at the recipe's grid, for the routed file to carry: ``--schedule profile``
+    then needs no model calls of its own. The experts are trained to match the teacher on their
+    segments, so its curve stands for theirs."""
+    r = recipe
+    grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
+    began = time.time()
+    profile = profile_model(source.family, source.teacher, pool.x0, pool.labels, grid, [PROFILE_MONITOR],
+                            min(STEP_PROFILE_BATCHES, r.profile_batches), r.profile_batch_size, r.seed,
+                            pool.description, derivatives=r.derivatives)
+    profile.notes.append(f"measured at conversion for the profile sampling schedule in {time.time() - began:.3g} s")
     return profile
 
 

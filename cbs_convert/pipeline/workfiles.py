@@ -15,13 +15,15 @@ from cbs_convert.storage.workdir import MARKER, WorkDir
 
 POOL = "pool.safetensors"
 PROFILE = "profile.json"
+#: the curve the ``profile`` sampling schedule places steps by, stored in the routed file
+STEP_PROFILE = "step_profile.json"
 SPLIT = "split.json"
 #: the one training run of shared-base experts (--experts lora): the base and every delta together
 SHARED_WEIGHTS, SHARED_STATE, SHARED_LOG = SHARED_FILES = (
     "finetune/shared.safetensors", "finetune/shared.state.pt", "finetune/shared.log.json")
 #: what a finished run keeps of its work directory: small, and what the report and a later
 #: --resume of the profile and split need. The weights and optimizer states go (GBs at XL size).
-KEPT_AFTER_SUCCESS = (POOL, PROFILE, SPLIT, "pruned/*.kept.json", "pruned/*.blocks.json", "finetune/*.log.json")
+KEPT_AFTER_SUCCESS = (POOL, PROFILE, STEP_PROFILE, SPLIT, "pruned/*.kept.json", "pruned/*.blocks.json", "finetune/*.log.json")
 
 
 def pruned_file(k: int, kind: str) -> str:
@@ -41,7 +43,7 @@ def final_file(k: int, trained: bool) -> str:
 
 def work_files(k: int) -> List[str]:
     """Every file a run of ``k`` experts may write into its work directory (the marker's list)."""
-    names = [MARKER, POOL, PROFILE, SPLIT]
+    names = [MARKER, POOL, PROFILE, STEP_PROFILE, SPLIT]
     for e in range(k):
         names += [pruned_file(e, kind) for kind in ("safetensors", "kept.json", "blocks.json", "measured.safetensors")]
         names += [trained_file(e, kind) for kind in ("safetensors", "state.pt", "log.json", "measured.safetensors")]

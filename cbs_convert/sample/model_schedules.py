@@ -44,10 +44,14 @@ OTS_EVALUATIONS = 6
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-def stored_profile(model):
-    """The profile a routed file recorded at conversion, or None."""
+def stored_profile(model, monitor: str = PROFILE_MONITOR):
+    """The curves a routed file recorded at conversion that hold ``monitor``: its step profile (the
+    schedule's own curve, measured for it) before the profile of the cuts; else whichever it has, or None."""
     meta = getattr(model, "metadata", None) or {}
-    return meta.get("profile") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    stored = [meta[key] for key in ("step_profile", "profile") if isinstance(meta.get(key), dict)]
+    return next((p for p in stored if monitor in p.get("mean", {})), stored[0] if stored else None)
 
 
 def measure_profile(family, model, monitors: Sequence[str] = (PROFILE_MONITOR,), seed: int = 0, device="cpu",
@@ -191,7 +195,7 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
     if start_name == "profile":
         monitor = monitor or PROFILE_MONITOR
         if profile is None:
-            profile = stored_profile(model)
+            profile = stored_profile(model, monitor)
             if profile is not None and monitor not in profile.get("mean", {}):
                 notes.append(f"the stored profile holds {', '.join(profile.get('mean', {}))}, not {monitor}: "
                              "measured here")

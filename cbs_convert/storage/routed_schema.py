@@ -211,6 +211,25 @@ def _run_description(check: Check, meta, family, source_config) -> None:
     for key in ("recipe", "profile"):
         if key in meta:
             check.mapping(meta[key], key)
+    if "step_profile" in meta:
+        _step_profile(check, meta["step_profile"])
+
+
+def _step_profile(check: Check, value) -> None:
+    """The curve ``--schedule profile`` places steps by, read at sampling time without a model call,
+    so it is held to what placing steps needs: times rising inside (0, 1), one finite value of at
+    least 0 per time for each curve."""
+    profile = check.mapping(value, "step_profile")
+    grid = check.sequence(check.get(profile, "grid", "step_profile.grid", "a list of times"), "step_profile.grid", low=2)
+    times = [check.number(t, f"step_profile.grid[{i}]", 0.0, 1.0) for i, t in enumerate(grid)]
+    for i in range(1, len(times)):
+        if times[i] <= times[i - 1]:
+            raise check.fail(f"step_profile.grid[{i}]", f"above the time before it ({times[i - 1]:g}): the grid rises", times[i])
+    curves = check.mapping(check.get(profile, "mean", "step_profile.mean", "a JSON object of curves"), "step_profile.mean")
+    for monitor, curve in curves.items():
+        field = f"step_profile.mean.{monitor}"
+        for i, v in enumerate(check.sequence(curve, field, low=len(times), high=len(times))):
+            check.number(v, f"{field}[{i}]", 0.0)
 
 
 def _against_source(check: Check, name: str, config, source, field: str) -> None:
