@@ -121,6 +121,9 @@ COMPRESSION_ROWS = {
     "K=1 0.5x depth, features": dict(ROWS[HALF], **DEPTH, **FEATURES),
     "K=2 cbs denoiser, features": dict(ROWS["K=2 cbs denoiser"], **FEATURES),
     "K=2 cbs denoiser depth, features": dict(ROWS["K=2 cbs denoiser"], **DEPTH, **FEATURES),
+    # per-block widths: the uniform widths' totals, given out over the blocks by importance
+    "K=1 0.5x blockwise": dict(ROWS[HALF], structure="blockwise"),
+    "K=2 cbs denoiser blockwise": dict(ROWS["K=2 cbs denoiser"], structure="blockwise"),
 }
 ROWS.update(COMPRESSION_ROWS)
 CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
@@ -146,7 +149,8 @@ PAIRED = (
        if name != DENSE_GENTLE]
     + [(name, HALF) for name in COMPRESSION_ROWS]
     + [("K=2 cbs denoiser, features", "K=2 cbs denoiser"), ("K=2 cbs denoiser, features", "K=1 0.5x, features"),
-       ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features")]
+       ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features"),
+       ("K=2 cbs denoiser blockwise", "K=2 cbs denoiser"), ("K=2 cbs denoiser blockwise", "K=1 0.5x blockwise")]
 )
 
 

@@ -121,6 +121,16 @@ class Family:
         distillation: the network's blocks, in order."""
         raise NotImplementedError
 
+    def block_unit_groups(self, config: Dict[str, Any]) -> Dict[str, List[str]]:
+        """For each width knob that may differ from block to block, the ``unit_groups`` name of every
+        block's units, in block order; empty where every block shares one width (the pipeline then
+        refuses ``--structure blockwise`` by name)."""
+        return {}
+
+    def with_block_widths(self, config: Dict[str, Any], widths: Dict[str, List[int]]) -> Dict[str, Any]:
+        """``config`` with one width per block for each knob of ``widths`` (a knob's list, block order)."""
+        raise NotImplementedError
+
     def removable_blocks(self, config: Dict[str, Any]) -> List[str]:
         """The blocks depth pruning may remove whole, in order; empty where the family has none
         (the pipeline then refuses ``--structure depth`` by name)."""

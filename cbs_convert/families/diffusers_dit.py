@@ -227,6 +227,9 @@ def model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
                               "1e-6), which diffusers' DiTTransformer2DModel cannot (its frequencies over half - 1 are "
                               f"fixed in its code, so the same weights would compute another function); {INSTEAD}")
     hidden, heads, head_dim, mlp = config["hidden_size"], config["num_heads"], config["head_dim"], config["mlp_hidden"]
+    if "block_heads" in config or "block_mlp" in config:
+        raise CheckpointError(f"{what} has widths of its own in each block (--structure blockwise), which diffusers' "
+                              f"DiTTransformer2DModel cannot hold (one width for all its blocks); {INSTEAD}")
     if heads * head_dim != hidden or mlp != 4 * hidden:
         raise CheckpointError(f"{what} is width-pruned (width {hidden}, attention {heads}x{head_dim}, MLP {mlp}); "
                               "diffusers' DiTTransformer2DModel ties the width to heads x head_dim and the MLP to 4x it, "

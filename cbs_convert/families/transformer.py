@@ -19,9 +19,11 @@ from cbs_convert.families.transformer_detect import (
     TransformerDetection,
 )
 from cbs_convert.families.transformer_net import (
+    BLOCK_WIDTH_KEYS,
     FREQUENCY_EMBEDDING_SIZE,
     NUMERICS,
     DiffusionTransformer,
+    block_widths,
     reference_guidance,
 )
 
@@ -34,8 +36,8 @@ class TransformerFamily(TransformerDetection, Family):
     # layer's: where time enters); the embedders and the output projection stay shared
     delta_layers = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1")
     feature_channel_dim = -1  # tokens x channels
-    # the widths, and the depth when whole blocks are dropped
-    pruned_keys = ("hidden_size", "num_heads", "mlp_hidden", "depth")
+    # the widths (per block too), and the depth when whole blocks are dropped
+    pruned_keys = ("hidden_size", "num_heads", "mlp_hidden", "depth", *BLOCK_WIDTH_KEYS.values())
 
     def feature_taps(self, config):
         return [f"blocks.{i}" for i in range(config["depth"])]
@@ -47,6 +49,8 @@ class TransformerFamily(TransformerDetection, Family):
         return [f"blocks.{i}" for i in range(config["depth"])]
 
     def with_depth(self, config, depth):
+        if any(key in config for key in BLOCK_WIDTH_KEYS.values()):
+            raise ValueError("with_depth on per-block widths: keep_blocks says which blocks' widths stay")
         return {**config, "depth": int(depth)}
 
     def keep_blocks(self, state_dict, config, kept):
@@ -62,7 +66,11 @@ class TransformerFamily(TransformerDetection, Family):
             prefix = key[: key.index(".", len("blocks.")) + 1]
             if prefix in renumbered:
                 out[renumbered[prefix] + key[len(prefix):]] = value
-        return out, self.with_depth(config, len(kept))
+        shallower = {k: v for k, v in config.items() if k not in BLOCK_WIDTH_KEYS.values()}
+        for key in BLOCK_WIDTH_KEYS.values():
+            if key in config:
+                shallower[key] = [config[key][i] for i in kept]
+        return out, {**shallower, "depth": len(kept)}
 
     @classmethod
     def expected_shapes(cls, config):
@@ -77,10 +85,14 @@ class TransformerFamily(TransformerDetection, Family):
     def describe(self, config):
         size = PUBLISHED_SIZES.get((config["depth"], config["hidden_size"]))
         tag = f"{self.name.upper()}-{size.upper()}/{config['patch_size']}" if size else f"{self.name.upper()} (custom)"
-        return (
-            f"{tag}: depth {config['depth']}, width {config['hidden_size']}, {config['num_heads']}x{config['head_dim']} "
-            f"heads, mlp {config['mlp_hidden']}, {config['input_size']}px latents of {config['in_channels']} channels"
-        )
+        widths = block_widths(config)
+        if len(set(widths)) > 1:
+            heads = f"{'/'.join(str(h) for h, _ in widths)} heads of {config['head_dim']} by block"
+            mlp = f"mlp {'/'.join(str(m) for _, m in widths)}"
+        else:
+            heads, mlp = f"{config['num_heads']}x{config['head_dim']} heads", f"mlp {config['mlp_hidden']}"
+        return (f"{tag}: depth {config['depth']}, width {config['hidden_size']}, {heads}, {mlp}, "
+                f"{config['input_size']}px latents of {config['in_channels']} channels")
 
     def nonofficial_numerics(self, config):
         numerics = config.get("numerics", "official")
@@ -121,23 +133,25 @@ class TransformerFamily(TransformerDetection, Family):
         return config["num_classes"] if config["label_rows"] == config["num_classes"] + 1 else None
 
     def param_count(self, config):
-        d, a, m = config["hidden_size"], config["num_heads"] * config["head_dim"], config["mlp_hidden"]
+        d, hd = config["hidden_size"], config["head_dim"]
         p, cin = config["patch_size"], config["in_channels"]
         cout = cin * (2 if config["learn_sigma"] else 1)
         tokens = (config["input_size"] // p) ** 2
-        block = (d * 3 * a + 3 * a) + (a * d + d) + (d * m + m) + (m * d + d) + (d * 6 * d + 6 * d)
+        blocks = sum((d * 3 * h * hd + 3 * h * hd) + (h * hd * d + d) + (d * m + m) + (m * d + d) + (d * 6 * d + 6 * d)
+                     for h, m in block_widths(config))
         embed = tokens * d + (p * p * cin * d + d) + (FREQUENCY_EMBEDDING_SIZE * d + d + d * d + d)
         embed += config["label_rows"] * d
         final = (d * p * p * cout + p * p * cout) + (d * 2 * d + 2 * d)
-        return config["depth"] * block + embed + final
+        return blocks + embed + final
 
     def forward_flops(self, config):
-        d, a, m = config["hidden_size"], config["num_heads"] * config["head_dim"], config["mlp_hidden"]
+        d, hd = config["hidden_size"], config["head_dim"]
         p, cin = config["patch_size"], config["in_channels"]
         cout = cin * (2 if config["learn_sigma"] else 1)
         n = (config["input_size"] // p) ** 2
-        per_block = n * (d * 3 * a + a * d + 2 * d * m) + 2 * n * n * a + d * 6 * d
-        macs = config["depth"] * per_block + n * p * p * cin * d + n * d * p * p * cout + d * 2 * d
+        blocks = sum(n * (d * 3 * h * hd + h * hd * d + 2 * d * m) + 2 * n * n * h * hd + d * 6 * d
+                     for h, m in block_widths(config))
+        macs = blocks + n * p * p * cin * d + n * d * p * p * cout + d * 2 * d
         macs += FREQUENCY_EMBEDDING_SIZE * d + d * d
         return 2 * macs
 
@@ -156,8 +170,28 @@ class TransformerFamily(TransformerDetection, Family):
         ]
 
     def with_widths(self, config, widths):
+        # one width for every block, or for a source that already has widths of its own per block
+        # (a blockwise expert pruned again) the same cap on each of them
         out = dict(config)
         out.update({k: int(v) for k, v in widths.items()})
+        for knob, key in BLOCK_WIDTH_KEYS.items():
+            if key in config and knob in widths:
+                out[key] = [min(int(v), int(widths[knob])) for v in config[key]]
+                out[knob] = max(out[key])
+        return out
+
+    def block_unit_groups(self, config):
+        return {"num_heads": [f"heads.{i}" for i in range(config["depth"])],
+                "mlp_hidden": [f"mlp.{i}" for i in range(config["depth"])]}
+
+    def with_block_widths(self, config, widths):
+        out = dict(config)
+        for knob, per_block in widths.items():
+            values = [int(v) for v in per_block]
+            if len(values) != config["depth"] or min(values) < 1:
+                raise ValueError(f"{knob}: one width of at least 1 per block, {config['depth']} blocks; got {values}")
+            # the knob itself holds the widest block, so every source-facing check still bounds it
+            out[knob], out[BLOCK_WIDTH_KEYS[knob]] = max(values), values
         return out
 
     def unit_groups(self, source, target):
@@ -174,17 +208,14 @@ class TransformerFamily(TransformerDetection, Family):
             UnitGroup("condition", d, d_new, adaln),
             UnitGroup("timestep_hidden", d, d_new, ("t_embedder.mlp.2",)),
         ]
-        for i in range(depth):
-            groups.append(
-                UnitGroup(f"heads.{i}", source["num_heads"], target["num_heads"], (f"blocks.{i}.attn.proj",), source["head_dim"])
-            )
-            groups.append(UnitGroup(f"mlp.{i}", source["mlp_hidden"], target["mlp_hidden"], (f"blocks.{i}.mlp.fc2",)))
+        for i, ((heads, mlp), (kept_heads, kept_mlp)) in enumerate(zip(block_widths(source), block_widths(target))):
+            groups.append(UnitGroup(f"heads.{i}", heads, kept_heads, (f"blocks.{i}.attn.proj",), source["head_dim"]))
+            groups.append(UnitGroup(f"mlp.{i}", mlp, kept_mlp, (f"blocks.{i}.mlp.fc2",)))
         return groups
 
     def slice_state_dict(self, state_dict, source, kept):
         sd = dict(state_dict)
         d, hd = source["hidden_size"], source["head_dim"]
-        attn = source["num_heads"] * hd
         r, c, h = kept["residual"], kept["condition"], kept["timestep_hidden"]
 
         def chunks(index, width, n):
@@ -199,8 +230,9 @@ class TransformerFamily(TransformerDetection, Family):
         sd["t_embedder.mlp.2.bias"] = sd["t_embedder.mlp.2.bias"][c]
         if "y_embedder.embedding_table.weight" in sd:
             sd["y_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"][:, c]
-        for i in range(source["depth"]):
+        for i, (source_heads, _) in enumerate(block_widths(source)):
             b = f"blocks.{i}."
+            attn = source_heads * hd
             heads = kept[f"heads.{i}"]
             channels = (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
             qkv_rows = chunks(channels, attn, 3)
@@ -238,6 +270,13 @@ class TransformerFamily(TransformerDetection, Family):
             raise check.fail(f"{field}.input_size", f"a multiple of patch_size {config['patch_size']}", config["input_size"])
         if "numerics" in config:
             check.text(config["numerics"], f"{field}.numerics", tuple(NUMERICS))
+        for knob, key in BLOCK_WIDTH_KEYS.items():
+            if key in config:
+                values = check.sequence(config[key], f"{field}.{key}", config["depth"], config["depth"])
+                for i, value in enumerate(values):
+                    check.integer(value, f"{field}.{key}[{i}]", 1, config[knob])
+                if max(values) != config[knob]:
+                    raise check.fail(f"{field}.{knob}", f"{max(values)}, the widest block of {key}", config[knob])
         cls.check_time_config(check, config, field)
 
     @classmethod

@@ -4,12 +4,13 @@ The network is key-compatible with the official ``models.py`` of both projects (
 timm layers, frozen ``pos_embed`` parameter, adaLN chunks ordered shift/scale/gate for attention then
 for the MLP). Widths may differ from the published ones after pruning: the attention inner width is
 ``num_heads * head_dim`` (head_dim kept), the MLP hidden width is free, and the residual width is free.
+Per-block widths (``block_heads``, ``block_mlp``) let each block keep its own heads and MLP width.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -19,6 +20,18 @@ from timm.models.vision_transformer import Attention
 FREQUENCY_EMBEDDING_SIZE = 256
 #: The reference forward_with_cfg guides only the first three channels (a quirk kept for fidelity).
 REFERENCE_GUIDED_CHANNELS = 3
+
+
+#: the config entries of per-block widths (``--structure blockwise``): one value per block; absent,
+#: every block has ``num_heads`` heads and an MLP of ``mlp_hidden``, as the official models do
+BLOCK_WIDTH_KEYS = {"num_heads": "block_heads", "mlp_hidden": "block_mlp"}
+
+
+def block_widths(config: Dict[str, Any]) -> List[Tuple[int, int]]:
+    """(heads, MLP hidden width) of every block, in order."""
+    heads = config.get("block_heads") or [config["num_heads"]] * config["depth"]
+    mlp = config.get("block_mlp") or [config["mlp_hidden"]] * config["depth"]
+    return [(int(h), int(m)) for h, m in zip(heads, mlp)]
 
 
 def modulate(x, shift, scale):
@@ -142,8 +155,7 @@ class DiffusionTransformer(nn.Module):
         grid = c["input_size"] // c["patch_size"]
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden, grid).unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList(
-            TransformerBlock(hidden, c["num_heads"], c["head_dim"], c["mlp_hidden"], numerics["mlp_norm_eps"])
-            for _ in range(c["depth"])
+            TransformerBlock(hidden, heads, c["head_dim"], mlp, numerics["mlp_norm_eps"]) for heads, mlp in block_widths(c)
         )
         self.final_layer = FinalLayer(hidden, c["patch_size"], self.out_channels)
         self._init_weights()

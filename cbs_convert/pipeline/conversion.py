@@ -164,7 +164,7 @@ class Conversion:
         if path.exists():
             self.plan = Plan.from_dict(json.loads(path.read_text()))
             return
-        self.plan = plan_experts(self.source, self.recipe, self.profile_result, self.say)
+        self.plan = plan_experts(self.source, self.recipe, self.profile_result, self.say, self.pool)
         atomic_write_json(path, self.plan.to_dict())
 
     def measure_step_profile(self):

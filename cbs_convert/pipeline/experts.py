@@ -13,11 +13,11 @@ from torch import nn
 
 from cbs_convert.models.shared_base import SharedBaseModel
 from cbs_convert.pipeline.recipe import Recipe
-from cbs_convert.pipeline.steps import Plan, Pool, Source, silent
+from cbs_convert.pipeline.steps import Plan, Pool, Source, expert_calibration, silent
 from cbs_convert.stages.depth import RecoverySettings, choose_blocks, target_depth
 from cbs_convert.stages.finetune import (BASE_LR_SCALE, DELTA_LR, FULL_WIDTH_LR, PRUNED_LR, FinetuneResult, FinetuneSettings,
                                          boundary_velocity, finetune_expert, relative_error)
-from cbs_convert.stages.prune import calibration_batches, prune_state_dict
+from cbs_convert.stages.prune import prune_state_dict
 
 Measurements = Dict[int, Dict[str, Any]]  # expert -> its ``measure`` record
 
@@ -38,7 +38,7 @@ def prune_expert(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int,
         f"{family.param_count(config):,} parameters ({r.prune} importance)")
     calibration = None
     if r.prune == "segment" or r.structure == "depth":
-        calibration = calibration_batches(family, pool.x0, pool.labels, segment, r.calib_batches, r.batch_size, r.seed + 17 * k)
+        calibration = expert_calibration(source, r, pool, segment, k)
     teacher, state, shape = source.teacher, source.state_dict, source.config
     blocks, record = None, None
     if r.structure == "depth":

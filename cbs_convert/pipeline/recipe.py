@@ -64,7 +64,7 @@ class Recipe:
     rank: int = field(default=16, metadata={"help": "--experts lora: rank of each segment's delta"})
     base_lr_scale: Optional[float] = field(default=None, metadata={"help": "--experts lora: the shared base's lr as a multiple of --lr (0 freezes the base; default 0.1: the deltas at 1e-3, the base at the source's final 1e-4)"})
     # pruning
-    structure: str = field(default="width", metadata={"help": "what pruning removes: width (residual width, heads, MLP channels of every block) or depth (whole blocks first, chosen on the expert's segment, then width for the rest of the budget; SiT and DiT)"})
+    structure: str = field(default="width", metadata={"help": "what pruning removes: width (residual width, heads, MLP channels, alike in every block), blockwise (the same totals, each block keeping the heads and MLP channels that score highest on the expert's segment wherever they sit; SiT and DiT) or depth (whole blocks first, chosen on the expert's segment, then width for the rest of the budget; SiT and DiT)"})
     block_selector: str = field(default="importance", metadata={"help": "--structure depth: importance (greedy removal of the block whose absence changes the output least) or recovery (a few candidate sets, each given a short low-rank recovery; the best recovered wins)"})
     prune: str = field(default="segment", metadata={"help": "unit selection: segment (activation-aware on the segment), magnitude or random"})
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
@@ -103,7 +103,7 @@ CHOICES = {
                 "sensitivity"),
     "prune": ("segment", "magnitude", "random"),
     "experts": ("copies", "lora"),
-    "structure": ("width", "depth"),
+    "structure": ("width", "blockwise", "depth"),
     "block_selector": ("importance", "recovery"),
     "derivatives": ("jvp", "fd"),
     "loss": ("distill", "data", "both"),
@@ -315,7 +315,7 @@ def validate(r: Recipe) -> None:
     need(r.feature_mask_sigma > 0, f"feature_mask_sigma={r.feature_mask_sigma} must be positive")
     need(r.base_lr_scale is None or r.base_lr_scale >= 0, f"base_lr_scale={r.base_lr_scale} must be 0 (a frozen base) or more")
     need(r.structure == "width" or r.experts == "copies",
-         "--structure depth prunes copies; --experts lora keeps the source whole: drop one of them")
+         f"--structure {r.structure} prunes copies; --experts lora keeps the source whole: drop one of them")
     if r.experts == "lora":
         need(r.budget == "1x", f"budget={r.budget}: --experts lora keeps the source's width (the base plus small deltas); "
                                "drop --budget, or use --experts copies to prune to a budget")

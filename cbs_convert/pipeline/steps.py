@@ -7,7 +7,7 @@ can call them one by one:
 
     source, recipe = load_source({"checkpoint": "model.pt", "k": 2})
     pool = teacher_pool(source, recipe)
-    plan = plan_experts(source, recipe, profile_source(source, recipe, pool))
+    plan = plan_experts(source, recipe, profile_source(source, recipe, pool), pool=pool)
 
 and go on with ``experts.prune_expert`` and ``experts.finetune_one`` for each expert.
 """
@@ -34,7 +34,9 @@ from cbs_convert.sample.schedules import PROFILE_MONITOR
 from cbs_convert.stages.data import load_latents
 from cbs_convert.stages.depth import allocate_depth
 from cbs_convert.stages.profile import Profile, profile_model, pruned_student
-from cbs_convert.stages.budget import allocate_widths, budget_targets, check_budget_feasible, parse_budget
+from cbs_convert.stages.prune import calibration_batches, unit_scores
+from cbs_convert.stages.budget import (allocate_widths, budget_targets, check_budget_feasible, parse_budget,
+                                       spread_over_blocks)
 from cbs_convert.stages.split import Split, plan_split
 from cbs_convert.storage.checkpoint import SourceCheckpoint, read_checkpoint, with_user_hints
 
@@ -128,6 +130,9 @@ def _check_recipe(source: Source, recipe: Recipe, warn: Callable[[str], None]) -
     if r.structure == "depth" and not family.removable_blocks(config):
         raise RecipeError(f"--structure depth: the {family.name} family has no blocks that can be removed whole "
                           "(a UNet's skip connections tie its blocks together); use --structure width")
+    if r.structure == "blockwise" and not family.block_unit_groups(config):
+        raise RecipeError(f"--structure blockwise: the {family.name} family shares one width over its blocks "
+                          "(a UNet's skip connections tie their channels together); use --structure width")
     if r.experts == "lora" and config.get("use_checkpoint"):
         # SharedBaseModel turns it off (a recomputed block would lose its delta): say so, since
         # the memory it was asked to save is not saved
@@ -246,10 +251,27 @@ def sensitivity_student(source: Source, recipe: Recipe, pool: Pool) -> nn.Module
     return student.to(source.device)
 
 
+def expert_calibration(source: Source, recipe: Recipe, pool: Pool, segment: Tuple[float, float], k: int):
+    """Expert k's calibration batches on its segment: the inputs its units are scored on, the same
+    wherever they are scored (the blockwise plan, the pruning)."""
+    r = recipe
+    return calibration_batches(source.family, pool.x0, pool.labels, segment, r.calib_batches, r.batch_size, r.seed + 17 * k)
+
+
+def expert_unit_scores(source: Source, recipe: Recipe, pool: Optional[Pool], segment, k: int, config: Dict[str, Any]):
+    """The importance of every unit of the source for expert k (of architecture ``config``)."""
+    r = recipe
+    calibration = expert_calibration(source, r, pool, segment, k) if r.prune == "segment" else None
+    groups = source.family.unit_groups(source.config, config)
+    return unit_scores(source.teacher, groups, r.prune, calibration, seed=r.seed + k)
+
+
 def plan_experts(source: Source, recipe: Recipe, profile: Optional[Profile],
-                 say: Callable[[str], None] = silent) -> Plan:
+                 say: Callable[[str], None] = silent, pool: Optional[Pool] = None) -> Plan:
     """Cut time into the recipe's K segments and give each expert its share of the budget as an
-    architecture (``--experts lora``: every expert is the whole source)."""
+    architecture (``--experts lora``: every expert is the whole source; ``--structure blockwise``:
+    its heads and MLP channels given out over its blocks by their importance on its segment, which
+    is measured on ``pool``)."""
     r, family = recipe, source.family
     # --split uniform/snr may profile other monitors than --monitor: then there is no cut curve
     profiled = profile is not None and r.monitor in profile.mean
@@ -270,7 +292,17 @@ def plan_experts(source: Source, recipe: Recipe, profile: Optional[Profile],
         + ", ".join(f"{share:.3f}" for share in split.shares))
     shapes = ([allocate_depth(family, source.config, t) for t in targets] if r.structure == "depth"
               else [source.config] * r.k)
-    return Plan(split, targets, [allocate_widths(family, shape, t) for shape, t in zip(shapes, targets)])
+    configs = [allocate_widths(family, shape, t) for shape, t in zip(shapes, targets)]
+    if r.structure == "blockwise":
+        if pool is None:
+            raise ValueError("--structure blockwise scores units on the pool: pass plan_experts(..., pool=)")
+        for k, (segment, uniform) in enumerate(zip(split.segments, configs)):
+            scores = expert_unit_scores(source, r, pool, segment, k, uniform)
+            configs[k] = spread_over_blocks(family, source.config, uniform, scores)
+            if family.param_count(configs[k]) != family.param_count(uniform):
+                raise AssertionError(f"blockwise widths of expert {k} changed its parameter count")  # a family's bug
+            say(f"expert {k}: {family.describe(configs[k])}")
+    return Plan(split, targets, configs)
 
 
 def trains(source: Source, recipe: Recipe, plan: Plan, k: int) -> bool:

@@ -1,5 +1,6 @@
 """The parameter budget: what a budget string means, how it is shared among the experts, and the
-widths that make one expert the size it was given.
+widths that make one expert the size it was given, and (``--structure blockwise``) how those widths
+are given out over its blocks.
 """
 
 from __future__ import annotations
@@ -142,3 +143,30 @@ def _fit_finest(family, base: Dict, fine, target: int) -> List[Dict]:
         else:
             high = mid
     return [family.with_widths(base, {fine.name: w}) for w in (low, high)]
+
+
+def spread_over_blocks(family, source_config: Dict, config: Dict, scores: Dict[str, Sequence[float]]) -> Dict:
+    """``config`` with its units given out block by block by importance (``--structure blockwise``):
+    for every knob the family lets vary per block, as many units as ``config`` keeps over all blocks
+    go to the source's highest-scoring ones wherever they sit, each block keeping its best one. A head
+    or an MLP channel costs the same in every block of one residual width, so the parameter count and
+    the FLOPs stay ``config``'s exactly (the pipeline checks this)."""
+    groups = {g.name: g for g in family.unit_groups(source_config, config)}
+    widths = {}
+    for knob, names in family.block_unit_groups(source_config).items():
+        total = sum(groups[name].keep for name in names)
+        ranked = sorted(((float(score), block, unit) for block, name in enumerate(names)
+                         for unit, score in enumerate(scores[name])), key=lambda c: (-c[0], c[1], c[2]))
+        best = {}
+        for _, block, unit in ranked:
+            best.setdefault(block, unit)
+        counts = [1] * len(names)
+        spare = total - len(names)
+        for _, block, unit in ranked:
+            if spare <= 0:
+                break
+            if best[block] != unit:
+                counts[block] += 1
+                spare -= 1
+        widths[knob] = counts
+    return family.with_block_widths(config, widths)
