@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import cbs_convert
 from cbs_convert.cli.main import main as cli_main
+from cbs_convert.families.transformer_net import block_widths
 from cbs_convert.stages.budget import allocate_widths, spread_over_blocks
 from cbs_convert.storage.loading import load_model
 from helpers import tiny_model
@@ -73,10 +74,10 @@ def test_a_blockwise_conversion_meets_the_uniform_budget_and_extracts_experts_th
     configs = [entry["config"] for entry in routed.metadata["experts"]]
     for k, (config, expert) in enumerate(zip(configs, result.report["evaluation"]["experts"])):
         uniform = allocate_widths(family, family.config, result.report["evaluation"]["experts"][k]["target_params"])
-        assert len(config["block_heads"]) == len(config["block_mlp"]) == 3
-        assert sum(config["block_mlp"]) == 3 * uniform["mlp_hidden"] and sum(config["block_heads"]) == 3 * uniform["num_heads"]
+        heads, mlp = zip(*block_widths(config))
+        assert sum(mlp) == 3 * uniform["mlp_hidden"] and sum(heads) == 3 * uniform["num_heads"]
         assert expert["params"] == family.param_count(config) == family.param_count(uniform)
-    assert any(len(set(c["block_mlp"])) > 1 for c in configs)  # the scores did move units between blocks
+    assert any(len(set(c.get("block_mlp", []))) > 1 for c in configs)  # the scores did move units between blocks
     code, printed = _cli(["extract", "blockwise.safetensors", "--expert", 1, "--out", "e1.safetensors"], tmp_path, capsys)
     assert code == 0, printed.err
     plain_family, plain = load_model(tmp_path / "e1.safetensors")
@@ -88,10 +89,11 @@ def test_a_blockwise_conversion_meets_the_uniform_budget_and_extracts_experts_th
     # an expert with widths of its own per block is a source like any other: pruned again, uniformly
     again = cbs_convert.convert(tmp_path / "e1.safetensors", k=2, budget="0.8x", out=str(tmp_path / "again.safetensors"),
                                 **QUICK_KW)
-    assert all(e["params"] > 0 for e in again.report["evaluation"]["experts"])
-    reloaded = cbs_convert.load(again.output)
-    for entry in reloaded.metadata["experts"]:
-        assert all(a <= b for a, b in zip(entry["config"]["block_mlp"], configs[1]["block_mlp"]))
+    source_blocks = block_widths(configs[1])
+    for entry, expert in zip(cbs_convert.load(again.output).metadata["experts"], again.report["evaluation"]["experts"]):
+        pruned_blocks = block_widths(entry["config"])
+        assert all(h <= sh and m <= sm for (h, m), (sh, sm) in zip(pruned_blocks, source_blocks))
+        assert pruned_blocks != source_blocks and abs(expert["params_vs_target"]) <= 0.02
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -132,3 +134,34 @@ def test_diffusers_cannot_hold_a_blockwise_dit_expert_and_says_so():
                                       {"num_heads": [4, 4, 4], "mlp_hidden": [8, 16, 4 * family.config["hidden_size"]]})
     with pytest.raises(CheckpointError, match="widths of its own in each block"):
         model_config(config, "expert 1")
+
+
+def test_units_go_in_chunks_of_the_knobs_multiple_when_the_uniform_widths_hold_them():
+    family, _ = tiny_model("sit", depth=3, mlp_hidden=256, hidden_size=256, num_heads=4)
+    source = family.config
+    multiple = next(k.multiple for k in family.width_knobs(source) if k.name == "mlp_hidden")
+    uniform = family.with_widths(source, {"mlp_hidden": 128})
+    generator = torch.Generator().manual_seed(0)
+    scores = {g.name: torch.rand(g.size, generator=generator) * (1 + int(g.name.rpartition(".")[2] or 0))
+              for g in family.unit_groups(source, uniform) if "." in g.name}
+    spread = spread_over_blocks(family, source, uniform, scores)
+    assert multiple == 8 and all(m % 8 == 0 for m in spread["block_mlp"]) and sum(spread["block_mlp"]) == 3 * 128
+    assert family.param_count(spread) == family.param_count(uniform)
+
+
+def test_full_width_blockwise_experts_are_the_source_and_are_not_trained_on_distillation(tmp_path):
+    family, model, result = _convert(tmp_path, budget="2x")
+    assert [e["config"] for e in cbs_convert.load(result.output).metadata["experts"]] == [family.config] * 2
+    assert not any(e["trained"] for e in result.report["finetune"]["experts"])
+    assert any("full-width copy of the teacher" in w for w in result.report["warnings"])
+
+
+def test_a_blockwise_expert_cannot_be_depth_pruned_or_extracted_to_a_bare_pt(tmp_path, capsys):
+    _convert(tmp_path)
+    code, printed = _cli(["extract", "blockwise.safetensors", "--expert", 1, "--out", "e1.pt"], tmp_path, capsys)
+    assert code == 2 and "a bare .pt cannot say" in printed.err and len(printed.err.strip().splitlines()) == 1
+    assert not (tmp_path / "e1.pt").exists()
+    assert _cli(["extract", "blockwise.safetensors", "--expert", 1, "--out", "e1.safetensors"], tmp_path, capsys)[0] == 0
+    code, printed = _cli(["e1.safetensors", "--structure", "depth", "--budget", "0.7x", "--quiet"], tmp_path, capsys)
+    assert code == 2 and "widths of its own in each block" in printed.err and len(printed.err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("e1*.work"))

@@ -179,3 +179,23 @@ def test_the_bundled_teacher_and_recipes_are_found_by_name_from_any_directory(tm
     assert read_recipe_file("sit_xl_2_k4.yaml")["k"] == 4 and read_recipe_file("sit_xl_2_k4")["k"] == 4
     code, _, err = cli(["digits_sit", "--recipe", "no_such_recipe.yaml"], capsys)
     assert code == 2 and "recipe not found" in err and "sit_xl_2_k4" in err
+
+
+def test_a_step_profile_that_cannot_place_steps_is_left_out_with_a_warning_and_the_file_still_loads(tiny_pt, tmp_path,
+                                                                                                   monkeypatch):
+    import cbs_convert
+    from cbs_convert.pipeline import steps
+    from test_end_to_end import QUICK_KW
+
+    measured = steps.profile_model
+
+    def with_inf(*args, **kwargs):
+        profile = measured(*args, **kwargs)
+        if "path_acceleration" in profile.mean:
+            profile.mean["path_acceleration"][-1] = float("inf")
+        return profile
+
+    monkeypatch.setattr(steps, "profile_model", with_inf)
+    with pytest.warns(UserWarning, match="path_acceleration curve has NaN or Inf"):
+        result = cbs_convert.convert(tiny_pt[0], k=2, num_heads=4, out=str(tmp_path / "o.safetensors"), **QUICK_KW)
+    assert "step_profile" not in cbs_convert.load(result.output).metadata and "step_profile" not in result.report

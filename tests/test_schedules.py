@@ -316,7 +316,9 @@ def test_a_schedule_file_samples_as_its_times_and_only_for_the_model_it_was_comp
     ("{not json", "not a readable JSON file"),
     ('{"model_sha256": "00"}', "holds no list of times"),
     ('{"times": [1.0, 0.5, 0.0]}', "does not say which model"),
-    ('{"times": [1.0, "half", 0.0], "model_sha256": "00"}', "its times must all be numbers"),
+    ('{"times": [1.0, "half", 0.0], "model_sha256": "00"}', "its times must be numbers"),
+    ('{"times": [], "model_sha256": "00"}', "at least two"),
+    ('{"times": [1.0, 1' + "0" * 400 + ', 0.0], "model_sha256": "00"}', "too large a number"),
 ])
 def test_a_damaged_schedule_file_gets_one_line_and_exit_2(routed_file, tmp_path, capsys, content, expected):
     from cbs_convert.cli.sample import main as sample

@@ -139,6 +139,9 @@ def extract(path, expert: int, out, force: bool = False, format: str = "checkpoi
         raise WorkdirError(f"--out {out}: this expert computes differently from the official {family.name} code "
                            f"({', '.join(f'{k} {v}' for k, v in lossy.items())}), which a bare .pt cannot say; the "
                            "official loader would build another function. Write .safetensors")
+    if out.suffix != ".safetensors" and family.per_block_widths(config):
+        raise WorkdirError(f"--out {out}: this expert has widths of its own in each block (--structure blockwise), which a "
+                           "bare .pt cannot say and no loader reads from its shapes alone; write .safetensors")
     if out.suffix == ".safetensors":
         # the whole config, so that widths the shapes cannot resolve (ADM's per-block groups) read back exactly
         args = {**family.saved_args(config), "family": family.name, "cbs_convert_config": config, "define_the_model": True}

@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args, family, model_files: List[Path]) -> Dict:
+def _settings(args, family, model_sha256: str) -> Dict:
     """Everything that decides the samples: a shard folder is continued only under the same ones. The
     model is named by its content, so a copy, a move or a touch keeps the shards and new weights do not."""
     return {
         # the flags that describe a source count through the model they build, not as typed
-        "model_sha256": content_sha256(model_files), "model": family.name,
+        "model_sha256": model_sha256, "model": family.name,
         "model_config": json.loads(json.dumps(family.config, default=str)),  # as the marker stores it
         "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
         "sampler": args.sampler or family.default_sampler, "steps": args.steps or DEFAULT_STEPS,
@@ -221,12 +221,13 @@ def _run(args) -> List[str]:
     rank, world = distributed()
     device = resolve_device(args.device)
     warnings: List[str] = []
+    model_sha256 = content_sha256(model_files)
+    check_schedule_model(args, model_sha256, str(args.model))  # before the model loads: nothing to wait for
     family, model = load_model(model_path, device=device, hints=hints, on_warning=warnings.append)
     if rank == 0:
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
-    settings = _settings(args, family, model_files)
-    check_schedule_model(args, settings["model_sha256"], str(args.model))
+    settings = _settings(args, family, model_sha256)
     _check(args, family, settings, model)
     schedule = None
     if "schedule" in settings:

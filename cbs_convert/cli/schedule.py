@@ -64,9 +64,14 @@ def resolve_schedule_file(args) -> None:
     if args.schedule and str(args.schedule).strip().endswith(".json"):
         times, args.schedule_for = read_schedule_file(Path(str(args.schedule).strip()))
         args.schedule_file = args.schedule
-        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
-            raise RecipeError(f"--schedule {args.schedule_file}: its times must all be numbers")
-        args.schedule = ",".join(repr(float(t)) for t in times)
+        if len(times) < 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
+            raise RecipeError(f"--schedule {args.schedule_file}: its times must be numbers, at least two (from 1 down "
+                              "to the end)")
+        try:
+            args.schedule = ",".join(repr(float(t)) for t in times)
+        except OverflowError:
+            raise RecipeError(f"--schedule {args.schedule_file}: a time is too large a number; times run from 1 "
+                              "down to 0") from None
 
 
 def check_schedule_model(args, model_sha256: str, model: str) -> None:
@@ -118,8 +123,10 @@ def run(args) -> List[str]:
     if args.steps is None and args.steps_per_expert is None and not isinstance(parse_schedule(args.schedule), list):
         raise RecipeError("give --steps N (or --steps-per-expert, or the times themselves as --schedule)")
     path, hints, routed = model_source(args)
-    model_sha256 = content_sha256([path] if routed else source_files(path))
-    check_schedule_model(args, model_sha256, str(args.model))
+    model_sha256 = None
+    if args.json or args.schedule_for is not None:  # hashed only when a file names the model (GBs at XL size)
+        model_sha256 = content_sha256([path] if routed else source_files(path))
+        check_schedule_model(args, model_sha256, str(args.model))
     device = resolve_device(args.device)
     family, model = load_model(path, device=device, hints=hints)
     schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,

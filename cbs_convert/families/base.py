@@ -131,6 +131,11 @@ class Family:
         """``config`` with one width per block for each knob of ``widths`` (a knob's list, block order)."""
         raise NotImplementedError
 
+    def per_block_widths(self, config: Dict[str, Any]) -> Dict[str, List[int]]:
+        """The knobs whose width differs from block to block in ``config``, each with its list; empty
+        for a network whose blocks share every width (every source of the official code)."""
+        return {}
+
     def removable_blocks(self, config: Dict[str, Any]) -> List[str]:
         """The blocks depth pruning may remove whole, in order; empty where the family has none
         (the pipeline then refuses ``--structure depth`` by name)."""

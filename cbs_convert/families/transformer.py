@@ -176,8 +176,11 @@ class TransformerFamily(TransformerDetection, Family):
         out.update({k: int(v) for k, v in widths.items()})
         for knob, key in BLOCK_WIDTH_KEYS.items():
             if key in config and knob in widths:
-                out[key] = [min(int(v), int(widths[knob])) for v in config[key]]
-                out[knob] = max(out[key])
+                capped = [min(int(v), int(widths[knob])) for v in config[key]]
+                out[knob] = max(capped)
+                out.pop(key)
+                if len(set(capped)) > 1:
+                    out[key] = capped
         return out
 
     def block_unit_groups(self, config):
@@ -191,8 +194,14 @@ class TransformerFamily(TransformerDetection, Family):
             if len(values) != config["depth"] or min(values) < 1:
                 raise ValueError(f"{knob}: one width of at least 1 per block, {config['depth']} blocks; got {values}")
             # the knob itself holds the widest block, so every source-facing check still bounds it
-            out[knob], out[BLOCK_WIDTH_KEYS[knob]] = max(values), values
+            out[knob] = max(values)
+            out.pop(BLOCK_WIDTH_KEYS[knob], None)
+            if len(set(values)) > 1:  # blocks alike are the plain config: a full-width expert stays the source
+                out[BLOCK_WIDTH_KEYS[knob]] = values
         return out
+
+    def per_block_widths(self, config):
+        return {knob: list(config[key]) for knob, key in BLOCK_WIDTH_KEYS.items() if key in config}
 
     def unit_groups(self, source, target):
         depth = source["depth"]

@@ -171,10 +171,15 @@ class Conversion:
         """Rank 0: the curve of the ``profile`` sampling schedule, for the routed file to carry."""
         began = time.time()
         path = self.work.path(STEP_PROFILE)
+        self.step_profile: Optional[Profile] = None
         if path.exists():
             self.step_profile = Profile.from_dict(json.loads(path.read_text()))
         else:
-            self.step_profile = step_profile(self.source, self.recipe, self.pool)
+            try:
+                self.step_profile = step_profile(self.source, self.recipe, self.pool)
+            except RecipeError as exc:  # a teacher whose curve has NaN or Inf: the conversion goes on without it
+                self.warn(str(exc))
+                return
             atomic_write_json(path, self.step_profile.to_dict())
         self.timings["step_profile"] = time.time() - began
 
@@ -225,10 +230,11 @@ class Conversion:
         report["ranks"] = team.layout.to_dict()
         self.say(f"writing {self.output}")
         extra = run_description(source.family, source.checkpoint, report["profile"], report["split"], report["recipe"])
-        extra["step_profile"] = self.step_profile.to_dict()
-        report["step_profile"] = {"monitor": next(iter(self.step_profile.mean)), "times": len(self.step_profile.grid),
-                                  "samples_per_point": self.step_profile.samples_per_point,
-                                  "notes": self.step_profile.notes}
+        if self.step_profile is not None:
+            extra["step_profile"] = self.step_profile.to_dict()
+            report["step_profile"] = {"monitor": next(iter(self.step_profile.mean)), "times": len(self.step_profile.grid),
+                                      "samples_per_point": self.step_profile.samples_per_point,
+                                      "notes": self.step_profile.notes}
         if r.experts == "lora":
             save_shared_base(self.output, experts.shared_student(trained=experts.trains(0)), extra)
         else:

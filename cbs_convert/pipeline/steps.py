@@ -37,7 +37,7 @@ from cbs_convert.stages.profile import Profile, profile_model, pruned_student
 from cbs_convert.stages.prune import calibration_batches, unit_scores
 from cbs_convert.stages.budget import (allocate_widths, budget_targets, check_budget_feasible, parse_budget,
                                        spread_over_blocks)
-from cbs_convert.stages.split import Split, plan_split
+from cbs_convert.stages.split import Split, check_curve, plan_split
 from cbs_convert.storage.checkpoint import SourceCheckpoint, read_checkpoint, with_user_hints
 
 
@@ -130,6 +130,10 @@ def _check_recipe(source: Source, recipe: Recipe, warn: Callable[[str], None]) -
     if r.structure == "depth" and not family.removable_blocks(config):
         raise RecipeError(f"--structure depth: the {family.name} family has no blocks that can be removed whole "
                           "(a UNet's skip connections tie its blocks together); use --structure width")
+    if r.structure == "depth" and family.per_block_widths(config):
+        raise RecipeError(f"--structure depth: {source.checkpoint.path} has widths of its own in each block (an expert of "
+                          "--structure blockwise), which removing whole blocks does not keep track of; prune it with "
+                          "--structure width or blockwise")
     if r.structure == "blockwise" and not family.block_unit_groups(config):
         raise RecipeError(f"--structure blockwise: the {family.name} family shares one width over its blocks "
                           "(a UNet's skip connections tie their channels together); use --structure width")
@@ -235,6 +239,9 @@ def step_profile(source: Source, recipe: Recipe, pool: Pool) -> Profile:
                             min(STEP_PROFILE_BATCHES, r.profile_batches), r.profile_batch_size, r.seed,
                             pool.description, derivatives=r.derivatives)
     profile.notes.append(f"measured at conversion for the profile sampling schedule in {time.time() - began:.3g} s")
+    # a curve that could not place steps is not stored: a loader would refuse the whole file for it
+    check_curve(profile.grid, profile.mean[PROFILE_MONITOR], PROFILE_MONITOR, "place sampling steps",
+                "the routed file is written without it, and --schedule profile measures one when asked")
     return profile
 
 

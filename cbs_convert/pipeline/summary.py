@@ -37,6 +37,7 @@ def planned_experts(source: Source, recipe: Recipe, plan: Plan) -> List[Dict[str
     for k, segment in enumerate(plan.split.segments):
         config = plan.configs[k]
         widths = {knob.name: config[knob.name] for knob in family.width_knobs(config)}
+        widths.update(family.per_block_widths(config))  # a list, block by block, where the blocks differ
         if shared is not None:
             flops = family.forward_flops(config) + shared["delta_flops"]
             experts.append({"segment": list(segment), "share": plan.split.shares[k], "delta_params": shared["delta_params"],

@@ -152,21 +152,26 @@ def spread_over_blocks(family, source_config: Dict, config: Dict, scores: Dict[s
     or an MLP channel costs the same in every block of one residual width, so the parameter count and
     the FLOPs stay ``config``'s exactly (the pipeline checks this)."""
     groups = {g.name: g for g in family.unit_groups(source_config, config)}
+    multiples = {knob.name: knob.multiple for knob in family.width_knobs(source_config)}
     widths = {}
     for knob, names in family.block_unit_groups(source_config).items():
-        total = sum(groups[name].keep for name in names)
-        ranked = sorted(((float(score), block, unit) for block, name in enumerate(names)
-                         for unit, score in enumerate(scores[name])), key=lambda c: (-c[0], c[1], c[2]))
-        best = {}
-        for _, block, unit in ranked:
-            best.setdefault(block, unit)
-        counts = [1] * len(names)
-        spare = total - len(names)
-        for _, block, unit in ranked:
+        keeps = [groups[name].keep for name in names]
+        # units go in chunks of the knob's multiple (the matrix sizes fast kernels want), each chunk a
+        # block's next-best units, ranked by their summed score; one chunk per block is its floor
+        chunk = multiples.get(knob, 1) if all(keep % multiples.get(knob, 1) == 0 for keep in keeps) else 1
+        chunks = []
+        for block, name in enumerate(names):
+            ordered = sorted((float(s) for s in scores[name]), reverse=True)
+            for first in range(0, len(ordered) - chunk + 1, chunk):
+                chunks.append((sum(ordered[first:first + chunk]), block, first))
+        chunks.sort(key=lambda c: (-c[0], c[1], c[2]))
+        counts = [chunk] * len(names)
+        spare = sum(keeps) - chunk * len(names)
+        for _, block, first in chunks:
             if spare <= 0:
                 break
-            if best[block] != unit:
-                counts[block] += 1
-                spare -= 1
+            if first > 0:
+                counts[block] += chunk
+                spare -= chunk
         widths[knob] = counts
     return family.with_block_widths(config, widths)

@@ -217,7 +217,7 @@ def _run_description(check: Check, meta, family, source_config) -> None:
 
 def _step_profile(check: Check, value) -> None:
     """The curve ``--schedule profile`` places steps by, read at sampling time without a model call,
-    so it is held to what placing steps needs: times rising inside (0, 1), one finite value of at
+    so it is held to what placing steps needs: times rising within [0, 1], one finite value of at
     least 0 per time for each curve."""
     profile = check.mapping(value, "step_profile")
     grid = check.sequence(check.get(profile, "grid", "step_profile.grid", "a list of times"), "step_profile.grid", low=2)
