@@ -124,6 +124,8 @@ COMPRESSION_ROWS = {
     # per-block widths: the uniform widths' totals, given out over the blocks by importance
     "K=1 0.5x blockwise": dict(ROWS[HALF], structure="blockwise"),
     "K=2 cbs denoiser blockwise": dict(ROWS["K=2 cbs denoiser"], structure="blockwise"),
+    "K=1 0.5x blockwise, features": dict(ROWS[HALF], structure="blockwise", **FEATURES),
+    "K=2 cbs denoiser blockwise, features": dict(ROWS["K=2 cbs denoiser"], structure="blockwise", **FEATURES),
 }
 ROWS.update(COMPRESSION_ROWS)
 CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
@@ -150,7 +152,9 @@ PAIRED = (
     + [(name, HALF) for name in COMPRESSION_ROWS]
     + [("K=2 cbs denoiser, features", "K=2 cbs denoiser"), ("K=2 cbs denoiser, features", "K=1 0.5x, features"),
        ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features"),
-       ("K=2 cbs denoiser blockwise", "K=2 cbs denoiser"), ("K=2 cbs denoiser blockwise", "K=1 0.5x blockwise")]
+       ("K=2 cbs denoiser blockwise", "K=2 cbs denoiser"), ("K=2 cbs denoiser blockwise", "K=1 0.5x blockwise"),
+       ("K=1 0.5x blockwise, features", "K=1 0.5x blockwise"),
+       ("K=2 cbs denoiser blockwise, features", "K=1 0.5x blockwise, features")]
 )
 
 
