@@ -153,7 +153,7 @@ PAIRED = (
     + [("K=2 cbs denoiser, features", "K=2 cbs denoiser"), ("K=2 cbs denoiser, features", "K=1 0.5x, features"),
        ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features"),
        ("K=2 cbs denoiser blockwise", "K=2 cbs denoiser"), ("K=2 cbs denoiser blockwise", "K=1 0.5x blockwise"),
-       ("K=1 0.5x blockwise, features", "K=1 0.5x blockwise"),
+       ("K=1 0.5x blockwise, features", "K=1 0.5x blockwise"), ("K=1 0.5x blockwise, features", "K=1 0.5x, features"),
        ("K=2 cbs denoiser blockwise, features", "K=1 0.5x blockwise, features")]
 )
 
