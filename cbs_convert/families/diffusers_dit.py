@@ -26,7 +26,7 @@ import torch
 
 from cbs_convert.errors import CheckpointError
 from cbs_convert.families.diffusers import INSTEAD, Denoiser as _Denoiser, positive, square
-from cbs_convert.families.transformer_net import sincos_pos_embed
+from cbs_convert.families.transformer_net import BLOCK_WIDTH_KEYS, sincos_pos_embed
 
 CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
 #: the class an expert is written as, and checked with
@@ -227,7 +227,7 @@ def model_config(config: Dict[str, Any], what: str) -> Dict[str, Any]:
                               "1e-6), which diffusers' DiTTransformer2DModel cannot (its frequencies over half - 1 are "
                               f"fixed in its code, so the same weights would compute another function); {INSTEAD}")
     hidden, heads, head_dim, mlp = config["hidden_size"], config["num_heads"], config["head_dim"], config["mlp_hidden"]
-    if "block_heads" in config or "block_mlp" in config:
+    if any(key in config for key in BLOCK_WIDTH_KEYS.values()):
         raise CheckpointError(f"{what} has widths of its own in each block (--structure blockwise), which diffusers' "
                               f"DiTTransformer2DModel cannot hold (one width for all its blocks); {INSTEAD}")
     if heads * head_dim != hidden or mlp != 4 * hidden:

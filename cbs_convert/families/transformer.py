@@ -50,7 +50,7 @@ class TransformerFamily(TransformerDetection, Family):
 
     def with_depth(self, config, depth):
         if any(key in config for key in BLOCK_WIDTH_KEYS.values()):
-            raise ValueError("with_depth on per-block widths: keep_blocks says which blocks' widths stay")
+            raise ValueError("whole blocks cannot be removed from per-block widths (depth pruning refuses such a source)")
         return {**config, "depth": int(depth)}
 
     def keep_blocks(self, state_dict, config, kept):
@@ -66,11 +66,7 @@ class TransformerFamily(TransformerDetection, Family):
             prefix = key[: key.index(".", len("blocks.")) + 1]
             if prefix in renumbered:
                 out[renumbered[prefix] + key[len(prefix):]] = value
-        shallower = {k: v for k, v in config.items() if k not in BLOCK_WIDTH_KEYS.values()}
-        for key in BLOCK_WIDTH_KEYS.values():
-            if key in config:
-                shallower[key] = [config[key][i] for i in kept]
-        return out, {**shallower, "depth": len(kept)}
+        return out, self.with_depth(config, len(kept))
 
     @classmethod
     def expected_shapes(cls, config):

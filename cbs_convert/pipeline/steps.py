@@ -196,6 +196,11 @@ def teacher_pool(source: Source, recipe: Recipe, rank: int = 0, world: int = 1, 
     return Pool(x0, labels, teacher_pool_description(r, x0.shape[0]))
 
 
+def profile_grid(recipe: Recipe) -> List[float]:
+    """The times the recipe's curves are measured at: the cuts' profile and the sampling steps' alike."""
+    return np.linspace(recipe.t_min, recipe.t_max, recipe.grid).tolist()
+
+
 def profile_source(source: Source, recipe: Recipe, pool: Pool, rank: int = 0, world: int = 1,
                    progress: bool = False) -> Optional[Profile]:
     """The monitors' curves on the recipe's grid; None when the split reads none. Under torchrun
@@ -204,7 +209,7 @@ def profile_source(source: Source, recipe: Recipe, pool: Pool, rank: int = 0, wo
     monitors = profiled_monitors(r)
     if not monitors:
         return None
-    grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
+    grid = profile_grid(r)
     bar = _bar(progress and rank == 0, len(range(rank, r.grid, world)) * r.profile_batches,
                "profile" if world == 1 else f"profile (1/{world} of the grid per process)")
     profile = profile_model(
@@ -233,7 +238,7 @@ def step_profile(source: Source, recipe: Recipe, pool: Pool) -> Profile:
     then needs no model calls of its own. The experts are trained to match the teacher on their
     segments, so its curve stands for theirs."""
     r = recipe
-    grid = np.linspace(r.t_min, r.t_max, r.grid).tolist()
+    grid = profile_grid(r)
     began = time.time()
     profile = profile_model(source.family, source.teacher, pool.x0, pool.labels, grid, [PROFILE_MONITOR],
                             min(STEP_PROFILE_BATCHES, r.profile_batches), r.profile_batch_size, r.seed,
@@ -265,7 +270,7 @@ def expert_calibration(source: Source, recipe: Recipe, pool: Pool, segment: Tupl
     return calibration_batches(source.family, pool.x0, pool.labels, segment, r.calib_batches, r.batch_size, r.seed + 17 * k)
 
 
-def expert_unit_scores(source: Source, recipe: Recipe, pool: Optional[Pool], segment, k: int, config: Dict[str, Any]):
+def expert_unit_scores(source: Source, recipe: Recipe, pool: Pool, segment, k: int, config: Dict[str, Any]):
     """The importance of every unit of the source for expert k (of architecture ``config``)."""
     r = recipe
     calibration = expert_calibration(source, r, pool, segment, k) if r.prune == "segment" else None
