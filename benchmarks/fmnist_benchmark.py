@@ -126,8 +126,15 @@ COMPRESSION_ROWS = {
     "K=2 cbs denoiser blockwise": dict(ROWS["K=2 cbs denoiser"], structure="blockwise"),
     "K=1 0.5x blockwise, features": dict(ROWS[HALF], structure="blockwise", **FEATURES),
     "K=2 cbs denoiser blockwise, features": dict(ROWS["K=2 cbs denoiser"], structure="blockwise", **FEATURES),
+    # the best 0.5x structure so far (per-block widths with masked features) on the other K=2 cut,
+    # and at K=4 (each expert at a quarter of the teacher's per-step FLOPs), where plain width collapses
+    "K=2 uniform blockwise, features": dict(ROWS[UNIFORM], structure="blockwise", **FEATURES),
+    "K=4 cbs denoiser blockwise, features": dict(cbs("denoiser", k=4), structure="blockwise", **FEATURES),
 }
 ROWS.update(COMPRESSION_ROWS)
+# whether the best 0.5x structure keeps its lead with 4x the fine-tuning (4,800 steps)
+for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
+    ROWS[f"{_model}, 4x steps"] = dict(ROWS[_model], steps_factor=4.0)
 CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
 CURVE_MODELS = {HALF: ROWS[HALF], UNIFORM: ROWS[UNIFORM], BEST: dict(best_of=K2_CBS, k=2)}
 for _factor in CURVE_FACTORS:
@@ -154,7 +161,14 @@ PAIRED = (
        ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features"),
        ("K=2 cbs denoiser blockwise", "K=2 cbs denoiser"), ("K=2 cbs denoiser blockwise", "K=1 0.5x blockwise"),
        ("K=1 0.5x blockwise, features", "K=1 0.5x blockwise"), ("K=1 0.5x blockwise, features", "K=1 0.5x, features"),
-       ("K=2 cbs denoiser blockwise, features", "K=1 0.5x blockwise, features")]
+       ("K=2 cbs denoiser blockwise, features", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features", "K=2 cbs denoiser, features"),
+       ("K=2 uniform blockwise, features", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features", "K=2 uniform blockwise, features"),
+       ("K=4 cbs denoiser blockwise, features", "K=4 best cbs"),
+       ("K=4 cbs denoiser blockwise, features", "K=2 cbs denoiser blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, 4x steps", "K=1 0.5x blockwise, features, 4x steps"),
+       ("K=1 0.5x blockwise, features, 4x steps", "K=1 0.5x, 4x steps")]
 )
 
 
