@@ -329,3 +329,20 @@ def test_a_cached_diverged_conversion_is_reported_and_its_best_of_row_settles(tm
     assert "can be copied" in bench.unavailable["best"]
     assert bench.table_rows(["a", "b", "best"], 1.0, 2)[-1]["name"] == "teacher"  # no scores, no rows
 
+
+
+def test_structure_speed_quick_times_each_structure_at_its_planned_shape(tmp_path):
+    import structure_speed
+
+    out = tmp_path / "speed"
+    result = structure_speed.main(["--quick", "--out", str(out)])
+    rows = {row["name"]: row for row in result["rows"]}
+    assert list(rows) == ["teacher", *structure_speed.STRUCTURES]
+    assert rows["teacher"]["flops_ratio"] == 1.0 and rows["teacher"]["time_ratio"] == 1.0
+    # each student was planned at half the teacher's parameters, each in its own way
+    for name in structure_speed.STRUCTURES:
+        assert rows[name]["params"] <= 0.52 * rows["teacher"]["params"] and rows[name]["seconds_per_step"][0] > 0
+    assert "depth 2" in rows["depth"]["layout"] and "by block" in rows["blockwise"]["layout"]
+    assert "depth 4" in rows["width"]["layout"] and "by block" not in rows["width"]["layout"]
+    assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["name"] == "teacher"
+    assert "| blockwise |" in out.with_suffix(".md").read_text()
