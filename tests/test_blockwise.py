@@ -165,3 +165,28 @@ def test_a_blockwise_expert_cannot_be_depth_pruned_or_extracted_to_a_bare_pt(tmp
     code, printed = _cli(["e1.safetensors", "--structure", "depth", "--budget", "0.7x", "--quiet"], tmp_path, capsys)
     assert code == 2 and "widths of its own in each block" in printed.err and len(printed.err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("e1*.work"))
+
+
+def test_per_block_files_have_a_format_of_their_own_that_an_older_reader_calls_newer(tmp_path, capsys, monkeypatch):
+    from cbs_convert.storage import routed_schema
+
+    _, _, result = _convert(tmp_path)
+    path = tmp_path / "blockwise.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["cbs_convert"])
+    assert meta["format_version"] == routed_schema.PER_BLOCK_FORMAT
+    x, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    t = torch.tensor([0.1, 0.9]) * 1.0
+    with torch.no_grad():
+        expected = cbs_convert.load(path)(x, t, y)
+    # what a file written before format 3 existed says of itself: it still loads, the same model
+    meta["format_version"] = routed_schema.WHOLE_EXPERTS_FORMAT
+    relabelled = tmp_path / "relabelled.safetensors"
+    save_file(load_file(str(path)), str(relabelled), metadata={"cbs_convert": json.dumps(meta)})
+    with torch.no_grad():
+        assert torch.equal(cbs_convert.load(relabelled)(x, t, y), expected)
+    # a reader without per-block widths refuses the file as newer, in one line
+    monkeypatch.setattr(routed_schema, "SUPPORTED_FORMAT_VERSIONS", (1, 2))
+    code, printed = _cli(["info", "blockwise.safetensors"], tmp_path, capsys)
+    lines = printed.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "format version 3" in lines[0] and "newer" in lines[0], lines

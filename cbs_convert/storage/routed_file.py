@@ -20,16 +20,17 @@ from cbs_convert.storage.files import atomic_write
 from cbs_convert.families import family_from_config
 from cbs_convert.families.base import Family, check_keys
 from cbs_convert.families.diffusers import as_diffusers
-from cbs_convert.storage.routed_schema import validate_routed
+from cbs_convert.storage.routed_schema import (
+    PER_BLOCK_FORMAT,
+    SHARED_BASE_FORMAT,
+    WHOLE_EXPERTS_FORMAT,
+    validate_routed,
+)
 from cbs_convert.storage.schema import tensor_shapes
 from cbs_convert.models.routed import RoutedModel
 from cbs_convert.models.time_routed import native_boundaries
 from cbs_convert.models.shared_base import SharedBaseModel, merge_delta
 
-FORMAT_VERSION = 1
-#: a shared base and K low-rank deltas (``shared_base.SharedBaseModel``): tensors ``base.{source key}``
-#: and ``deltas.{k}.{layer}.down/.up``; a reader of version 1 alone refuses it instead of misreading it
-SHARED_BASE_VERSION = 2
 METADATA_KEY = "cbs_convert"
 
 
@@ -52,8 +53,12 @@ def routed_metadata(
          "params": int(family.param_count(config))}
         for k, config in enumerate(expert_configs)
     ]
+    # a shared base and K low-rank deltas (tensors ``base.{source key}``, ``deltas.{k}.{layer}.down/.up``)
+    # and per-block widths each have a version of their own: a reader without them refuses the file
+    # as newer instead of misreading it
+    per_block = any(family.per_block_widths(config) for config in expert_configs)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": PER_BLOCK_FORMAT if per_block else WHOLE_EXPERTS_FORMAT,
         "family": family.name,
         "time_convention": {
             "canonical": "t in [0, 1], t = 1 noise, t = 0 data",
@@ -75,7 +80,7 @@ def save_shared_base(path, model: SharedBaseModel, extra: Optional[Dict[str, Any
     extra = {**run_description(family, source, profile, split, recipe), **(extra or {})}
     described = model.describe()
     meta = routed_metadata(family, [family.config] * model.segment_count, model.boundary_values, extra)
-    meta["format_version"] = SHARED_BASE_VERSION
+    meta["format_version"] = SHARED_BASE_FORMAT
     meta["shared_base"] = described
     for entry in meta["experts"]:  # what an expert adds to the shared base
         entry.update(params=described["delta_params"], flops=family.forward_flops(family.config) + described["delta_flops"])
@@ -229,11 +234,7 @@ def read_metadata(path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: routed metadata is not valid JSON ({exc})") from None
     # every entry point (load, info, extract, sample) reads through here: the metadata is checked
     # against itself and the header's tensors before anything is built from it
-    meta = validate_routed(meta, shapes, path)
-    if meta.get("format_version") not in (FORMAT_VERSION, SHARED_BASE_VERSION):
-        raise CheckpointError(f"{path}: routed format version {meta.get('format_version')} is not supported (want "
-                              f"{FORMAT_VERSION} or {SHARED_BASE_VERSION}); a newer cbs_convert wrote it: upgrade cbs_convert")
-    return meta
+    return validate_routed(meta, shapes, path)
 
 
 def load(path, device="cpu", format: str = "cbs_convert"):
@@ -266,7 +267,7 @@ def _load_routed(path, device):
         raise CheckpointError(f"{path}: boundaries {boundaries} must increase from 0 to 1")
     family = family_from_config(meta["family"], meta["family_config"])
     tensors = load_file(str(path), device="cpu")
-    if meta["format_version"] == SHARED_BASE_VERSION:
+    if meta["format_version"] == SHARED_BASE_FORMAT:
         return _shared_base_from(path, family, meta, tensors).to(device).eval()
     experts: List[nn.Module] = []
     for k, entry in enumerate(experts_meta):
@@ -316,7 +317,7 @@ def expert_state_dict(path, expert: int) -> Dict[str, torch.Tensor]:
     count = len(meta["experts"])
     if not 0 <= expert < count:
         raise CheckpointError(f"--expert {expert}: {path} holds experts 0 to {count - 1}")
-    if meta["format_version"] == SHARED_BASE_VERSION:
+    if meta["format_version"] == SHARED_BASE_FORMAT:
         from safetensors.torch import load_file
 
         base, deltas = _split_shared_base(meta, load_file(str(path)))

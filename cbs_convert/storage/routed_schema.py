@@ -1,7 +1,7 @@
 """The schema of a routed checkpoint's ``cbs_convert`` metadata (``routed_file.routed_metadata``): format
 version, family, the source's config, boundaries in canonical and native time, each expert's
 segment, config and parameter count, and the run's profile, split, source and recipe; format 2's
-shared base and its low-rank deltas. Checked against itself and against the tensors of the file's
+shared base and its low-rank deltas; format 3's per-block widths. Checked against itself and against the tensors of the file's
 header before anything is built, with the checker and the config checks of schema.py.
 """
 
@@ -28,9 +28,11 @@ from cbs_convert.storage.schema import (
     shown,
 )
 
-#: routed formats this reader knows: 1, every expert whole; 2, a shared base with low-rank deltas
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
-SHARED_BASE_FORMAT = 2
+#: routed formats this reader knows: 1, every expert whole; 2, a shared base with low-rank deltas;
+#: 3, experts whole with per-block widths (``block_heads``...), a version of its own so that a reader
+#: without them says the file is newer instead of naming a field it does not expect
+WHOLE_EXPERTS_FORMAT, SHARED_BASE_FORMAT, PER_BLOCK_FORMAT = 1, 2, 3
+SUPPORTED_FORMAT_VERSIONS = (WHOLE_EXPERTS_FORMAT, SHARED_BASE_FORMAT, PER_BLOCK_FORMAT)
 
 ROUTED_FIX = "restore the metadata as cbs_convert wrote it, or convert the source again"
 
