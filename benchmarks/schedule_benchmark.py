@@ -170,6 +170,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="results stem (default benchmarks/results/schedules_<dataset>; "
                         "quick: schedules_<dataset>_quick)")
     parser.add_argument("--cached-only", action="store_true", help="compute nothing: tabulate what the cache holds")
+    parser.add_argument("--no-fine", action="store_true", help="skip the fine solution (64 Heun steps per model and "
+                        "seed, the costliest rows): FD only, no RMS difference to it")
     args = parser.parse_args(argv)
 
     from cbs_convert.evaluation.metrics import DATASETS
@@ -308,6 +310,9 @@ def main(argv=None):
             want({"model": REAL, "row": REAL, "steps": 0}, "real", None, "-", False, seed)
         fine_files = {}
         for model, path in models.items():
+            if args.no_fine:
+                fine_files.update({(model, seed): None for seed in seeds})
+                continue
             fine = _fine_times(path, fine_steps)
             for seed in seeds:
                 fine_files[model, seed] = str(cache / "models" / f"fine_{digests[model]}_{fine_steps}_s{seed}_{samples}.npy")
@@ -455,6 +460,8 @@ def markdown(result) -> str:
                 cells = [_cell(_runs(scores, model, row, s, method)) for s in steps_list]
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines += [""] + _pairs(scores, model, rows, method, steps_list) + [""]
+            if not any("rmse" in s for s in scores if s["model"] == model):
+                continue  # run without the fine solution (--no-fine)
             lines += ["RMS difference per pixel to the fine solution from the same noise (the steps' own error; "
                       "lower is closer):", "", "| schedule | " + " | ".join(f"{s} steps" for s in steps_list) + " |",
                       "|---|" + "---|" * len(steps_list)]
