@@ -131,6 +131,10 @@ COMPRESSION_ROWS = {
     "K=2 uniform blockwise, features": dict(ROWS[UNIFORM], structure="blockwise", **FEATURES),
     "K=4 cbs denoiser blockwise, features": dict(cbs("denoiser", k=4), structure="blockwise", **FEATURES),
 }
+# a pruned student recovers from far away in 1,200 steps: does the teacher's own peak lr (1e-3, not
+# the pruned default 3e-4) buy more of that recovery?
+for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
+    COMPRESSION_ROWS[f"{_model}, lr 1e-3"] = dict(COMPRESSION_ROWS[_model], lr=1e-3)
 ROWS.update(COMPRESSION_ROWS)
 # whether the best 0.5x structure keeps its lead with 4x the fine-tuning (4,800 steps)
 for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
@@ -168,7 +172,10 @@ PAIRED = (
        ("K=4 cbs denoiser blockwise, features", "K=4 best cbs"),
        ("K=4 cbs denoiser blockwise, features", "K=2 cbs denoiser blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, 4x steps", "K=1 0.5x blockwise, features, 4x steps"),
-       ("K=1 0.5x blockwise, features, 4x steps", "K=1 0.5x, 4x steps")]
+       ("K=1 0.5x blockwise, features, 4x steps", "K=1 0.5x, 4x steps"),
+       ("K=1 0.5x blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=2 cbs denoiser blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features, lr 1e-3")]
 )
 
 
