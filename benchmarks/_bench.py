@@ -7,7 +7,9 @@ A row is a name and the settings of one ``cbs_convert.convert`` call, plus two k
   (divided evenly over its K experts, so that every row of factor 1 trains equally long);
 * ``best_of``: a list of rows; the row takes the settings of whichever of them has the lowest mean
   paired ΔFD so far, with its own other keys on top (``k``, ``budget``...). Such a row waits until
-  every one of those rows is scored (or reported unavailable).
+  every one of those rows is scored (or reported unavailable);
+* ``trunk_share``: the share of the row's total steps that one trunk trains on all of time
+  (``--trunk-steps``) before the experts branch from it; they split the rest evenly.
 
 Every (row, training seed) conversion and every (model, sampling seed) score is written to the
 cache as JSON the moment it is done, under a name that carries a hash of everything it depends on
@@ -41,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 #: keys of a row that the benchmark reads; everything else goes to ``convert``
-ROW_KEYS = ("steps_factor", "best_of")
+ROW_KEYS = ("steps_factor", "best_of", "trunk_share")
 #: bumped when what a cached conversion or score means changes (sampler, labels, pairing)
 CACHE_VERSION = 1
 REAL, TEACHER = "real training images", "teacher"
@@ -272,7 +274,11 @@ class Bench:
             row = {**{k: v for k, v in self.rows[winner].items() if k not in ROW_KEYS}, **row}
         factor = row.get("steps_factor", 1.0)
         settings = {**self.common, **{k: v for k, v in row.items() if k not in ROW_KEYS}}
-        settings["steps"] = max(1, int(round(self.steps * factor)) // settings.get("k", 2))
+        total = int(round(self.steps * factor))
+        if row.get("trunk_share"):
+            settings["trunk_steps"] = int(round(total * row["trunk_share"]))
+            total -= settings["trunk_steps"]
+        settings["steps"] = max(1, total // settings.get("k", 2))
         settings["seed"] = train_seed
         settings["checkpoint"] = self.checkpoint
         pinned = {k: v for k, v in PINNED.items() if k not in settings}
@@ -562,7 +568,7 @@ def estimate_flops(settings: Dict[str, Any], teacher_flops: float, samples: int,
     expert = teacher_flops * min(1.0, budget / k)
     loss = settings.get("loss", "distill")
     per_sample = 3 * expert + (teacher_flops if loss in ("distill", "both") else 0.0)
-    finetune = settings["steps"] * k * settings["batch_size"] * per_sample
+    finetune = (settings["steps"] * k + settings.get("trunk_steps", 0)) * settings["batch_size"] * per_sample
     profile = 0.0
     if settings.get("split", "cbs") == "cbs" or settings.get("monitors"):
         # a Jacobian monitor: a few JVP probes, each about three forwards, per grid time and batch

@@ -135,6 +135,12 @@ COMPRESSION_ROWS = {
 # the pruned default 3e-4) buy more of that recovery?
 for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
     COMPRESSION_ROWS[f"{_model}, lr 1e-3"] = dict(COMPRESSION_ROWS[_model], lr=1e-3)
+# eDiff-I's branching (--trunk-steps): half the steps train one student on all of time, each expert
+# starts from it and trains on its own segment for its share of the other half
+TRUNK = dict(trunk_share=0.5)
+COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features"], **TRUNK)
+COMPRESSION_ROWS["K=4 cbs denoiser blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=4 cbs denoiser blockwise, features"], **TRUNK)
+COMPRESSION_ROWS["K=2 cbs denoiser, trunk"] = dict(ROWS["K=2 cbs denoiser"], **TRUNK)
 ROWS.update(COMPRESSION_ROWS)
 # whether the best 0.5x structure keeps its lead with 4x the fine-tuning (4,800 steps)
 for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
@@ -175,7 +181,12 @@ PAIRED = (
        ("K=1 0.5x blockwise, features, 4x steps", "K=1 0.5x, 4x steps"),
        ("K=1 0.5x blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=2 cbs denoiser blockwise, features"),
-       ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features, lr 1e-3")]
+       ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features, lr 1e-3"),
+       ("K=2 cbs denoiser blockwise, features, trunk", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, trunk", "K=2 cbs denoiser blockwise, features"),
+       ("K=2 cbs denoiser, trunk", "K=2 cbs denoiser"),
+       ("K=4 cbs denoiser blockwise, features, trunk", "K=4 cbs denoiser blockwise, features"),
+       ("K=4 cbs denoiser blockwise, features, trunk", "K=2 cbs denoiser blockwise, features, trunk")]
 )
 
 

@@ -181,3 +181,16 @@ def test_shared_base_experts_train_as_one_data_parallel_model(source):
         assert float((flat_a - flat_b).norm() / flat_a.norm()) < 1e-5, part
     # one model, one group of both ranks
     assert ranks_of(source / "many.report.json") == {"world_size": 2, "experts": [[0, 1]]}
+
+
+def test_a_trunk_trains_on_every_rank_and_branches_as_in_one_process(source):
+    trunk = ["--trunk-steps", "20", "--steps", "10"]
+    one = convert(source, 1, 2, "one.safetensors", *trunk, "--keep-workdir")
+    assert one.returncode == 0, one.stderr[-2000:]
+    many = convert(source, 2, 2, "many.safetensors", *trunk, "--keep-workdir")
+    assert many.returncode == 0, many.stderr[-2000:]
+    trunks = [load_file(str(source / f"{n}.safetensors.work" / "trunk" / "trained.safetensors")) for n in ("one", "many")]
+    flat = [torch.cat([t[key].double().flatten() for key in sorted(t)]) for t in trunks]
+    assert float((flat[0] - flat[1]).norm() / flat[0].norm()) < 1e-5
+    for e in range(2):
+        assert expert_distance(source / "one.safetensors", source / "many.safetensors", e) < 1e-5

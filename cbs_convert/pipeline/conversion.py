@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cbs_convert.errors import RecipeError, WorkdirError, WriteError
-from cbs_convert.pipeline.distributed import ExpertRun, Team, finetune_experts, measure_experts, prune_experts
+from cbs_convert.pipeline.distributed import ExpertRun, Team, finetune_experts, measure_experts, prepare_trunk, prune_experts
 from cbs_convert.pipeline.quality import sample_quality, undertraining_verdicts
 from cbs_convert.pipeline.ranks import barrier, distributed, expert_groups, leave, plan_ranks
 from cbs_convert.pipeline.recipe import FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, read_recipe_file
@@ -194,7 +194,11 @@ class Conversion:
 
     def prune(self, team: Team):
         began = time.time()
-        self.measured = {"before": prune_experts(self.expert_run(), team), "after": {}}
+        trunk = prepare_trunk(self.expert_run(), team, self.progress)
+        if trunk is not None:
+            self.timings["trunk"] = time.time() - began
+            began = time.time()
+        self.measured = {"before": prune_experts(self.expert_run(), team, trunk), "after": {}}
         self.timings["prune"] = time.time() - began
 
     def finetune(self, team: Team):
@@ -265,7 +269,10 @@ class Conversion:
         # the launch is checked before anything is computed (the recipe needs the architecture)
         # shared-base experts train as one model: its ranks form one data-parallel group
         layout = plan_ranks(world, 1 if self.recipe.experts == "lora" else self.recipe.k, self.recipe.batch_size)
-        team = Team(rank, world, layout, expert_groups(layout))
+        # a trunk (--trunk-steps) trains on every rank at once: the same check, for one expert
+        trunk_layout = plan_ranks(world, 1, self.recipe.batch_size) if self.recipe.trunk_steps > 0 else None
+        team = Team(rank, world, layout, expert_groups(layout),
+                    expert_groups(trunk_layout).get(0) if trunk_layout is not None else None)
         if rank == 0:
             self.prepare_workdir()
         barrier(world)

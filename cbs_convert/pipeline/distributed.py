@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from safetensors.torch import load_file
 
-from cbs_convert.pipeline.experts import (Measurements, finetune_one, finetune_shared, measure, merged_expert, prune_expert,
-                                          shared_student, training_log)
+from cbs_convert.pipeline.experts import (Measurements, Trunk, finetune_one, finetune_shared, finetune_trunk, measure,
+                                          merged_expert, prune_expert, prune_trunk, shared_student, training_log)
 from cbs_convert.pipeline.ranks import RankLayout, barrier
 from cbs_convert.pipeline.recipe import Recipe
-from cbs_convert.pipeline.steps import Plan, Pool, Source, silent, trains
-from cbs_convert.pipeline.workfiles import (SHARED_LOG, SHARED_STATE, SHARED_WEIGHTS, load_measurement, pruned_file,
+from cbs_convert.pipeline.steps import Plan, Pool, Source, silent, trains, trunk_trains
+from cbs_convert.pipeline.workfiles import (SHARED_LOG, SHARED_STATE, SHARED_WEIGHTS, TRUNK_BLOCKS, TRUNK_KEPT, TRUNK_LOG,
+                                            TRUNK_PRUNED, TRUNK_STATE, TRUNK_WEIGHTS, load_measurement, pruned_file,
                                             save_measurement, trained_file)
 from cbs_convert.storage.files import atomic_write_json
 from cbs_convert.storage.routed_file import save_safetensors_atomic
@@ -35,6 +36,7 @@ class Team:
     world: int
     layout: RankLayout
     groups: Dict[int, Any] = field(default_factory=dict)  # ranks.expert_groups
+    trunk_group: Any = None  # every rank, when several train the trunk of --trunk-steps together
 
 
 @dataclass
@@ -56,7 +58,38 @@ class ExpertRun:
         return shared_student(self.source, self.recipe, self.plan, weights)
 
 
-def prune_experts(run: ExpertRun, team: Team) -> Measurements:
+def prepare_trunk(run: ExpertRun, team: Team, progress: bool = False) -> Optional[Trunk]:
+    """--trunk-steps: rank 0 cuts the trunk from the source, every rank trains it (data-parallel
+    when there are several), rank 0 writes it; returns it, as trained, on every rank (None without
+    one). A trunk already pruned or trained in the work directory is not done again."""
+    r, plan, rank = run.recipe, run.plan, team.rank
+    if plan.trunk is None:
+        return None
+    pruned, kept_path = run.work.path(TRUNK_PRUNED), run.work.path(TRUNK_KEPT)
+    if rank == 0 and not (pruned.exists() and kept_path.exists()):
+        cut = prune_trunk(run.source, r, run.pool, plan, run.say)
+        if cut.blocks is not None:
+            atomic_write_json(run.work.path(TRUNK_BLOCKS), cut.blocks)
+        atomic_write_json(kept_path, cut.kept)
+        save_safetensors_atomic(cut.state_dict, pruned)
+    barrier(team.world)
+    kept = json.loads(kept_path.read_text())
+    final = run.work.path(TRUNK_WEIGHTS)
+    if trunk_trains(run.source, r, plan) and not final.exists():
+        run.say(f"training the trunk on all of time, {r.trunk_steps} steps, before it branches into {r.k} experts")
+        student = run.source.family.instantiate(plan.trunk, load_file(str(pruned)))
+        result = finetune_trunk(run.source, r, run.pool, plan, student, kept, state_path=run.work.path(TRUNK_STATE),
+                                progress=progress and rank == 0, group=team.trunk_group)
+        if rank == 0:
+            atomic_write_json(run.work.path(TRUNK_LOG), training_log(result))
+            save_safetensors_atomic(result.model.state_dict(), final)
+            run.work.remove([TRUNK_STATE])
+        del student, result
+    barrier(team.world)
+    return Trunk(plan.trunk, load_file(str(final if final.exists() else pruned)), kept)
+
+
+def prune_experts(run: ExpertRun, team: Team, trunk: Optional[Trunk] = None) -> Measurements:
     """Each expert is pruned and measured by the rank that will write it, so under torchrun the
     experts are pruned side by side; returns, on rank 0, every expert's measurement before training.
     Ends at a barrier: every rank then reads its experts' pruned weights."""
@@ -77,7 +110,7 @@ def prune_experts(run: ExpertRun, team: Team) -> Measurements:
                 continue
             sd = load_file(str(path))
         else:
-            pruned = prune_expert(source, r, run.pool, run.plan, k, run.say)
+            pruned = prune_expert(source, r, run.pool, run.plan, k, run.say, trunk)
             if pruned.blocks is not None:
                 atomic_write_json(run.work.path(pruned_file(k, "blocks.json")), pruned.blocks)
             atomic_write_json(kept_path, pruned.kept)

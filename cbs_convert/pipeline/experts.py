@@ -5,7 +5,7 @@ against the teacher. None reads or writes a work directory; ``distributed`` does
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from cbs_convert.models.shared_base import SharedBaseModel
 from cbs_convert.pipeline.recipe import Recipe
-from cbs_convert.pipeline.steps import Plan, Pool, Source, expert_calibration, silent
+from cbs_convert.pipeline.steps import ALL_TIME, Plan, Pool, Source, expert_calibration, silent
 from cbs_convert.stages.depth import RecoverySettings, choose_blocks, target_depth
 from cbs_convert.stages.finetune import (BASE_LR_SCALE, DELTA_LR, FULL_WIDTH_LR, PRUNED_LR, FinetuneResult, FinetuneSettings,
                                          boundary_velocity, finetune_expert, relative_error)
@@ -29,12 +29,55 @@ class PrunedExpert:
     blocks: Optional[Dict[str, Any]] = None  # the record of the block choice under --structure depth
 
 
-def prune_expert(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int, say=silent) -> PrunedExpert:
+@dataclass
+class Trunk:
+    """The shared student of --trunk-steps, trained on all of time: what the experts are cut from.
+    ``kept`` is its pruning record against the source."""
+    config: Dict[str, Any]
+    state_dict: Dict[str, torch.Tensor]
+    kept: Dict[str, Any]
+
+
+def prune_expert(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int, say=silent,
+                 trunk: Optional[Trunk] = None) -> PrunedExpert:
     """Expert k cut from the source to its planned architecture, units chosen on its own segment
-    (``--structure depth``: whole blocks first, chosen on the segment, then width)."""
-    r, family = recipe, source.family
+    (``--structure depth``: whole blocks first, chosen on the segment, then width). With a
+    ``trunk``, it is cut from the trunk instead, in width only (the trunk has chosen the blocks), and
+    its record names the source's units it holds, through the trunk's."""
     segment, config = plan.split.segments[k], plan.configs[k]
-    say(f"pruning expert {k} [{segment[0]:.3f}, {segment[1]:.3f}] to "
+    if trunk is None:
+        return cut_student(source, recipe, pool, segment, config, k, say, f"expert {k}")
+    r, family = recipe, source.family
+    say(f"cutting expert {k} [{segment[0]:.3f}, {segment[1]:.3f}] from the trunk to "
+        f"{family.param_count(config):,} parameters ({r.prune} importance)")
+    model = family.instantiate(trunk.config, dict(trunk.state_dict)).to(source.device)
+    calibration = expert_calibration(source, r, pool, segment, k) if r.prune == "segment" else None
+    sd, kept_tensors = prune_state_dict(family, model, trunk.state_dict, trunk.config, config, r.prune, calibration,
+                                        seed=r.seed + k)
+    return PrunedExpert(sd, compose_kept(trunk.kept, {group: index.tolist() for group, index in kept_tensors.items()}))
+
+
+def compose_kept(outer: Dict[str, Any], inner: Dict[str, Any]) -> Dict[str, Any]:
+    """The record of a student cut from a student: ``inner``'s indices into ``outer``'s units, as
+    indices into the source's (a unit group ``outer`` kept whole is the source's as it is)."""
+    composed = {name: index for name, index in outer.items() if name not in inner}
+    for name, index in inner.items():
+        composed[name] = [outer[name][i] for i in index] if name in outer else index
+    return composed
+
+
+def prune_trunk(source: Source, recipe: Recipe, pool: Pool, plan: Plan, say=silent) -> PrunedExpert:
+    """The trunk of --trunk-steps cut from the source to its planned architecture, its units chosen
+    over all of time."""
+    return cut_student(source, recipe, pool, ALL_TIME, plan.trunk, recipe.k, say, "the trunk")
+
+
+def cut_student(source: Source, recipe: Recipe, pool: Pool, segment, config: Dict[str, Any], k: int,
+                say=silent, name: str = "expert") -> PrunedExpert:
+    """A student cut from the source to ``config`` for ``segment``; ``k`` (the expert's index, K
+    for the trunk) seeds its draws."""
+    r, family = recipe, source.family
+    say(f"pruning {name} [{segment[0]:.3f}, {segment[1]:.3f}] to "
         f"{family.param_count(config):,} parameters ({r.prune} importance)")
     calibration = None
     if r.prune == "segment" or r.structure == "depth":
@@ -46,12 +89,12 @@ def prune_expert(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int,
             family, source.teacher, source.state_dict, source.config, target_depth(family, config),
             calibration, r.block_selector, segment=segment, x0_pool=pool.x0, labels_pool=pool.labels,
             recovery=RecoverySettings(batch_size=r.batch_size, seed=r.seed + k))
-        say(f"expert {k} keeps blocks {', '.join(map(str, blocks))} of {target_depth(family, source.config)} "
+        say(f"{name} keeps blocks {', '.join(map(str, blocks))} of {target_depth(family, source.config)} "
             f"({r.block_selector} selector)")
         state, shape = family.keep_blocks(source.state_dict, source.config, blocks)
         teacher = family.instantiate(shape, dict(state)).to(source.device)
     sd, kept_tensors = prune_state_dict(family, teacher, state, shape, config, r.prune, calibration, seed=r.seed + k)
-    kept: Dict[str, Any] = {name: index.tolist() for name, index in kept_tensors.items()}
+    kept: Dict[str, Any] = {group: index.tolist() for group, index in kept_tensors.items()}
     if blocks is not None:
         kept["blocks"] = blocks
     return PrunedExpert(sd, kept, record)
@@ -75,13 +118,27 @@ def finetune_settings(source: Source, recipe: Recipe, plan: Plan, k: int) -> Fin
     """Expert k's fine-tuning settings: the recipe's, with its "auto" values settled by whether
     the expert is a full-width copy of the source or a pruned student."""
     r = recipe
+    return student_settings(source, r, plan.configs[k], r.steps * (r.k if r.experts == "lora" else 1))
+
+
+def trunk_settings(source: Source, recipe: Recipe, plan: Plan) -> FinetuneSettings:
+    """The trunk's fine-tuning settings (--trunk-steps): an expert's, for its own steps. Its batches are
+    drawn from a seed of their own: the experts' first steps draw from the run's seed."""
+    return replace(student_settings(source, recipe, plan.trunk, recipe.trunk_steps), seed=recipe.seed + TRUNK_SEED_OFFSET)
+
+
+TRUNK_SEED_OFFSET = 7919
+
+
+def student_settings(source: Source, recipe: Recipe, config: Dict[str, Any], steps: int) -> FinetuneSettings:
+    r = recipe
     return FinetuneSettings(
-        steps=r.steps * (r.k if r.experts == "lora" else 1), batch_size=r.batch_size, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
+        steps=steps, batch_size=r.batch_size, weight_decay=r.weight_decay, ema_decay=r.ema_decay,
         lr_schedule=r.lr_schedule, warmup_steps=r.warmup_steps, lr_floor=r.lr_floor, grad_clip=r.grad_clip, label_dropout=r.label_dropout,
         loss=r.loss, distill_weight=r.distill_weight, data_weight=r.data_weight, feature_weight=r.feature_weight,
         feature_mask_sigma=r.feature_mask_sigma, margin=r.margin,
         checkpoint_every=r.checkpoint_every, bf16=r.bf16, seed=r.seed,
-        **expert_defaults(r, full_width=plan.configs[k] == source.config),
+        **expert_defaults(r, full_width=config == source.config),
     )
 
 
@@ -94,6 +151,18 @@ def finetune_one(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int,
     return finetune_expert(
         source.family, source.teacher, student, segment, pool.x0, pool.labels, finetune_settings(source, recipe, plan, k),
         description=f"expert {k} [{segment[0]:.3f}, {segment[1]:.3f}]",
+        feature_channels=feature_channels(source, kept) if features else None,
+        feature_blocks=feature_blocks(source, kept) if features else None, **training,
+    )
+
+
+def finetune_trunk(source: Source, recipe: Recipe, pool: Pool, plan: Plan, student: nn.Module,
+                   kept: Optional[Dict[str, Any]] = None, **training) -> FinetuneResult:
+    """Train the trunk of --trunk-steps (``student``, as pruned) on all of time."""
+    features = recipe.feature_weight > 0
+    return finetune_expert(
+        source.family, source.teacher, student, ALL_TIME, pool.x0, pool.labels, trunk_settings(source, recipe, plan),
+        description="trunk [0.000, 1.000]",
         feature_channels=feature_channels(source, kept) if features else None,
         feature_blocks=feature_blocks(source, kept) if features else None, **training,
     )

@@ -70,6 +70,7 @@ class Recipe:
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
     # fine-tuning: the defaults are the library's own (FinetuneSettings'), so one place says each
     steps: int = field(default=FinetuneSettings.steps, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
+    trunk_steps: int = field(default=0, metadata={"help": "steps of one shared student, pruned to the widest expert and trained on all of time, before it branches into the K experts, as eDiff-I's experts branch from one model: each expert then starts from it (pruned further to its own size if smaller) instead of from the source (0: every expert starts from the source)"})
     batch_size: int = field(default=FinetuneSettings.batch_size, metadata={"help": "fine-tuning batch size"})
     lr: Optional[float] = field(default=None, metadata={"help": "AdamW peak learning rate (default: 1e-4 for a full-width expert, 3e-4 for a pruned one; the README says why)"})
     lr_schedule: str = field(default=FinetuneSettings.lr_schedule, metadata={"help": "cosine (warm-up, then a cosine down to lr_floor x lr at the last step) or constant (after the warm-up)"})
@@ -275,6 +276,7 @@ def validate(r: Recipe) -> None:
     need(r.k * r.min_width <= 1 + 1e-12,
          f"k={r.k} segments of min_width={r.min_width} do not fit in [0, 1]; lower --k or --min-width")
     need(r.steps >= 0, f"steps={r.steps} must be 0 (no fine-tuning: the pruned experts as they are) or more")
+    need(r.trunk_steps >= 0, f"trunk_steps={r.trunk_steps} must be 0 (no shared trunk) or more")
     for name in ("batch_size", "grid", "profile_batches", "profile_batch_size", "pool_size", "ode_steps",
                  "calib_batches", "checkpoint_every", "eval_samples"):
         need(getattr(r, name) > 0, f"{name}={getattr(r, name)} must be positive")
@@ -319,6 +321,8 @@ def validate(r: Recipe) -> None:
     if r.experts == "lora":
         need(r.budget == "1x", f"budget={r.budget}: --experts lora keeps the source's width (the base plus small deltas); "
                                "drop --budget, or use --experts copies to prune to a budget")
+        need(r.trunk_steps == 0, "--trunk-steps branches pruned copies from one trained student; --experts lora "
+                                 "already shares one base: drop one of them")
         need(r.steps == 0 or r.loss != "distill",
              "--experts lora trains its deltas on data: distilling a zero delta from the teacher has no gradient; "
              "pass --loss data (or both) with --data LATENTS, or --steps 0 for the untrained routed model")

@@ -129,25 +129,34 @@ def _finetune_lines(finetune) -> List[str]:
                  f"{settings['feature_mask_sigma']:g} std left out)")
     lines = ["", "## Fine-tuning", "",
              (f"{settings['joint_steps']} steps ({settings['steps']} per expert) for the shared base (lr x{settings['base_lr_scale']:g}) and every delta together"
-              if settings.get("experts") == "lora" else f"{settings['steps']} steps per expert") + f", loss {loss}, AdamW "
+              if settings.get("experts") == "lora" else f"{settings['steps']} steps per expert"
+              + (f", after {settings['trunk_steps']} steps of one trunk on all of time that every expert starts from"
+                 if settings.get("trunk_steps") else "")) + f", loss {loss}, AdamW "
              f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "
              f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, times drawn from each segment widened by "
              f"{settings['margin']:g}, label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]
-    for k, expert in enumerate(finetune["experts"]):
-        if not expert["trained"]:
-            lines.append(f"- expert {k}: not trained (no steps, or a full-width copy under the distillation loss)")
+    runs = [(f"expert {k}", expert) for k, expert in enumerate(finetune["experts"])]
+    trunk = finetune.get("trunk")
+    if trunk is not None:
+        blocks = (f"; blocks {', '.join(map(str, trunk['kept_blocks']))} ({trunk['block_selector']})"
+                  if "kept_blocks" in trunk else "")
+        lines.append(f"- trunk: {trunk['params']:,} parameters, {trunk['architecture']}{blocks}")
+        runs.insert(0, ("trunk", trunk))
+    for name, run in runs:
+        if not run["trained"]:
+            lines.append(f"- {name}: not trained (no steps, or a full-width copy under the distillation loss)")
             continue
-        ran = expert.get("settings")
+        ran = run.get("settings")
         if ran:
             schedule = (f"a cosine down to {ran['lr_floor'] * ran['lr']:g}" if ran["lr_schedule"] == "cosine" else "constant")
-            lines.append(f"- expert {k}: lr {ran['lr']:g}, {ran['warmup_steps']} warm-up steps, then {schedule}; "
+            lines.append(f"- {name}: lr {ran['lr']:g}, {ran['warmup_steps']} warm-up steps, then {schedule}; "
                          f"EMA {'warmed up from 0' if ran['ema_warmup'] else 'anchored at its start'}")
-        if "loss_curve" in expert:
-            curve = expert["loss_curve"]
+        if "loss_curve" in run:
+            curve = run["loss_curve"]
             shown = curve[:: max(1, len(curve) // 8)][:8] + ([curve[-1]] if len(curve) > 8 else [])
             lines.append(
-                f"- expert {k}: {expert['steps_run']} steps in {expert['seconds'] or 0:.1f} s; loss "
-                f"{expert['loss_first']:.4g} at the first step, {expert['loss_last']:.4g} at the last; curve (step: mean loss) "
+                f"- {name}: {run['steps_run']} steps in {run['seconds'] or 0:.1f} s; loss "
+                f"{run['loss_first']:.4g} at the first step, {run['loss_last']:.4g} at the last; curve (step: mean loss) "
                 + ", ".join(f"{step}: {loss:.4g}" for step, loss in shown)
             )
     return lines

@@ -79,13 +79,14 @@ class Plan:
     split: Split
     targets: List[int]  # parameters
     configs: List[Dict[str, Any]]  # architectures
+    trunk: Optional[Dict[str, Any]] = None  # --trunk-steps: the shared student's architecture, which every expert's contains
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"split": self.split.to_dict(), "targets": self.targets, "configs": self.configs}
+        return {"split": self.split.to_dict(), "targets": self.targets, "configs": self.configs, "trunk": self.trunk}
 
     @classmethod
     def from_dict(cls, stored: Dict[str, Any]) -> "Plan":
-        return cls(Split.from_dict(stored["split"]), stored["targets"], stored["configs"])
+        return cls(Split.from_dict(stored["split"]), stored["targets"], stored["configs"], stored.get("trunk"))
 
 
 class _NullBar:
@@ -302,25 +303,52 @@ def plan_experts(source: Source, recipe: Recipe, profile: Optional[Profile],
     targets = budget_targets(total, split.shares, source.params)
     say(f"allocating widths: {total:,} parameters over {r.k} experts, shares "
         + ", ".join(f"{share:.3f}" for share in split.shares))
-    shapes = ([allocate_depth(family, source.config, t) for t in targets] if r.structure == "depth"
-              else [source.config] * r.k)
-    configs = [allocate_widths(family, shape, t) for shape, t in zip(shapes, targets)]
-    if r.structure == "blockwise":
-        if pool is None:
-            raise ValueError("--structure blockwise scores units on the pool: pass plan_experts(..., pool=)")
-        for k, (segment, uniform) in enumerate(zip(split.segments, configs)):
-            scores = expert_unit_scores(source, r, pool, segment, k, uniform)
-            configs[k] = spread_over_blocks(family, source.config, uniform, scores)
-            if family.param_count(configs[k]) != family.param_count(uniform):
-                raise AssertionError(f"blockwise widths of expert {k} changed its parameter count")  # a family's bug
-            say(f"expert {k}: {family.describe(configs[k])}")
+    if r.trunk_steps > 0:
+        # one student for all of time at the widest expert's size, its structure chosen over all of
+        # time; each expert is then that student narrowed to its own size, so it can start from it
+        trunk = structured_config(source, r, pool, max(targets), ALL_TIME, r.k, say, "the trunk")
+        configs = [allocate_widths(family, trunk, t) for t in targets]
+        return Plan(split, targets, configs, trunk)
+    configs = [structured_config(source, r, pool, t, segment, k, say, f"expert {k}")
+               for k, (segment, t) in enumerate(zip(split.segments, targets))]
     return Plan(split, targets, configs)
+
+
+#: the segment of a student that learns all of time (the trunk of --trunk-steps)
+ALL_TIME = (0.0, 1.0)
+
+
+def structured_config(source: Source, recipe: Recipe, pool: Optional[Pool], target: int, segment, index: int,
+                      say=silent, name: str = "expert") -> Dict[str, Any]:
+    """The architecture of ``target`` parameters that the recipe's structure gives a student of
+    ``segment``: uniform widths, whole blocks first (depth), or widths spread over the blocks by
+    their units' importance on the segment (blockwise; ``index`` seeds its calibration)."""
+    r, family = recipe, source.family
+    shape = allocate_depth(family, source.config, target) if r.structure == "depth" else source.config
+    config = allocate_widths(family, shape, target)
+    if r.structure != "blockwise":
+        return config
+    if pool is None:
+        raise ValueError("--structure blockwise scores units on the pool: pass plan_experts(..., pool=)")
+    scores = expert_unit_scores(source, r, pool, segment, index, config)
+    spread = spread_over_blocks(family, source.config, config, scores)
+    if family.param_count(spread) != family.param_count(config):
+        raise AssertionError(f"blockwise widths of {name} changed its parameter count")  # a family's bug
+    say(f"{name}: {family.describe(spread)}")
+    return spread
 
 
 def trains(source: Source, recipe: Recipe, plan: Plan, k: int) -> bool:
     """Whether expert k is fine-tuned: not with --steps 0, and not a full-width copy of the teacher
-    under the distillation loss alone, whose gradient is exactly zero."""
+    under the distillation loss alone, whose gradient is exactly zero. (A trunk is as wide as the
+    widest expert, so such an expert's trunk is the teacher too.)"""
     return recipe.steps > 0 and not (recipe.loss == "distill" and plan.configs[k] == source.config)
+
+
+def trunk_trains(source: Source, recipe: Recipe, plan: Plan) -> bool:
+    """Whether the run has a trunk (--trunk-steps) that learns anything: the same rule as an expert's."""
+    return (plan.trunk is not None and recipe.trunk_steps > 0
+            and not (recipe.loss == "distill" and plan.trunk == source.config))
 
 
 def idle_experts(source: Source, recipe: Recipe, plan: Plan) -> Optional[str]:

@@ -10,11 +10,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from cbs_convert.models.shared_base import describe_shared_base
-from cbs_convert.pipeline.experts import Measurements, base_lr_scale, finetune_settings
+from cbs_convert.pipeline.experts import Measurements, base_lr_scale, finetune_settings, trunk_settings
 from cbs_convert.pipeline.quality import late_improvement
 from cbs_convert.pipeline.recipe import Recipe
-from cbs_convert.pipeline.steps import Plan, Source, trains
-from cbs_convert.pipeline.workfiles import SHARED_LOG, pruned_file, trained_file
+from cbs_convert.pipeline.steps import Plan, Source, trains, trunk_trains
+from cbs_convert.pipeline.workfiles import SHARED_LOG, TRUNK_BLOCKS, TRUNK_LOG, pruned_file, trained_file
 from cbs_convert.stages.finetune import seam_gap_of
 from cbs_convert.stages.profile import Profile
 from cbs_convert.stages.budget import parse_budget
@@ -94,21 +94,8 @@ def finetune_summary(source: Source, recipe: Recipe, plan: Plan, work: WorkDir) 
         settings.update(rank=r.rank, base_lr_scale=base_lr_scale(r), joint_steps=r.steps * r.k)
     experts = []
     for k in range(r.k):
-        entry: Dict[str, Any] = {"trained": trains(source, r, plan, k)}
-        if entry["trained"]:
-            entry["settings"] = finetune_settings(source, r, plan, k).to_dict()
-        log_path = work.path(SHARED_LOG if shared else trained_file(k, "log.json"))
-        if entry["trained"] and log_path.exists():
-            log = json.loads(log_path.read_text())
-            losses = log["losses"]
-            # at most 50 points of the curve, each the mean of its stretch of steps
-            stretch = max(1, len(losses) // 50)
-            curve = [(start + stretch, float(np.mean(losses[start:start + stretch])))
-                     for start in range(0, len(losses), stretch)]
-            entry.update(steps_run=log.get("steps_run", len(losses)), seconds=log.get("seconds"),
-                         peak_cuda_bytes=log.get("peak_cuda_bytes"),
-                         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-                         loss_curve=curve, late_improvement=late_improvement(losses))
+        entry = training_entry(trains(source, r, plan, k), lambda: finetune_settings(source, r, plan, k),
+                               work.path(SHARED_LOG if shared else trained_file(k, "log.json")))
         experts.append(entry)
         if shared:
             # one run trained them all: its log is reported once, under the first expert
@@ -116,7 +103,37 @@ def finetune_summary(source: Source, recipe: Recipe, plan: Plan, work: WorkDir) 
             experts += [{"trained": entry["trained"], "settings": entry.get("settings"), "joint": True}
                         for _ in range(1, r.k)]
             break
-    return {"settings": settings, "experts": experts}
+    summary = {"settings": settings, "experts": experts}
+    if plan.trunk is not None:
+        settings["trunk_steps"] = r.trunk_steps
+        trunk = training_entry(trunk_trains(source, r, plan), lambda: trunk_settings(source, r, plan), work.path(TRUNK_LOG))
+        trunk.update(params=source.family.param_count(plan.trunk), architecture=source.family.describe(plan.trunk))
+        chosen = work.path(TRUNK_BLOCKS)
+        if chosen.exists():
+            record = json.loads(chosen.read_text())
+            trunk.update(kept_blocks=record["kept"], block_selector=record["selector"])
+        summary["trunk"] = trunk
+    return summary
+
+
+def training_entry(trained: bool, settings, log_path) -> Dict[str, Any]:
+    """One training run as the report gives it: its settings as they ran (``settings``, called only
+    when it trained) and its loss curve from its log."""
+    entry: Dict[str, Any] = {"trained": trained}
+    if trained:
+        entry["settings"] = settings().to_dict()
+    if trained and log_path.exists():
+        log = json.loads(log_path.read_text())
+        losses = log["losses"]
+        # at most 50 points of the curve, each the mean of its stretch of steps
+        stretch = max(1, len(losses) // 50)
+        curve = [(start + stretch, float(np.mean(losses[start:start + stretch])))
+                 for start in range(0, len(losses), stretch)]
+        entry.update(steps_run=log.get("steps_run", len(losses)), seconds=log.get("seconds"),
+                     peak_cuda_bytes=log.get("peak_cuda_bytes"),
+                     loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                     loss_curve=curve, late_improvement=late_improvement(losses))
+    return entry
 
 
 def build_report(source: Source, recipe: Recipe, plan: Plan, profile: Optional[Profile], evaluated: Dict[str, Any],

@@ -21,9 +21,14 @@ SPLIT = "split.json"
 #: the one training run of shared-base experts (--experts lora): the base and every delta together
 SHARED_WEIGHTS, SHARED_STATE, SHARED_LOG = SHARED_FILES = (
     "finetune/shared.safetensors", "finetune/shared.state.pt", "finetune/shared.log.json")
+#: the shared student of --trunk-steps: as pruned (weights, record, block choice), then as trained
+TRUNK_PRUNED, TRUNK_KEPT, TRUNK_BLOCKS, TRUNK_WEIGHTS, TRUNK_STATE, TRUNK_LOG = TRUNK_FILES = (
+    "trunk/pruned.safetensors", "trunk/pruned.kept.json", "trunk/pruned.blocks.json",
+    "trunk/trained.safetensors", "trunk/trained.state.pt", "trunk/trained.log.json")
 #: what a finished run keeps of its work directory: small, and what the report and a later
 #: --resume of the profile and split need. The weights and optimizer states go (GBs at XL size).
-KEPT_AFTER_SUCCESS = (POOL, PROFILE, STEP_PROFILE, SPLIT, "pruned/*.kept.json", "pruned/*.blocks.json", "finetune/*.log.json")
+KEPT_AFTER_SUCCESS = (POOL, PROFILE, STEP_PROFILE, SPLIT, "pruned/*.kept.json", "pruned/*.blocks.json", "finetune/*.log.json",
+                      TRUNK_KEPT, TRUNK_BLOCKS, TRUNK_LOG)
 
 
 def pruned_file(k: int, kind: str) -> str:
@@ -47,7 +52,7 @@ def work_files(k: int) -> List[str]:
     for e in range(k):
         names += [pruned_file(e, kind) for kind in ("safetensors", "kept.json", "blocks.json", "measured.safetensors")]
         names += [trained_file(e, kind) for kind in ("safetensors", "state.pt", "log.json", "measured.safetensors")]
-    return names + list(SHARED_FILES)
+    return names + list(SHARED_FILES) + list(TRUNK_FILES)
 
 
 def save_measurement(path: Path, measured: Dict[str, Any]) -> None:
