@@ -109,7 +109,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default=str(ROOT / "cbs_convert" / "assets" / "fmnist_sit.safetensors"))
+    parser.add_argument("--checkpoint", default=None, help="default: the bundled Fashion-MNIST SiT (quick: the digits SiT)")
     parser.add_argument("--budget", default="0.5x", help="each student's parameters, as --budget of a K=1 conversion")
     parser.add_argument("--structures", default=",".join(STRUCTURES))
     parser.add_argument("--batch", type=int, default=None, help="samples per sampling batch (default 250; quick 8)")
@@ -123,9 +123,7 @@ def main(argv=None):
     unknown = [s for s in structures if s not in STRUCTURES]
     if unknown:
         parser.error(f"unknown structures {unknown}; choose from {', '.join(STRUCTURES)}")
-    checkpoint = args.checkpoint
-    if args.quick and "--checkpoint" not in (argv or sys.argv[1:]):
-        checkpoint = str(ROOT / "cbs_convert" / "assets" / "digits_sit.safetensors")
+    checkpoint = args.checkpoint or str(ROOT / "cbs_convert" / "assets" / f"{'digits' if args.quick else 'fmnist'}_sit.safetensors")
     result = run(checkpoint, args.budget, structures, args.batch or (8 if args.quick else 250),
                  args.sample_steps or (2 if args.quick else 8), args.repeats or (1 if args.quick else 5), args.threads)
     text = markdown(result)

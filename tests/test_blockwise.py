@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cbs_convert
+from cbs_convert.errors import BudgetError
 from cbs_convert.cli.main import main as cli_main
 from cbs_convert.families.transformer_net import block_widths
 from cbs_convert.stages.budget import allocate_widths, spread_over_blocks
@@ -90,6 +91,8 @@ def test_a_blockwise_conversion_meets_the_uniform_budget_and_extracts_experts_th
     again = cbs_convert.convert(tmp_path / "e1.safetensors", k=2, budget="0.8x", out=str(tmp_path / "again.safetensors"),
                                 **QUICK_KW)
     source_blocks = block_widths(configs[1])
+    # uniform experts of a per-block source: the file still holds per-block widths (its source's)
+    assert cbs_convert.read_metadata(again.output)["format_version"] == 3
     for entry, expert in zip(cbs_convert.load(again.output).metadata["experts"], again.report["evaluation"]["experts"]):
         pruned_blocks = block_widths(entry["config"])
         assert all(h <= sh and m <= sm for (h, m), (sh, sm) in zip(pruned_blocks, source_blocks))
@@ -190,3 +193,23 @@ def test_per_block_files_have_a_format_of_their_own_that_an_older_reader_calls_n
     code, printed = _cli(["info", "blockwise.safetensors"], tmp_path, capsys)
     lines = printed.err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "format version 3" in lines[0] and "newer" in lines[0], lines
+
+
+def test_a_per_block_source_pruned_mildly_keeps_every_block_within_its_own_width():
+    # a trunk a 4-expert blockwise run planned: pruned to three quarters of it, the MLP width the
+    # allocator tries last must stay capped by each block's own
+    family, _ = tiny_model("sit", depth=4, hidden_size=19)
+    source = family.with_block_widths(family.config, {"mlp_hidden": [47, 44, 50, 43], "num_heads": [4, 2, 2, 4]})
+    source_family = type(family)(source)
+    full = source_family.param_count(source)
+    fitted = 0
+    for share in [s / 100 for s in range(50, 96)]:
+        try:
+            config = allocate_widths(source_family, source, int(full * share))
+        except BudgetError:  # a tiny model's widths are coarse: some targets have no width within 1%
+            continue
+        fitted += 1
+        for (heads, mlp), (source_heads, source_mlp) in zip(block_widths(config), block_widths(source)):
+            assert heads <= source_heads and mlp <= source_mlp, (share, block_widths(config))
+        assert all(0 < g.keep <= g.size for g in source_family.unit_groups(source, config))
+    assert fitted >= 20

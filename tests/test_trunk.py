@@ -61,11 +61,21 @@ def test_experts_are_cut_from_the_trained_trunk_not_from_the_source(tmp_path):
     # with no expert steps, the widest expert is the trained trunk itself, to the bit
     expert = _expert(result.output, widest)
     assert expert.keys() == trained.keys() and all(torch.equal(expert[key], trained[key]) for key in trained)
-    # the narrower one is the trunk narrowed: its record names source units the trunk holds
+    # the narrower one is the trained trunk narrowed: its record names source units the trunk holds,
+    # and slicing the trunk by those units gives its weights, to the bit
     trunk_kept = json.loads((work / "trunk" / "pruned.kept.json").read_text())
-    narrow_kept = json.loads((work / "pruned" / f"expert_{1 - widest}.kept.json").read_text())
+    narrow = 1 - widest
+    narrow_kept = json.loads((work / "pruned" / f"expert_{narrow}.kept.json").read_text())
     assert set(narrow_kept["residual"]) < set(trunk_kept["residual"])
-    assert configs[1 - widest]["hidden_size"] < trunk_config["hidden_size"]
+    assert configs[narrow]["hidden_size"] < trunk_config["hidden_size"]
+    within_trunk = {name: torch.tensor([trunk_kept[name].index(i) for i in index] if name in trunk_kept else index)
+                    for name, index in narrow_kept.items() if name != "blocks"}
+    sliced = family.slice_state_dict(trained, trunk_config, within_trunk)
+    expert = _expert(result.output, narrow)
+    assert expert.keys() == sliced.keys() and all(torch.equal(expert[key], sliced[key]) for key in sliced)
+    from_source = family.slice_state_dict(load_file(str(source)), family.config, {
+        name: torch.tensor(index) for name, index in narrow_kept.items() if name != "blocks"})
+    assert any(not torch.equal(expert[key], from_source[key]) for key in sliced)  # not the source's weights
     report = result.report["finetune"]
     assert report["settings"]["trunk_steps"] == 12 and report["trunk"]["steps_run"] == 12
     assert report["trunk"]["params"] == max(params) and "trunk" in result.report["timings_s"]
@@ -109,6 +119,7 @@ def test_a_resumed_trunk_run_is_not_trained_again_and_a_changed_trunk_is_refused
 
 @pytest.mark.parametrize("extra, expected", [
     (["--trunk-steps", "-1"], "trunk_steps=-1 must be 0"),
+    (["--trunk-steps", "5", "--k", "1"], "give those steps to --steps instead"),
     (["--trunk-steps", "5", "--experts", "lora", "--loss", "data", "--data", "lat.npz"], "--experts lora already shares one base"),
 ])
 def test_a_trunk_that_cannot_be_is_refused_in_one_line(tmp_path, capsys, extra, expected):
@@ -117,3 +128,25 @@ def test_a_trunk_that_cannot_be_is_refused_in_one_line(tmp_path, capsys, extra, 
     lines = [line for line in printed.err.strip().splitlines() if line]
     assert code == 2 and len(lines) == 1 and expected in lines[0], lines
     assert not (tmp_path / "tiny-cbs-k2.safetensors").exists()
+
+
+def test_blockwise_experts_of_four_sizes_are_all_cut_from_the_trunk_and_the_widest_is_the_trunk(tmp_path):
+    family, source = _source(tmp_path, depth=4)
+    result = cbs_convert.convert(source, k=4, num_heads=4, family="sit", boundaries=[0.1, 0.25, 0.6], structure="blockwise",
+                                 trunk_steps=2, out=str(tmp_path / "four.safetensors"), keep_workdir=True,
+                                 **{**QUICK_KW, "steps": 0})
+    plan = json.loads((tmp_path / "four.safetensors.work" / "split.json").read_text())
+    widest = max(range(4), key=lambda k: plan["targets"][k])
+    assert plan["configs"][widest] == plan["trunk"]
+    for entry in result.report["evaluation"]["experts"]:
+        assert abs(entry["params_vs_target"]) <= 0.01
+
+
+def test_a_trunk_that_cannot_learn_is_said_before_any_work(tmp_path):
+    _, source = _source(tmp_path, depth=2)
+    result = _convert(tmp_path, source, "idle.safetensors", trunk_steps=5, steps=0, budget="1.5x")
+    said = [w for w in result.report["warnings"] if "the trunk is a full-width copy" in w]
+    assert len(said) == 1 and "5 steps are skipped" in said[0]
+    assert result.report["finetune"]["trunk"]["trained"] is False
+    report = (tmp_path / "idle.report.md").read_text()
+    assert "steps of one trunk on all of time" not in report and "- trunk: not trained" in report

@@ -270,7 +270,7 @@ class Conversion:
         # shared-base experts train as one model: its ranks form one data-parallel group
         layout = plan_ranks(world, 1 if self.recipe.experts == "lora" else self.recipe.k, self.recipe.batch_size)
         # a trunk (--trunk-steps) trains on every rank at once: the same check, for one expert
-        trunk_layout = plan_ranks(world, 1, self.recipe.batch_size) if self.recipe.trunk_steps > 0 else None
+        trunk_layout = plan_ranks(world, 1, self.recipe.batch_size, "the trunk") if self.recipe.trunk_steps > 0 else None
         team = Team(rank, world, layout, expert_groups(layout),
                     expert_groups(trunk_layout).get(0) if trunk_layout is not None else None)
         if rank == 0:

@@ -86,7 +86,9 @@ def prepare_trunk(run: ExpertRun, team: Team, progress: bool = False) -> Optiona
             run.work.remove([TRUNK_STATE])
         del student, result
     barrier(team.world)
-    return Trunk(plan.trunk, load_file(str(final if final.exists() else pruned)), kept)
+    chosen = run.work.path(TRUNK_BLOCKS)
+    blocks = json.loads(chosen.read_text()) if chosen.exists() else None
+    return Trunk(plan.trunk, load_file(str(final if final.exists() else pruned)), kept, blocks)
 
 
 def prune_experts(run: ExpertRun, team: Team, trunk: Optional[Trunk] = None) -> Measurements:

@@ -36,6 +36,7 @@ class Trunk:
     config: Dict[str, Any]
     state_dict: Dict[str, torch.Tensor]
     kept: Dict[str, Any]
+    blocks: Optional[Dict[str, Any]] = None  # its block choice under --structure depth, which every expert keeps
 
 
 def prune_expert(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int, say=silent,
@@ -54,7 +55,8 @@ def prune_expert(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int,
     calibration = expert_calibration(source, r, pool, segment, k) if r.prune == "segment" else None
     sd, kept_tensors = prune_state_dict(family, model, trunk.state_dict, trunk.config, config, r.prune, calibration,
                                         seed=r.seed + k)
-    return PrunedExpert(sd, compose_kept(trunk.kept, {group: index.tolist() for group, index in kept_tensors.items()}))
+    return PrunedExpert(sd, compose_kept(trunk.kept, {group: index.tolist() for group, index in kept_tensors.items()}),
+                        trunk.blocks)
 
 
 def compose_kept(outer: Dict[str, Any], inner: Dict[str, Any]) -> Dict[str, Any]:

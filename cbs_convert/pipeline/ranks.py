@@ -44,7 +44,8 @@ class RankLayout:
         return {"world_size": self.world_size, "experts": [list(r) for r in self.experts]}
 
 
-def plan_ranks(world_size: int, k: int, batch_size: int) -> RankLayout:
+def plan_ranks(world_size: int, k: int, batch_size: int, trained: str = "one expert") -> RankLayout:
+    """Which ranks train each of ``k`` models (``trained`` names one of them in a refusal)."""
     if world_size < 1 or k < 1:
         raise ValueError(f"need at least one process and one expert, got {world_size} and {k}")
     if world_size <= k:
@@ -58,7 +59,7 @@ def plan_ranks(world_size: int, k: int, batch_size: int) -> RankLayout:
     group = world_size // k
     if batch_size % group:
         raise RecipeError(
-            f"--batch-size {batch_size} is the global batch of one expert and must split evenly over the "
+            f"--batch-size {batch_size} is the global batch of {trained} and must split evenly over the "
             f"{group} processes that train it: use a multiple of {group}, e.g. {group * max(1, round(batch_size / group))}"
         )
     return RankLayout(world_size, [list(range(expert * group, (expert + 1) * group)) for expert in range(k)])

@@ -277,6 +277,8 @@ def validate(r: Recipe) -> None:
          f"k={r.k} segments of min_width={r.min_width} do not fit in [0, 1]; lower --k or --min-width")
     need(r.steps >= 0, f"steps={r.steps} must be 0 (no fine-tuning: the pruned experts as they are) or more")
     need(r.trunk_steps >= 0, f"trunk_steps={r.trunk_steps} must be 0 (no shared trunk) or more")
+    need(r.trunk_steps == 0 or r.k >= 2, f"--trunk-steps {r.trunk_steps} with --k 1: a trunk and one expert both learn "
+                                         "all of time; give those steps to --steps instead")
     for name in ("batch_size", "grid", "profile_batches", "profile_batch_size", "pool_size", "ode_steps",
                  "calib_batches", "checkpoint_every", "eval_samples"):
         need(getattr(r, name) > 0, f"{name}={getattr(r, name)} must be positive")

@@ -131,7 +131,7 @@ def _finetune_lines(finetune) -> List[str]:
              (f"{settings['joint_steps']} steps ({settings['steps']} per expert) for the shared base (lr x{settings['base_lr_scale']:g}) and every delta together"
               if settings.get("experts") == "lora" else f"{settings['steps']} steps per expert"
               + (f", after {settings['trunk_steps']} steps of one trunk on all of time that every expert starts from"
-                 if settings.get("trunk_steps") else "")) + f", loss {loss}, AdamW "
+                 if settings.get("trunk_steps") and (finetune.get("trunk") or {}).get("trained") else "")) + f", loss {loss}, AdamW "
              f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "
              f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, times drawn from each segment widened by "
              f"{settings['margin']:g}, label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]

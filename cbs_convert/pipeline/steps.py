@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cbs_convert.errors import CheckpointError, RecipeError, is_warning
+from cbs_convert.errors import BudgetError, CheckpointError, RecipeError, is_warning
 from cbs_convert.families import detect
 from cbs_convert.families.base import Family
 from cbs_convert.pipeline.ranks import gather, resolve_device
@@ -306,8 +306,14 @@ def plan_experts(source: Source, recipe: Recipe, profile: Optional[Profile],
     if r.trunk_steps > 0:
         # one student for all of time at the widest expert's size, its structure chosen over all of
         # time; each expert is then that student narrowed to its own size, so it can start from it
-        trunk = structured_config(source, r, pool, max(targets), ALL_TIME, r.k, say, "the trunk")
-        configs = [allocate_widths(family, trunk, t) for t in targets]
+        widest = max(targets)
+        trunk = structured_config(source, r, pool, widest, ALL_TIME, r.k, say, "the trunk")
+        try:
+            # the widest experts are the trunk itself: it already meets their target
+            configs = [trunk if t == widest else allocate_widths(family, trunk, t) for t in targets]
+        except BudgetError as exc:
+            raise BudgetError(f"{exc} for an expert cut from the trunk of --trunk-steps ({family.describe(trunk)}); "
+                              "convert without --trunk-steps, or with another --budget or --structure") from None
         return Plan(split, targets, configs, trunk)
     configs = [structured_config(source, r, pool, t, segment, k, say, f"expert {k}")
                for k, (segment, t) in enumerate(zip(split.segments, targets))]
@@ -352,9 +358,15 @@ def trunk_trains(source: Source, recipe: Recipe, plan: Plan) -> bool:
 
 
 def idle_experts(source: Source, recipe: Recipe, plan: Plan) -> Optional[str]:
-    """The warning, before any pruning or training, about experts that cannot learn anything from the teacher."""
+    """The warning, before any pruning or training, about experts (or a trunk) that cannot learn
+    anything from the teacher."""
     r = recipe
     idle = [k for k in range(r.k) if r.steps > 0 and not trains(source, r, plan, k)]
+    if plan.trunk is not None and not trunk_trains(source, r, plan):
+        return (f"the trunk is a full-width copy of the teacher (its widest expert is): distilling it has exactly "
+                f"zero gradient, so its {r.trunk_steps} steps are skipped and the narrower experts are cut from the "
+                "source; --loss data (or both) with --data LATENTS trains it on data"
+                + (f" (and the same holds for expert{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))})" if idle else ""))
     if not idle:
         return None
     which = "every expert is" if len(idle) == r.k else f"expert{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} {'are' if len(idle) > 1 else 'is'}"

@@ -77,7 +77,7 @@ def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) 
     if target >= full:
         return dict(config)
 
-    def scaled(rho, fixed):
+    def widths_at(rho, fixed):
         widths = {}
         for knob in knobs:
             if knob.name in fixed:
@@ -85,7 +85,10 @@ def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) 
                 continue
             value = int(round(knob.full * rho / knob.multiple)) * knob.multiple
             widths[knob.name] = int(min(knob.full, max(knob.minimum, value)))
-        return family.with_widths(config, widths)
+        return widths
+
+    def scaled(rho, fixed):
+        return family.with_widths(config, widths_at(rho, fixed))
 
     def shrink_factor(fixed):
         lo, hi = 0.0, 1.0
@@ -112,8 +115,7 @@ def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) 
     candidates = []
     for value in values:
         fixed = {coarse.name: value}
-        base = scaled(shrink_factor(fixed), fixed)
-        candidates.extend(_fit_finest(family, base, fine, target))
+        candidates.extend(_fit_finest(family, config, widths_at(shrink_factor(fixed), fixed), fine, target))
     def balance(c):
         return abs(c[coarse.name] / coarse.full - rho)
 
@@ -127,22 +129,27 @@ def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) 
     )
 
 
-def _fit_finest(family, base: Dict, fine, target: int) -> List[Dict]:
-    """Bisection on the finest knob alone (the count is monotone in it); both neighbours returned."""
+def _fit_finest(family, config: Dict, widths: Dict[str, int], fine, target: int) -> List[Dict]:
+    """Bisection on the finest knob alone (the count is monotone in it); both neighbours returned.
+    Every candidate is ``config`` with all its widths set at once: a config already narrowed has lost
+    the source's per-block widths that cap each block."""
+    def at(width):
+        return family.with_widths(config, {**widths, fine.name: width})
+
     low, high = fine.minimum, fine.full
-    if family.param_count(family.with_widths(base, {fine.name: low})) > target:
-        return [family.with_widths(base, {fine.name: low})]
-    if family.param_count(family.with_widths(base, {fine.name: high})) <= target:
-        return [family.with_widths(base, {fine.name: high})]
+    if family.param_count(at(low)) > target:
+        return [at(low)]
+    if family.param_count(at(high)) <= target:
+        return [at(high)]
     while high - low > fine.multiple:
         mid = max(low + 1, (low + high) // 2 // fine.multiple * fine.multiple)
         if mid >= high:
             break
-        if family.param_count(family.with_widths(base, {fine.name: mid})) <= target:
+        if family.param_count(at(mid)) <= target:
             low = mid
         else:
             high = mid
-    return [family.with_widths(base, {fine.name: w}) for w in (low, high)]
+    return [at(w) for w in (low, high)]
 
 
 def spread_over_blocks(family, source_config: Dict, config: Dict, scores: Dict[str, Sequence[float]]) -> Dict:

@@ -56,7 +56,7 @@ def routed_metadata(
     # a shared base and K low-rank deltas (tensors ``base.{source key}``, ``deltas.{k}.{layer}.down/.up``)
     # and per-block widths each have a version of their own: a reader without them refuses the file
     # as newer instead of misreading it
-    per_block = any(family.per_block_widths(config) for config in expert_configs)
+    per_block = any(family.per_block_widths(config) for config in [family.config, *expert_configs])
     meta = {
         "format_version": PER_BLOCK_FORMAT if per_block else WHOLE_EXPERTS_FORMAT,
         "family": family.name,
