@@ -54,6 +54,7 @@ DOCS = ROOT / "docs"
 PLAIN = dict(split="uniform", monitors=[])
 DENSE = "dense teacher fine-tuned (K=1)"
 DENSE_GENTLE = "dense fine-tuned, gentle"
+HALF_BEST = "K=1 at 0.5x blockwise, features"
 LORA_R2 = "K=2 lora r2 uniform"
 METHODS = {
     # Distilling an unpruned copy has exactly zero gradient: it would return the teacher bit for
@@ -80,6 +81,13 @@ METHODS = {
     # split that led there (the teacher plus a rank-2 delta per half of time)
     DENSE_GENTLE: dict(k=1, loss="data", **PLAIN, **GENTLE),
     LORA_R2: dict(k=2, rank=2, **PLAIN, **LORA),
+    # issue 20's best 0.5x rows on Fashion-MNIST: per-block widths with masked feature distillation,
+    # one model, the split, and the split branched from one trunk trained on half the steps
+    HALF_BEST: dict(k=1, budget="0.5x", **PLAIN, structure="blockwise", feature_weight=1.0),
+    "K=2 CBS denoiser blockwise, features": dict(k=2, split="cbs", monitor="denoiser", monitors=["denoiser"],
+                                                 structure="blockwise", feature_weight=1.0),
+    "K=2 CBS denoiser blockwise, features, trunk": dict(k=2, split="cbs", monitor="denoiser", monitors=["denoiser"],
+                                                        structure="blockwise", feature_weight=1.0, trunk_share=0.5),
 }
 DEFAULT_METHODS = [name for name in METHODS if "gamma 0.25" not in name and "floor 0.5" not in name]
 QUICK_METHODS = [DENSE, "K=2 uniform", "K=2 CBS dirichlet"]
@@ -100,6 +108,10 @@ PAIRED = [
     ("K=2 CBS dirichlet, random pruning", "K=2 CBS dirichlet"),
     (DENSE_GENTLE, DENSE),
     (LORA_R2, DENSE_GENTLE),
+    (HALF_BEST, "K=1 at 0.5x (one half-width model)"),
+    ("K=2 CBS denoiser blockwise, features", HALF_BEST),
+    ("K=2 CBS denoiser blockwise, features, trunk", HALF_BEST),
+    ("K=2 CBS denoiser blockwise, features, trunk", "K=2 CBS denoiser blockwise, features"),
 ]
 
 
