@@ -141,6 +141,9 @@ TRUNK = dict(trunk_share=0.5)
 COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features"], **TRUNK)
 COMPRESSION_ROWS["K=4 cbs denoiser blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=4 cbs denoiser blockwise, features"], **TRUNK)
 COMPRESSION_ROWS["K=2 cbs denoiser, trunk"] = dict(ROWS["K=2 cbs denoiser"], **TRUNK)
+# three quarters on the trunk: each expert then sees 1,050 steps that cover its segment, not 900
+COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk 0.75"] = dict(
+    COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features"], trunk_share=0.75)
 ROWS.update(COMPRESSION_ROWS)
 # whether the best 0.5x structure keeps its lead with 4x the fine-tuning (4,800 steps)
 for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
@@ -185,6 +188,8 @@ PAIRED = (
        ("K=2 cbs denoiser blockwise, features, trunk", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, trunk", "K=2 cbs denoiser blockwise, features"),
        ("K=2 cbs denoiser, trunk", "K=2 cbs denoiser"),
+       ("K=2 cbs denoiser blockwise, features, trunk 0.75", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, trunk 0.75", "K=2 cbs denoiser blockwise, features, trunk"),
        ("K=4 cbs denoiser blockwise, features, trunk", "K=4 cbs denoiser blockwise, features"),
        ("K=4 cbs denoiser blockwise, features, trunk", "K=2 cbs denoiser blockwise, features, trunk")]
 )
