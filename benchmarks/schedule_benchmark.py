@@ -209,7 +209,10 @@ def main(argv=None):
         cached = _cached_conversion_seconds(args.dataset)
         if cached is not None:
             conversion_seconds, conversion_source = cached
-    digests = {name: _bench.file_digest(path) for name, path in models.items()}
+    # a model file the cache records but this checkout lacks (models/ is not committed): its recorded
+    # digest still names its cached schedules and scores, so --cached-only tabulates it
+    digests = {name: _bench.file_digest(path) if Path(path).exists() else _recorded_digest(path)
+               for name, path in models.items()}
     log(f"{args.dataset}: models {', '.join(f'{k} ({v})' for k, v in models.items())}; schedules {schedules}; steps "
         f"{steps_list}; methods {methods}; {samples} samples x seeds {seeds}; cache {cache}")
 
@@ -363,15 +366,23 @@ def _convert(checkpoint: str, cache: Path, quick: bool, cached_only: bool, log):
     if out.exists() and record.exists():
         return str(out), json.loads(record.read_text())["seconds"]
     if cached_only:
+        if record.exists() and "digest" in json.loads(record.read_text()):
+            return str(out), json.loads(record.read_text())["seconds"]
         return None, None
     log(f"converting {checkpoint} at K=2 ({'quick settings' if quick else 'the tool defaults'}) for the routed rows")
     began = time.time()
     cbs_convert.convert(checkpoint, out=str(out), workdir=str(out) + ".work", progress=False, force=True, resume=True,
                         **settings)
     seconds = time.time() - began
-    _bench.write_json(record, {"seconds": seconds, "settings": settings})
+    _bench.write_json(record, {"seconds": seconds, "settings": settings, "digest": _bench.file_digest(out)})
     log(f"  converted in {seconds:.0f} s")
     return str(out), seconds
+
+
+def _recorded_digest(path: str) -> str:
+    """The digest a --routed auto conversion's record holds for its model file (``_convert``)."""
+    record = Path(path).parent.parent / f"{Path(path).name.removesuffix('.safetensors')}.json"
+    return json.loads(record.read_text())["digest"]
 
 
 def _cached_conversion_seconds(dataset: str):
