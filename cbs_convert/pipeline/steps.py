@@ -312,8 +312,8 @@ def plan_experts(source: Source, recipe: Recipe, profile: Optional[Profile],
             # the widest experts are the trunk itself: it already meets their target
             configs = [trunk if t == widest else allocate_widths(family, trunk, t) for t in targets]
         except BudgetError as exc:
-            raise BudgetError(f"{exc} for an expert cut from the trunk of --trunk-steps ({family.describe(trunk)}); "
-                              "convert without --trunk-steps, or with another --budget or --structure") from None
+            raise BudgetError(f"{exc} (that expert is cut from the trunk of --trunk-steps, {family.describe(trunk)}); "
+                              "or convert without --trunk-steps") from None
         return Plan(split, targets, configs, trunk)
     configs = [structured_config(source, r, pool, t, segment, k, say, f"expert {k}")
                for k, (segment, t) in enumerate(zip(split.segments, targets))]
