@@ -197,10 +197,11 @@ def main(argv=None):
     log = lambda text: print(text, flush=True)  # noqa: E731
 
     models = {"teacher": checkpoint}
-    conversion_seconds, conversion_source = None, None
+    conversion_seconds, conversion_source, conversion = None, None, None
     routed = args.routed or "auto"
     if routed == "auto":
-        routed, conversion_seconds = _convert(checkpoint, cache, args.quick, args.cached_only, log)
+        routed, conversion = _convert(checkpoint, cache, args.quick, args.cached_only, log)
+        conversion_seconds = conversion and conversion["seconds"]
         conversion_source = ("this run's K=2 conversion of the teacher (quick settings: not a real conversion's time)"
                              if args.quick else "this run's K=2 conversion of the teacher with the tool's defaults")
     if routed and routed != "none":
@@ -209,9 +210,9 @@ def main(argv=None):
         cached = _cached_conversion_seconds(args.dataset)
         if cached is not None:
             conversion_seconds, conversion_source = cached
-    # a model file the cache records but this checkout lacks (models/ is not committed): its recorded
+    # the routed file the cache records but this checkout lacks (models/ is not committed): its recorded
     # digest still names its cached schedules and scores, so --cached-only tabulates it
-    digests = {name: _bench.file_digest(path) if Path(path).exists() else _recorded_digest(path)
+    digests = {name: _bench.file_digest(path) if Path(path).exists() or conversion is None else conversion["digest"]
                for name, path in models.items()}
     log(f"{args.dataset}: models {', '.join(f'{k} ({v})' for k, v in models.items())}; schedules {schedules}; steps "
         f"{steps_list}; methods {methods}; {samples} samples x seeds {seeds}; cache {cache}")
@@ -331,7 +332,8 @@ def main(argv=None):
                      method, bool(aligned) and bool(record["boundaries"]), seed, against=fine_files[model, seed])
         collect()
 
-    timing = _timing(records, wanted, profiles, conversion_seconds, conversion_source)
+    timing = _timing(records, wanted, profiles, conversion_seconds, conversion_source,
+                     (conversion or {}).get("step_profile_s"))
     result = {
         "command": _bench.command_line("schedule_benchmark.py", argv), "git_commit": _bench.git_commit(),
         "dataset": args.dataset, "models": models, "schedules": schedules, "steps": steps_list, "methods": methods,
@@ -356,33 +358,28 @@ def _fine_times(path: str, steps: int) -> List[float]:
 
 
 def _convert(checkpoint: str, cache: Path, quick: bool, cached_only: bool, log):
-    """The routed model of ``--routed auto`` (converted once, kept in the cache) and the conversion's seconds."""
+    """The routed model of ``--routed auto`` (converted once, kept in the cache) and its record: the
+    conversion's seconds, the file's digest and the seconds its stored sampling profile took."""
     import cbs_convert
 
     settings = {"k": 2, **(QUICK_CONVERSION if quick else {})}
     stem = f"routed_k2_{_bench.digest({'teacher': _bench.file_digest(checkpoint), **settings})}"
     out = cache / "models" / f"{stem}.safetensors"
-    record = cache / f"{stem}.json"
-    if out.exists() and record.exists():
-        return str(out), json.loads(record.read_text())["seconds"]
+    record_path = cache / f"{stem}.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else None
+    if record is not None and (out.exists() or (cached_only and "digest" in record)):
+        return str(out), record
     if cached_only:
-        if record.exists() and "digest" in json.loads(record.read_text()):
-            return str(out), json.loads(record.read_text())["seconds"]
         return None, None
     log(f"converting {checkpoint} at K=2 ({'quick settings' if quick else 'the tool defaults'}) for the routed rows")
     began = time.time()
-    cbs_convert.convert(checkpoint, out=str(out), workdir=str(out) + ".work", progress=False, force=True, resume=True,
-                        **settings)
-    seconds = time.time() - began
-    _bench.write_json(record, {"seconds": seconds, "settings": settings, "digest": _bench.file_digest(out)})
-    log(f"  converted in {seconds:.0f} s")
-    return str(out), seconds
-
-
-def _recorded_digest(path: str) -> str:
-    """The digest a --routed auto conversion's record holds for its model file (``_convert``)."""
-    record = Path(path).parent.parent / f"{Path(path).name.removesuffix('.safetensors')}.json"
-    return json.loads(record.read_text())["digest"]
+    result = cbs_convert.convert(checkpoint, out=str(out), workdir=str(out) + ".work", progress=False, force=True,
+                                 resume=True, **settings)
+    record = {"seconds": time.time() - began, "settings": settings, "digest": _bench.file_digest(out),
+              "step_profile_s": result.report["timings_s"].get("step_profile")}
+    _bench.write_json(record_path, record)
+    log(f"  converted in {record['seconds']:.0f} s")
+    return str(out), record
 
 
 def _cached_conversion_seconds(dataset: str):
@@ -400,7 +397,7 @@ def _cached_conversion_seconds(dataset: str):
                                         f"benchmark (benchmarks/results/{dataset}_cache)")
 
 
-def _timing(records, wanted, profiles, conversion_seconds, conversion_source) -> Dict[str, Any]:
+def _timing(records, wanted, profiles, conversion_seconds, conversion_source, stored_profile_s=None) -> Dict[str, Any]:
     """Seconds to compute each schedule (the median over its step counts and methods), and against a conversion."""
     by_name: Dict[str, List[float]] = {}
     for model, name, aligned, steps, method, key in wanted:
@@ -409,11 +406,14 @@ def _timing(records, wanted, profiles, conversion_seconds, conversion_source) ->
             by_name.setdefault(name, []).append(record["seconds"])
     out = {"schedules": {name: {"median_s": statistics.median(v), "max_s": max(v)} for name, v in by_name.items()},
            "profile_measurement_s": {m: p["seconds"] for m, p in profiles.items()},
-           "conversion_s": conversion_seconds, "conversion_source": conversion_source}
+           "conversion_s": conversion_seconds, "conversion_source": conversion_source,
+           "stored_profile_s": stored_profile_s}
     if conversion_seconds:
         for name, entry in out["schedules"].items():
             entry["max_vs_conversion"] = entry["max_s"] / conversion_seconds
         out["profile_vs_conversion"] = {m: s / conversion_seconds for m, s in out["profile_measurement_s"].items()}
+        if stored_profile_s is not None:
+            out["stored_profile_vs_conversion"] = stored_profile_s / conversion_seconds
     return out
 
 
@@ -576,6 +576,11 @@ def _timing_lines(timing) -> List[str]:
         ratio = timing.get("profile_vs_conversion", {}).get(model)
         lines.append(f"| profile measurement, {model} (once per model; a conversion stores its own profile) | "
                      f"{seconds:.3g} | {seconds:.3g} | {'–' if ratio is None else format(ratio, '.2%')} |")
+    stored = timing.get("stored_profile_s")
+    if stored is not None:
+        ratio = timing.get("stored_profile_vs_conversion")
+        lines.append(f"| profile stored by the routed model's conversion (its step_profile stage) | {stored:.3g} | "
+                     f"{stored:.3g} | {'–' if ratio is None else format(ratio, '.2%')} |")
     return lines
 
 

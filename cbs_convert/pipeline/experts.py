@@ -123,13 +123,13 @@ def finetune_settings(source: Source, recipe: Recipe, plan: Plan, k: int) -> Fin
     return student_settings(source, r, plan.configs[k], r.steps * (r.k if r.experts == "lora" else 1))
 
 
-def trunk_settings(source: Source, recipe: Recipe, plan: Plan) -> FinetuneSettings:
-    """The trunk's fine-tuning settings (--trunk-steps): an expert's, for its own steps. Its batches are
-    drawn from a seed of their own: the experts' first steps draw from the run's seed."""
-    return replace(student_settings(source, recipe, plan.trunk, recipe.trunk_steps), seed=recipe.seed + TRUNK_SEED_OFFSET)
-
-
+#: the trunk draws its batches from a seed of its own: the experts' first steps draw from the run's seed
 TRUNK_SEED_OFFSET = 7919
+
+
+def trunk_settings(source: Source, recipe: Recipe, plan: Plan) -> FinetuneSettings:
+    """The trunk's fine-tuning settings (--trunk-steps): an expert's, for its own steps and seed."""
+    return replace(student_settings(source, recipe, plan.trunk, recipe.trunk_steps), seed=recipe.seed + TRUNK_SEED_OFFSET)
 
 
 def student_settings(source: Source, recipe: Recipe, config: Dict[str, Any], steps: int) -> FinetuneSettings:
@@ -148,23 +148,23 @@ def finetune_one(source: Source, recipe: Recipe, pool: Pool, plan: Plan, k: int,
                  kept: Optional[Dict[str, Any]] = None, **training) -> FinetuneResult:
     """Fine-tune expert k (``student``, as pruned) on its segment. ``kept`` is its pruning record,
     needed for feature distillation; ``training`` goes to ``finetune_expert`` (state_path, progress, group...)."""
-    segment = plan.split.segments[k]
-    features = recipe.feature_weight > 0
-    return finetune_expert(
-        source.family, source.teacher, student, segment, pool.x0, pool.labels, finetune_settings(source, recipe, plan, k),
-        description=f"expert {k} [{segment[0]:.3f}, {segment[1]:.3f}]",
-        feature_channels=feature_channels(source, kept) if features else None,
-        feature_blocks=feature_blocks(source, kept) if features else None, **training,
-    )
+    return train_student(source, recipe, pool, student, plan.split.segments[k], finetune_settings(source, recipe, plan, k),
+                         f"expert {k}", kept, **training)
 
 
 def finetune_trunk(source: Source, recipe: Recipe, pool: Pool, plan: Plan, student: nn.Module,
                    kept: Optional[Dict[str, Any]] = None, **training) -> FinetuneResult:
     """Train the trunk of --trunk-steps (``student``, as pruned) on all of time."""
+    return train_student(source, recipe, pool, student, ALL_TIME, trunk_settings(source, recipe, plan), "trunk", kept,
+                         **training)
+
+
+def train_student(source: Source, recipe: Recipe, pool: Pool, student: nn.Module, segment, settings: FinetuneSettings,
+                  name: str, kept: Optional[Dict[str, Any]], **training) -> FinetuneResult:
     features = recipe.feature_weight > 0
     return finetune_expert(
-        source.family, source.teacher, student, ALL_TIME, pool.x0, pool.labels, trunk_settings(source, recipe, plan),
-        description="trunk [0.000, 1.000]",
+        source.family, source.teacher, student, segment, pool.x0, pool.labels, settings,
+        description=f"{name} [{segment[0]:.3f}, {segment[1]:.3f}]",
         feature_channels=feature_channels(source, kept) if features else None,
         feature_blocks=feature_blocks(source, kept) if features else None, **training,
     )

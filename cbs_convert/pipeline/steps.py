@@ -345,16 +345,20 @@ def structured_config(source: Source, recipe: Recipe, pool: Optional[Pool], targ
 
 
 def trains(source: Source, recipe: Recipe, plan: Plan, k: int) -> bool:
-    """Whether expert k is fine-tuned: not with --steps 0, and not a full-width copy of the teacher
-    under the distillation loss alone, whose gradient is exactly zero. (A trunk is as wide as the
-    widest expert, so such an expert's trunk is the teacher too.)"""
-    return recipe.steps > 0 and not (recipe.loss == "distill" and plan.configs[k] == source.config)
+    """Whether expert k is fine-tuned: not with --steps 0, and not when it cannot learn. (A trunk is
+    as wide as the widest expert, so a full-width expert's trunk is the teacher too.)"""
+    return recipe.steps > 0 and can_learn(source, recipe, plan.configs[k])
 
 
 def trunk_trains(source: Source, recipe: Recipe, plan: Plan) -> bool:
-    """Whether the run has a trunk (--trunk-steps) that learns anything: the same rule as an expert's."""
-    return (plan.trunk is not None and recipe.trunk_steps > 0
-            and not (recipe.loss == "distill" and plan.trunk == source.config))
+    """Whether the run has a trunk (--trunk-steps) that learns anything."""
+    return plan.trunk is not None and can_learn(source, recipe, plan.trunk)
+
+
+def can_learn(source: Source, recipe: Recipe, config: Dict[str, Any]) -> bool:
+    """Whether a student of ``config`` can learn from the recipe's loss: a full-width copy of the
+    teacher under distillation alone has exactly zero gradient."""
+    return not (recipe.loss == "distill" and config == source.config)
 
 
 def idle_experts(source: Source, recipe: Recipe, plan: Plan) -> Optional[str]:

@@ -53,9 +53,9 @@ def routed_metadata(
          "params": int(family.param_count(config))}
         for k, config in enumerate(expert_configs)
     ]
-    # a shared base and K low-rank deltas (tensors ``base.{source key}``, ``deltas.{k}.{layer}.down/.up``)
-    # and per-block widths each have a version of their own: a reader without them refuses the file
-    # as newer instead of misreading it
+    # per-block widths have a version of their own, so that a reader without them refuses the file as
+    # newer instead of naming a field it does not expect (a shared base, ``save_shared_base``, is
+    # format 2 whatever its source's widths)
     per_block = any(family.per_block_widths(config) for config in [family.config, *expert_configs])
     meta = {
         "format_version": PER_BLOCK_FORMAT if per_block else WHOLE_EXPERTS_FORMAT,
