@@ -15,6 +15,7 @@ from cbs_convert.families.adm_detect import PUBLISHED
 from cbs_convert.families.adm_net import AttentionBlock, ResBlock
 from cbs_convert.stages.prune import calibration_batches, prune_state_dict
 from cbs_convert.pipeline.recipe import bundled_recipe, read_recipe_file
+from cbs_convert.storage.routed_file import read_metadata, save_safetensors_atomic
 from cbs_convert.stages.budget import allocate_widths, check_budget_feasible, smallest_config
 
 ADM = FAMILIES["adm"]
@@ -327,3 +328,33 @@ def test_a_tiny_unet_with_a_half_first_multiplier_round_trips():
     x, steps, y = inputs(read)
     with torch.no_grad():
         assert torch.equal(rebuilt(x, steps, y), model(x, steps, y))
+
+
+def test_a_source_pruned_block_by_block_is_only_narrowed_further(tmp_path):
+    """A source whose ResBlocks keep different group counts (an expert of this tool, or one pruned
+    by hand): every expert keeps at most the source's own count in each block, on budget."""
+    family, model = tiny()
+    full = family.config
+    uneven = dict(full, res_groups=[4, 8] + list(full["res_groups"][2:]), attn_heads=[1] + list(full["attn_heads"][1:]))
+    uneven["inner_groups"], uneven["attention_heads"] = sum(uneven["res_groups"]), sum(uneven["attn_heads"])
+    sd, _ = prune_state_dict(family, model, model.state_dict(), full, uneven, "random", seed=3)
+    source = tmp_path / "uneven_adm.safetensors"  # self-describing, as `extract` writes such an expert
+    args = {**family.saved_args(uneven), "family": "adm", "cbs_convert_config": uneven, "define_the_model": True}
+    save_safetensors_atomic(sd, source, {"args": json.dumps(args)})
+    found, _ = detect(read_checkpoint(source).state_dict, read_checkpoint(source).hints)
+    assert found.config["res_groups"] == uneven["res_groups"] and found.config["attn_heads"] == uneven["attn_heads"]
+    target = allocate_widths(found, found.config, int(0.5 * found.param_count(found.config)))
+    assert all(a <= b for a, b in zip(target["res_groups"], uneven["res_groups"]))
+    assert all(a <= b for a, b in zip(target["attn_heads"], uneven["attn_heads"]))
+    assert abs(found.param_count(target) / int(0.5 * found.param_count(found.config)) - 1) <= 0.01
+    out = tmp_path / "uneven-k2.safetensors"
+    result = cbs_convert.convert(
+        checkpoint=source, k=2, steps=2, pool_size=16, ode_steps=4, grid=4, profile_batches=1, profile_batch_size=4,
+        calib_batches=1, batch_size=4, eval_samples=8, out=str(out), progress=False, num_heads=2,
+    )
+    assert all(abs(e["params_vs_target"]) <= 0.01 for e in result.report["evaluation"]["experts"])
+    experts = read_metadata(out)["experts"]
+    assert len(experts) == 2
+    for expert in experts:
+        assert all(a <= b for a, b in zip(expert["config"]["res_groups"], uneven["res_groups"]))
+        assert all(a <= b for a, b in zip(expert["config"]["attn_heads"], uneven["attn_heads"]))

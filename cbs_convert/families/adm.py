@@ -205,22 +205,21 @@ class ADMFamily(NoisePredictionDDPM, ADMDetection, Family):
         Totals rather than a per-block fraction: one group in every ResBlock at once is about 15M
         parameters of ADM-256, too coarse to land within 1% of an expert's budget; a total moves one
         block at a time and ``spread`` keeps the blocks evenly shrunk."""
-        lay = layout(complete_config(config))
-        heads = [l.heads for l in lay.attn()]
-        blocks = len(lay.res())
+        c = complete_config(config)
         return [
-            WidthKnob("attention_heads", sum(heads), len(heads)),
-            WidthKnob("inner_groups", NORM_GROUPS * blocks, blocks),
+            WidthKnob("attention_heads", sum(c["attn_heads"]), len(c["attn_heads"])),
+            WidthKnob("inner_groups", sum(c["res_groups"]), len(c["res_groups"])),
         ]
 
     def with_widths(self, config, widths):
+        # each block's own count in ``config`` is its cap: a source that is itself pruned block by
+        # block (or a trunk narrowed into experts) can only lose units, never regain ones it lacks
         out = complete_config(config)
-        lay = layout(out)
         for name, value in widths.items():
             if name == "attention_heads":
-                out["attn_heads"] = spread(value, [l.heads for l in lay.attn()])
+                out["attn_heads"] = spread(value, out["attn_heads"])
             elif name == "inner_groups":
-                out["res_groups"] = spread(value, [NORM_GROUPS] * len(lay.res()))
+                out["res_groups"] = spread(value, out["res_groups"])
             else:
                 raise KeyError(f"ADM has no width knob {name!r}; knobs: attention_heads, inner_groups")
         out["inner_groups"] = sum(out["res_groups"])
