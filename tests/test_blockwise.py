@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import cbs_convert
 from cbs_convert.errors import BudgetError
 from cbs_convert.cli.main import main as cli_main
+from cbs_convert.families import family_from_config
 from cbs_convert.families.transformer_net import block_widths
 from cbs_convert.stages.budget import allocate_widths, spread_over_blocks
 from cbs_convert.storage.loading import load_model
@@ -213,3 +214,32 @@ def test_a_per_block_source_pruned_mildly_keeps_every_block_within_its_own_width
             assert heads <= source_heads and mlp <= source_mlp, (share, block_widths(config))
         assert all(0 < g.keep <= g.size for g in source_family.unit_groups(source, config))
     assert fitted >= 20
+
+
+def test_a_shared_base_over_a_per_block_source_has_its_own_format_too(tmp_path, capsys, monkeypatch):
+    from cbs_convert.storage import routed_schema
+
+    _convert(tmp_path)
+    code, printed = _cli(["extract", "blockwise.safetensors", "--expert", "0", "--out", "expert0.safetensors"], tmp_path, capsys)
+    assert code == 0, printed.err
+    source = tmp_path / "expert0.safetensors"
+    result = cbs_convert.convert(source, k=2, experts="lora", rank=2, steps=0, out=str(tmp_path / "lora.safetensors"),
+                                 **{k: v for k, v in QUICK_KW.items() if k != "steps"})
+    meta = cbs_convert.read_metadata(result.output)
+    assert meta["format_version"] == routed_schema.PER_BLOCK_SHARED_BASE_FORMAT
+    assert family_from_config(meta["family"], meta["family_config"]).per_block_widths(meta["family_config"])
+    # zero deltas: the routed model is the per-block source itself
+    x, y, t = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0.1, 0.9])
+    with torch.no_grad():
+        assert torch.allclose(cbs_convert.load(result.output)(x, t, y), load_model(source)[1](x, t, y), atol=1e-6)
+    # what such a file said of itself before format 4 existed: it still loads, the same model
+    meta["format_version"] = routed_schema.SHARED_BASE_FORMAT
+    relabelled = tmp_path / "relabelled.safetensors"
+    save_file(load_file(str(result.output)), str(relabelled), metadata={"cbs_convert": json.dumps(meta)})
+    with torch.no_grad():
+        assert torch.equal(cbs_convert.load(relabelled)(x, t, y), cbs_convert.load(result.output)(x, t, y))
+    # a reader that knows shared bases but not per-block widths refuses the file as newer, in one line
+    monkeypatch.setattr(routed_schema, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3))
+    code, printed = _cli(["info", "lora.safetensors"], tmp_path, capsys)
+    lines = printed.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "format version 4" in lines[0] and "newer" in lines[0], lines

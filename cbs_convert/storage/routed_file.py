@@ -22,7 +22,9 @@ from cbs_convert.families.base import Family, check_keys
 from cbs_convert.families.diffusers import as_diffusers
 from cbs_convert.storage.routed_schema import (
     PER_BLOCK_FORMAT,
+    PER_BLOCK_SHARED_BASE_FORMAT,
     SHARED_BASE_FORMAT,
+    SHARED_BASE_FORMATS,
     WHOLE_EXPERTS_FORMAT,
     validate_routed,
 )
@@ -54,8 +56,7 @@ def routed_metadata(
         for k, config in enumerate(expert_configs)
     ]
     # per-block widths have a version of their own, so that a reader without them refuses the file as
-    # newer instead of naming a field it does not expect (a shared base, ``save_shared_base``, is
-    # format 2 whatever its source's widths)
+    # newer instead of naming a field it does not expect (a shared base's: ``save_shared_base``)
     per_block = any(family.per_block_widths(config) for config in [family.config, *expert_configs])
     meta = {
         "format_version": PER_BLOCK_FORMAT if per_block else WHOLE_EXPERTS_FORMAT,
@@ -80,7 +81,7 @@ def save_shared_base(path, model: SharedBaseModel, extra: Optional[Dict[str, Any
     extra = {**run_description(family, source, profile, split, recipe), **(extra or {})}
     described = model.describe()
     meta = routed_metadata(family, [family.config] * model.segment_count, model.boundary_values, extra)
-    meta["format_version"] = SHARED_BASE_FORMAT
+    meta["format_version"] = PER_BLOCK_SHARED_BASE_FORMAT if family.per_block_widths(family.config) else SHARED_BASE_FORMAT
     meta["shared_base"] = described
     for entry in meta["experts"]:  # what an expert adds to the shared base
         entry.update(params=described["delta_params"], flops=family.forward_flops(family.config) + described["delta_flops"])
@@ -267,7 +268,7 @@ def _load_routed(path, device):
         raise CheckpointError(f"{path}: boundaries {boundaries} must increase from 0 to 1")
     family = family_from_config(meta["family"], meta["family_config"])
     tensors = load_file(str(path), device="cpu")
-    if meta["format_version"] == SHARED_BASE_FORMAT:
+    if meta["format_version"] in SHARED_BASE_FORMATS:
         return _shared_base_from(path, family, meta, tensors).to(device).eval()
     experts: List[nn.Module] = []
     for k, entry in enumerate(experts_meta):
@@ -317,7 +318,7 @@ def expert_state_dict(path, expert: int) -> Dict[str, torch.Tensor]:
     count = len(meta["experts"])
     if not 0 <= expert < count:
         raise CheckpointError(f"--expert {expert}: {path} holds experts 0 to {count - 1}")
-    if meta["format_version"] == SHARED_BASE_FORMAT:
+    if meta["format_version"] in SHARED_BASE_FORMATS:
         from safetensors.torch import load_file
 
         base, deltas = _split_shared_base(meta, load_file(str(path)))

@@ -1,7 +1,7 @@
 """The schema of a routed checkpoint's ``cbs_convert`` metadata (``routed_file.routed_metadata``): format
 version, family, the source's config, boundaries in canonical and native time, each expert's
-segment, config and parameter count, and the run's profile, split, source and recipe; format 2's
-shared base and its low-rank deltas; format 3's per-block widths. Checked against itself and against the tensors of the file's
+segment, config and parameter count, and the run's profile, split, source and recipe; the shared
+base and its low-rank deltas (formats 2 and 4); per-block widths (formats 3 and 4). Checked against itself and against the tensors of the file's
 header before anything is built, with the checker and the config checks of schema.py.
 """
 
@@ -29,10 +29,12 @@ from cbs_convert.storage.schema import (
 )
 
 #: routed formats this reader knows: 1, every expert whole; 2, a shared base with low-rank deltas;
-#: 3, experts whole with per-block widths (``block_heads``...), a version of its own so that a reader
-#: without them says the file is newer instead of naming a field it does not expect
-WHOLE_EXPERTS_FORMAT, SHARED_BASE_FORMAT, PER_BLOCK_FORMAT = 1, 2, 3
-SUPPORTED_FORMAT_VERSIONS = (WHOLE_EXPERTS_FORMAT, SHARED_BASE_FORMAT, PER_BLOCK_FORMAT)
+#: 3, experts whole with per-block widths (``block_heads``...); 4, a shared base whose source has
+#: per-block widths. Per-block widths get versions of their own so that a reader without them says
+#: the file is newer instead of naming a field it does not expect.
+WHOLE_EXPERTS_FORMAT, SHARED_BASE_FORMAT, PER_BLOCK_FORMAT, PER_BLOCK_SHARED_BASE_FORMAT = 1, 2, 3, 4
+SUPPORTED_FORMAT_VERSIONS = (WHOLE_EXPERTS_FORMAT, SHARED_BASE_FORMAT, PER_BLOCK_FORMAT, PER_BLOCK_SHARED_BASE_FORMAT)
+SHARED_BASE_FORMATS = (SHARED_BASE_FORMAT, PER_BLOCK_SHARED_BASE_FORMAT)
 
 ROUTED_FIX = "restore the metadata as cbs_convert wrote it, or convert the source again"
 
@@ -41,8 +43,8 @@ ROUTED_FIX = "restore the metadata as cbs_convert wrote it, or convert the sourc
 def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
     """Check a routed checkpoint's metadata against itself and the tensors of its header; returns it.
 
-    Format 1 is checked whole. Format 2 (shared base and low-rank deltas) gets the entries both
-    formats share here, and its own in ``validate_shared_base``."""
+    Whole experts (formats 1 and 3) are checked here entirely. A shared base with low-rank deltas
+    (formats 2 and 4) gets the entries all formats share here, and its own in ``validate_shared_base``."""
     check = Check(path, "routed metadata", ROUTED_FIX)
     meta = check.mapping(meta, "(top level)")
     version = check.get(meta, "format_version", "format_version", f"one of {SUPPORTED_FORMAT_VERSIONS}")
@@ -65,7 +67,7 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
             check.number(value, f"experts[{k}].segment[{i}]")
             if abs(value - boundaries[k + i]) > 1e-9:
                 raise check.fail(f"experts[{k}].segment[{i}]", f"{boundaries[k + i]!r}, boundary {k + i}", value)
-    if version == SHARED_BASE_FORMAT:
+    if version in SHARED_BASE_FORMATS:
         # the shared base is the source model itself: its tensors bound the source's config
         base = {key[len("base."):]: shape for key, shape in header.items() if key.startswith("base.")}
         check_structure(check, name, source_config, base, "family_config", "the shared base")
@@ -104,7 +106,7 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
 
 
 def validate_shared_base(meta: Dict[str, Any], header: Shapes, path) -> None:
-    """Format 2's own entries: the ``shared_base`` metadata, and the ``base.*`` and ``deltas.*``
+    """A shared-base file's own entries: the ``shared_base`` metadata, and the ``base.*`` and ``deltas.*``
     tensors against it, all from the header (the common fields are already checked)."""
     check = Check(path, "routed metadata", ROUTED_FIX)
     name, source_config = meta["family"], meta["family_config"]
