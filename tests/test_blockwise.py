@@ -238,7 +238,7 @@ def test_a_shared_base_over_a_per_block_source_has_its_own_format_too(tmp_path, 
     save_file(load_file(str(result.output)), str(relabelled), metadata={"cbs_convert": json.dumps(meta)})
     with torch.no_grad():
         assert torch.equal(cbs_convert.load(relabelled)(x, t, y), cbs_convert.load(result.output)(x, t, y))
-    # a reader that knows shared bases but not per-block widths refuses the file as newer, in one line
+    # a reader from before format 4 refuses the file as newer, in one line
     monkeypatch.setattr(routed_schema, "SUPPORTED_FORMAT_VERSIONS", (1, 2, 3))
     code, printed = _cli(["info", "lora.safetensors"], tmp_path, capsys)
     lines = printed.err.strip().splitlines()

@@ -202,6 +202,7 @@ def test_a_damaged_delta_is_named(tmp_path, capsys):
     (lambda meta: meta["shared_base"].pop("layers"), "shared_base.layers"),
     (lambda meta: meta["experts"][1].update(params=5), "experts[1].params"),
     (lambda meta: meta["experts"][0]["config"].update(depth=1), "experts[0].config"),
+    (lambda meta: meta.update(format_version=4), "format_version"),  # per-block widths, over a plain source
 ])
 def test_shared_base_metadata_that_contradicts_the_tensors_is_refused(tmp_path, capsys, edit, field):
     family, source, *_ = _model_and_inputs("sit")

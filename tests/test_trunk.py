@@ -150,3 +150,26 @@ def test_a_trunk_that_cannot_learn_is_said_before_any_work(tmp_path):
     assert result.report["finetune"]["trunk"]["trained"] is False
     report = (tmp_path / "idle.report.md").read_text()
     assert "steps of one trunk on all of time" not in report and "- trunk: not trained" in report
+
+
+def test_an_adm_trunk_converts_and_each_narrower_expert_keeps_only_units_the_trunk_holds(tmp_path):
+    # gamma near 0: shares near the segments' lengths, so two widths under one trunk, the narrower
+    # cut from the trunk's own groups (the caps themselves: test_adm's block-by-block source)
+    from test_adm import tiny
+
+    family, model = tiny()
+    source = tmp_path / "adm.pt"
+    torch.save(model.state_dict(), source)
+    result = cbs_convert.convert(source, k=2, num_heads=2, image_size=8, boundaries=[0.4], gamma=0.05, trunk_steps=2, steps=0, keep_workdir=True,
+                                 out=str(tmp_path / "adm_trunk.safetensors"), pool_size=16, ode_steps=4, grid=4,
+                                 profile_batches=1, profile_batch_size=4, calib_batches=1, batch_size=4, eval_samples=8)
+    plan = json.loads((tmp_path / "adm_trunk.safetensors.work" / "split.json").read_text())
+    trunk, configs = plan["trunk"], plan["configs"]
+    assert len(set(trunk["res_groups"])) > 1 and configs[0] != configs[1]
+    for config in configs:
+        assert all(a <= b for a, b in zip(config["res_groups"], trunk["res_groups"]))
+        assert all(a <= b for a, b in zip(config["attn_heads"], trunk["attn_heads"]))
+    assert all(abs(e["params_vs_target"]) <= 0.01 for e in result.report["evaluation"]["experts"])
+    with torch.no_grad():
+        out = cbs_convert.load(result.output)(torch.randn(2, 3, 8, 8), torch.tensor([0.1, 0.9]), torch.tensor([1, 2]))
+    assert torch.isfinite(out).all()

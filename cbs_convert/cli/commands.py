@@ -21,6 +21,7 @@ from cbs_convert.families.diffusers import scheduler_config
 from cbs_convert.storage import diffusers as diffusers_files
 from cbs_convert.storage.files import atomic_folder, atomic_write, atomic_write_json
 from cbs_convert.storage.routed_file import expert_state_dict, read_metadata, save_safetensors_atomic
+from cbs_convert.storage.routed_schema import SHARED_BASE_FORMATS
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
@@ -80,7 +81,7 @@ def info(path) -> str:
     if source.get("sha256"):
         lines.append(f"source file sha256 {source['sha256']} ({source.get('container', 'unknown container')})")
     lines.append(f"time: canonical t in [0, 1] (0 = data, 1 = noise); native argument '{convention.get('native_argument', '?')}'")
-    shared = meta.get("shared_base")
+    shared = meta["shared_base"] if meta["format_version"] in SHARED_BASE_FORMATS else None
     total = 0
     if shared:
         total = int(shared["base_params"])

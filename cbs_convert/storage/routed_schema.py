@@ -50,8 +50,12 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
     version = check.get(meta, "format_version", "format_version", f"one of {SUPPORTED_FORMAT_VERSIONS}")
     if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
         raise CheckpointError(f"{path}: routed format version {shown(version)} is not supported (this cbs_convert reads "
-                              f"{' and '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); a newer cbs_convert wrote it: upgrade "
+                              f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); a newer cbs_convert wrote it: upgrade "
                               "cbs_convert, or restore the field if it was edited")
+    shared = version in SHARED_BASE_FORMATS
+    if "shared_base" in meta and not shared:
+        raise check.fail("shared_base", f"no such entry in a file of whole experts (format {version}); a shared base "
+                         f"is format {' or '.join(map(str, SHARED_BASE_FORMATS))}", meta["shared_base"])
     name = check.text(check.get(meta, "family", "family", "a family name"), "family", tuple(sorted(FAMILIES)))
     source_config = check_config(check, name, check.get(meta, "family_config", "family_config", "the source's config"),
                                  "family_config")
@@ -67,11 +71,13 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
             check.number(value, f"experts[{k}].segment[{i}]")
             if abs(value - boundaries[k + i]) > 1e-9:
                 raise check.fail(f"experts[{k}].segment[{i}]", f"{boundaries[k + i]!r}, boundary {k + i}", value)
-    if version in SHARED_BASE_FORMATS:
+    if shared:
         # the shared base is the source model itself: its tensors bound the source's config
         base = {key[len("base."):]: shape for key, shape in header.items() if key.startswith("base.")}
         check_structure(check, name, source_config, base, "family_config", "the shared base")
         family = build_family(check, name, source_config, "family_config")
+        _per_block_version(check, version, PER_BLOCK_SHARED_BASE_FORMAT, SHARED_BASE_FORMAT,
+                           bool(family.per_block_widths(source_config)))
         _time_convention(check, meta, family, boundaries)
         _run_description(check, meta, family, source_config)
         validate_shared_base(meta, header, path)
@@ -93,6 +99,8 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
     # the source differs from its experts only in what pruning shrinks: its layout is theirs, now
     # confirmed (a transformer's depth may exceed theirs, but its family object builds no blocks)
     family = build_family(check, name, source_config, "family_config")
+    _per_block_version(check, version, PER_BLOCK_FORMAT, WHOLE_EXPERTS_FORMAT,
+                       any(family.per_block_widths(config) for config in [source_config, *configs]))
     _time_convention(check, meta, family, boundaries)
     _run_description(check, meta, family, source_config)
     for k, (entry, config) in enumerate(zip(experts, configs)):
@@ -103,6 +111,14 @@ def validate_routed(meta: Any, header: Shapes, path) -> Dict[str, Any]:
         if params != count:
             raise check.fail(f"experts[{k}].params", f"{count:,}, the count of its config and tensors", params)
     return meta
+
+
+def _per_block_version(check: Check, version: int, per_block_format: int, plain_format: int, per_block: bool) -> None:
+    # a per-block version promises per-block widths; the plain one over them is a file written
+    # before those versions existed, and stays readable
+    if version == per_block_format and not per_block:
+        raise check.fail("format_version", f"{plain_format}: no config in the file has widths of its own per block, "
+                         f"which format {per_block_format} is for", version)
 
 
 def validate_shared_base(meta: Dict[str, Any], header: Shapes, path) -> None:
