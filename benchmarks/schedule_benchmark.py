@@ -317,7 +317,9 @@ def main(argv=None):
             if args.no_fine:
                 fine_files.update({(model, seed): None for seed in seeds})
                 continue
-            fine = _fine_times(path, fine_steps)
+            # edm's times depend on the family alone, which a routed model shares with the teacher it
+            # was converted from: --cached-only needs no routed file for them
+            fine = _fine_times(path if Path(path).exists() else models["teacher"], fine_steps)
             for seed in seeds:
                 fine_files[model, seed] = str(cache / "models" / f"fine_{digests[model]}_{fine_steps}_s{seed}_{samples}.npy")
                 want({"model": model, "row": fine_row, "steps": fine_steps}, path, fine, "heun", False, seed,
@@ -425,8 +427,9 @@ def _runs(scores, model, row, steps, method, value="fd"):
             and s["steps"] == steps and s["method"] == method}
 
 
-def _pair(scores, model, a, b, method, steps_a, steps_b=None):
-    first, second = _runs(scores, model, a, steps_a, method), _runs(scores, model, b, steps_b or steps_a, method)
+def _pair(scores, model, a, b, method, steps_a, steps_b=None, metric="fd"):
+    first = _runs(scores, model, a, steps_a, method, metric)
+    second = _runs(scores, model, b, steps_b or steps_a, method, metric)
     diffs = [first[s] - second[s] for s in first if s in second and np.isfinite(first[s]) and np.isfinite(second[s])]
     if not diffs:
         return None
@@ -480,6 +483,14 @@ def markdown(result) -> str:
                 cells = [_cell(_runs(scores, model, row, s, method, "rmse"), ".4f") for s in steps_list]
                 lines.append(f"| {row} | " + " | ".join(cells) + " |")
             lines.append("")
+            # what alignment does to the accuracy of the steps, where FD cannot tell
+            aligned = [(row, row.replace(", aligned", ", not aligned")) for row in rows if row.endswith(", aligned")]
+            paired = [(row, [f"{s}: {p['mean']:+.4f} ± {p['std']:.4f}" for s in steps_list
+                             for p in [_pair(scores, model, row, other, method, s, metric="rmse")] if p])
+                      for row, other in aligned]
+            if any(cells for _, cells in paired):
+                lines += ["Paired RMS differences, aligned − not aligned (negative: alignment is closer to the fine "
+                          "solution):", ""] + [f"- {row}: " + "; ".join(cells) for row, cells in paired if cells] + [""]
     lines += _goals(result)
     lines += _timing_lines(result["timing"])
     lines.append("")

@@ -110,3 +110,9 @@ def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_time
     assert result["timing"]["schedules"]["ots"]["max_s"] > result["timing"]["schedules"]["uniform"]["max_s"]
     out = capsys.readouterr().out
     assert "## Goals" in out and "## Computing a schedule" in out
+    assert "Paired RMS differences, aligned − not aligned" in (tmp_path / "schedules.md").read_text()
+    # a checkout without the routed file (it is not committed) tabulates every cached row, fine ones too
+    Path(result["models"]["routed K=2"]).unlink()
+    again = schedule_benchmark.main(["--quick", "--dataset", "digits", "--cached-only", "--out", str(tmp_path / "again"),
+                                     "--cache", str(tmp_path / "cache")])
+    assert sorted(map(str, again["scores"])) == sorted(map(str, result["scores"]))
