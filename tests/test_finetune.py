@@ -256,3 +256,20 @@ def test_a_diverged_run_takes_its_feature_hooks_off_the_teacher():
         finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False,
                         feature_channels=torch.arange(student().config["hidden_size"]))
     assert not any(block._forward_hooks for block in teacher.blocks)
+
+
+def test_the_ema_moves_every_tensor_as_lerp_would_frozen_ones_too():
+    from cbs_convert.stages.finetune import ema_update
+
+    family, model = tiny_model("sit", depth=2)
+    ema = family.build(family.config)
+    ema.load_state_dict(model.state_dict())
+    expected = {k: v.clone() for k, v in ema.state_dict().items()}
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    names = dict(model.named_parameters())
+    ema_update(ema, model, 0.99)
+    for name, value in ema.named_parameters():
+        assert torch.equal(value, expected[name].lerp(names[name], 0.01)), name
