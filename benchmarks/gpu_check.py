@@ -13,7 +13,9 @@ It runs, on one device:
 2. ``finetune_overhead``: the tool's fine-tuning loop against a bare PyTorch loop (ratio of steps/s);
 3. ``router_overhead``: the routed model against its bare expert, SiT-S/2 shape, batch 32;
 4. the data-parallel path: one expert trained through a process group of one (DDP), against the same
-   training without it: steps/s of each and the relative distance of the weights.
+   training without it: steps/s of each and the relative distance of the weights;
+5. the EMA update, fused over every tensor, against lerp tensor by tensor: equal weights, and the
+   time of each.
 
 Everything printed is also written as JSON (``--json``, default ``benchmarks/results/gpu_check_<device>.json``).
 A random teacher is no denoiser, so the errors say that the path works, not how good a real
@@ -114,6 +116,37 @@ def data_parallel_path(size: dict, device: torch.device) -> dict:
             "ddp_steps_per_s": settings.steps / grouped.seconds, "weights_rel_distance": float((a - b).norm() / a.norm())}
 
 
+def ema_path(size: dict, device: torch.device, updates: int = 20) -> dict:
+    """The fused EMA update against lerp tensor by tensor, on the model of this size: equal weights,
+    and the seconds per update of each (``synchronize`` around each timing on CUDA)."""
+    from cbs_convert.stages.finetune import ema_update
+
+    config = sit_config(*size["shape"])
+    family = FAMILIES["sit"](config)
+    torch.manual_seed(0)
+    model = family.build(config).to(device)
+    fused, looped = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    seconds = {}
+    for name, update in (("fused", lambda: ema_update(fused, model, 0.9999)),
+                         ("per_tensor", lambda: [e.lerp_(p, 1 - 0.9999) for e, p in zip(looped.parameters(), model.parameters())])):
+        update()  # the first call pays for any lazy initialisation
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.time()
+        with torch.no_grad():
+            for _ in range(updates):
+                update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[name] = (time.time() - began) / updates
+    equal = all(torch.equal(a, b) for a, b in zip(fused.parameters(), looped.parameters()))
+    return {"tensors": len(list(model.parameters())), "fused_s": seconds["fused"], "per_tensor_s": seconds["per_tensor"],
+            "speedup": seconds["per_tensor"] / seconds["fused"], "bitwise_equal": equal}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default=None, help="default: xl on CUDA, small on CPU")
@@ -148,6 +181,10 @@ def main(argv=None):
     result["data_parallel"] = ddp = data_parallel_path(size, device)
     print(f"data-parallel path (DDP, 1 process): {ddp['ddp_steps_per_s']:.2f} steps/s against "
           f"{ddp['plain_steps_per_s']:.2f} without; weights {ddp['weights_rel_distance']:.1e} apart", flush=True)
+    result["ema"] = ema = ema_path(size, device)
+    print(f"EMA update over {ema['tensors']} tensors: fused {ema['fused_s'] * 1e3:.2f} ms against "
+          f"{ema['per_tensor_s'] * 1e3:.2f} ms tensor by tensor ({ema['speedup']:.1f}x); "
+          f"{'bit-identical' if ema['bitwise_equal'] else 'NOT bit-identical'}", flush=True)
     result["wall_s"] = time.time() - began
     print(f"gpu_check: done in {result['wall_s']:.0f} s", flush=True)
     out = args.json or (None if args.quick else ROOT / "benchmarks" / "results" / f"gpu_check_{name.replace(' ', '_')}.json")

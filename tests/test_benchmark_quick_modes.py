@@ -70,6 +70,7 @@ def _gpu_check_holds(result):
     assert result["finetune_overhead"]["ratio"] > 0 and result["router_overhead"]["ratio"] > 0
     # a process group of one gives the weights of no group at all
     assert result["data_parallel"]["weights_rel_distance"] < 1e-6
+    assert result["ema"]["bitwise_equal"] and result["ema"]["speedup"] > 0
 
 
 def test_quick_gpu_check_runs_every_part_on_whatever_device_there_is(capsys):
