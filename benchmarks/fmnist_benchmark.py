@@ -144,6 +144,10 @@ COMPRESSION_ROWS["K=2 cbs denoiser, trunk"] = dict(ROWS["K=2 cbs denoiser"], **T
 # three quarters on the trunk: each expert then sees 1,050 steps that cover its segment, not 900
 COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk 0.75"] = dict(
     COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features"], trunk_share=0.75)
+# steps shared by segment length (--step-shares length): the cbs cut at t = 0.32 gave its wide
+# high-noise segment 600 of 1,200 steps, where one model trained on all of time gives it 820
+for _model in ("K=2 cbs denoiser blockwise, features", "K=2 cbs denoiser blockwise, features, trunk"):
+    COMPRESSION_ROWS[f"{_model}, by length"] = dict(COMPRESSION_ROWS[_model], step_shares="length")
 ROWS.update(COMPRESSION_ROWS)
 # whether the best 0.5x structure keeps its lead with 4x the fine-tuning (4,800 steps)
 for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
@@ -191,7 +195,11 @@ PAIRED = (
        ("K=2 cbs denoiser blockwise, features, trunk 0.75", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, trunk 0.75", "K=2 cbs denoiser blockwise, features, trunk"),
        ("K=4 cbs denoiser blockwise, features, trunk", "K=4 cbs denoiser blockwise, features"),
-       ("K=4 cbs denoiser blockwise, features, trunk", "K=2 cbs denoiser blockwise, features, trunk")]
+       ("K=4 cbs denoiser blockwise, features, trunk", "K=2 cbs denoiser blockwise, features, trunk"),
+       ("K=2 cbs denoiser blockwise, features, by length", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, by length", "K=2 cbs denoiser blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, trunk, by length", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, trunk, by length", "K=2 cbs denoiser blockwise, features, trunk")]
 )
 
 

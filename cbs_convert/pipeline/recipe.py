@@ -70,6 +70,7 @@ class Recipe:
     calib_batches: int = field(default=4, metadata={"help": "calibration batches per expert for segment-aware pruning"})
     # fine-tuning: the defaults are the library's own (FinetuneSettings'), so one place says each
     steps: int = field(default=FinetuneSettings.steps, metadata={"help": "fine-tuning steps per expert (0: keep the pruned experts as they are)"})
+    step_shares: str = field(default="equal", metadata={"help": "how the K x --steps expert steps are shared: equal (--steps each) or length (in proportion to each segment's length in t: the steps one model trained on all of time gives that segment, so that the split's experts train their segments no less than one model would)"})
     trunk_steps: int = field(default=0, metadata={"help": "steps of one shared student, pruned to the widest expert and trained on all of time, before it branches into the K experts, as eDiff-I's experts branch from one model: each expert then starts from it (pruned further to its own size if smaller) instead of from the source (0: every expert starts from the source)"})
     batch_size: int = field(default=FinetuneSettings.batch_size, metadata={"help": "fine-tuning batch size"})
     lr: Optional[float] = field(default=None, metadata={"help": "AdamW peak learning rate (default: 1e-4 for a full-width expert, 3e-4 for a pruned one; the README says why)"})
@@ -105,6 +106,7 @@ CHOICES = {
     "prune": ("segment", "magnitude", "random"),
     "experts": ("copies", "lora"),
     "structure": ("width", "blockwise", "depth"),
+    "step_shares": ("equal", "length"),
     "block_selector": ("importance", "recovery"),
     "derivatives": ("jvp", "fd"),
     "loss": ("distill", "data", "both"),
@@ -325,6 +327,9 @@ def validate(r: Recipe) -> None:
                                "drop --budget, or use --experts copies to prune to a budget")
         need(r.trunk_steps == 0, "--trunk-steps branches pruned copies from one trained student; --experts lora "
                                  "already shares one base: drop one of them")
+        need(r.step_shares == "equal", "--step-shares length shares steps between separate experts; --experts lora "
+                                       "trains every delta together on times drawn from all of t, which already gives "
+                                       "each segment its length's share: drop --step-shares")
         need(r.steps == 0 or r.loss != "distill",
              "--experts lora trains its deltas on data: distilling a zero delta from the teacher has no gradient; "
              "pass --loss data (or both) with --data LATENTS, or --steps 0 for the untrained routed model")

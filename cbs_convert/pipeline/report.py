@@ -129,7 +129,9 @@ def _finetune_lines(finetune) -> List[str]:
                  f"{settings['feature_mask_sigma']:g} std left out)")
     lines = ["", "## Fine-tuning", "",
              (f"{settings['joint_steps']} steps ({settings['steps']} per expert) for the shared base (lr x{settings['base_lr_scale']:g}) and every delta together"
-              if settings.get("experts") == "lora" else f"{settings['steps']} steps per expert"
+              if settings.get("experts") == "lora" else
+              (f"{sum(settings['expert_steps'])} steps shared by segment length ({', '.join(map(str, settings['expert_steps']))})"
+               if settings.get("expert_steps") else f"{settings['steps']} steps per expert")
               + (f", after {settings['trunk_steps']} steps of one trunk on all of time that every expert starts from"
                  if settings.get("trunk_steps") and (finetune.get("trunk") or {}).get("trained") else "")) + f", loss {loss}, AdamW "
              f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "

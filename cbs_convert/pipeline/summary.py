@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from cbs_convert.models.shared_base import describe_shared_base
-from cbs_convert.pipeline.experts import Measurements, base_lr_scale, finetune_settings, trunk_settings
+from cbs_convert.pipeline.experts import Measurements, base_lr_scale, expert_steps, finetune_settings, trunk_settings
 from cbs_convert.pipeline.quality import late_improvement
 from cbs_convert.pipeline.recipe import Recipe
 from cbs_convert.pipeline.steps import Plan, Source, trains, trunk_trains
@@ -92,6 +92,8 @@ def finetune_summary(source: Source, recipe: Recipe, plan: Plan, work: WorkDir) 
                 "margin": r.margin, "label_dropout": r.label_dropout, "bf16": r.bf16, "experts": r.experts}
     if shared:
         settings.update(rank=r.rank, base_lr_scale=base_lr_scale(r), joint_steps=r.steps * r.k)
+    elif r.step_shares != "equal":
+        settings.update(step_shares=r.step_shares, expert_steps=expert_steps(r, plan))
     experts = []
     for k in range(r.k):
         entry = training_entry(trains(source, r, plan, k), lambda: finetune_settings(source, r, plan, k),
