@@ -4,7 +4,8 @@ one small file each, paired differences, the cost estimate and the Markdown tabl
 A row is a name and the settings of one ``cbs_convert.convert`` call, plus two keys read here:
 
 * ``steps_factor``: the row's total fine-tuning steps as a multiple of the benchmark's ``--steps``
-  (divided evenly over its K experts, so that every row of factor 1 trains equally long);
+  (divided evenly over its K experts, or by segment length where the row sets ``step_shares``, so
+  that every row of factor 1 trains equally long);
 * ``best_of``: a list of rows; the row takes the settings of whichever of them has the lowest mean
   paired ΔFD so far, with its own other keys on top (``k``, ``budget``...). Such a row waits until
   every one of those rows is scored (or reported unavailable);

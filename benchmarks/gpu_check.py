@@ -132,7 +132,8 @@ def ema_path(size: dict, device: torch.device, updates: int = 20) -> dict:
     seconds = {}
     for name, update in (("fused", lambda: ema_update(fused, model, 0.9999)),
                          ("per_tensor", lambda: [e.lerp_(p, 1 - 0.9999) for e, p in zip(looped.parameters(), model.parameters())])):
-        update()  # the first call pays for any lazy initialisation
+        with torch.no_grad():
+            update()  # the first call pays for any lazy initialisation
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         began = time.time()

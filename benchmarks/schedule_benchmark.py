@@ -288,7 +288,9 @@ def main(argv=None):
                               {"model": digests.get(entry["model"], "real"), "times": times, "method": method,
                                "pin": pin, "seed": seed, "samples": samples, "against": against and Path(against).name})
             entry = {**entry, "method": method, "seed": seed}
-            if target.exists() and (keep is None or Path(keep).exists()):
+            # a fine row's images are kept only to measure others against; --cached-only tabulates
+            # its score without them (they are not committed)
+            if target.exists() and (keep is None or args.cached_only or Path(keep).exists()):
                 scores.append({**entry, **json.loads(target.read_text())})
             elif not args.cached_only:
                 against = against if against and Path(against).exists() else None  # its fine solution failed
@@ -485,7 +487,7 @@ def markdown(result) -> str:
             lines.append("")
             # what alignment does to the accuracy of the steps, where FD cannot tell
             aligned = [(row, row.replace(", aligned", ", not aligned")) for row in rows if row.endswith(", aligned")]
-            paired = [(row, [f"{s}: {p['mean']:+.4f} ± {p['std']:.4f}" for s in steps_list
+            paired = [(row, [f"{s}: {p['mean']:+.4f} ± {p['std']:.4f} (n = {p['n']})" for s in steps_list
                              for p in [_pair(scores, model, row, other, method, s, metric="rmse")] if p])
                       for row, other in aligned]
             if any(cells for _, cells in paired):

@@ -114,6 +114,8 @@ def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_time
     assert "Paired RMS differences, aligned − not aligned" in (tmp_path / "schedules.md").read_text()
     # a checkout without the routed file (it is not committed) tabulates every cached row, fine ones too
     Path(result["models"]["routed K=2"]).unlink()
+    for kept in (tmp_path / "cache" / "models").glob("fine_*.npy"):
+        kept.unlink()
     again = schedule_benchmark.main(["--quick", "--dataset", "digits", "--cached-only", "--out", str(tmp_path / "again"),
                                      "--cache", str(tmp_path / "cache")])
     assert sorted(map(str, again["scores"])) == sorted(map(str, result["scores"]))

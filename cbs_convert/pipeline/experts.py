@@ -13,11 +13,10 @@ from torch import nn
 
 from cbs_convert.models.shared_base import SharedBaseModel
 from cbs_convert.pipeline.recipe import Recipe
-from cbs_convert.pipeline.steps import ALL_TIME, Plan, Pool, Source, expert_calibration, silent
+from cbs_convert.pipeline.steps import ALL_TIME, Plan, Pool, Source, expert_calibration, expert_steps, silent
 from cbs_convert.stages.depth import RecoverySettings, choose_blocks, target_depth
 from cbs_convert.stages.finetune import (BASE_LR_SCALE, DELTA_LR, FULL_WIDTH_LR, PRUNED_LR, FinetuneResult, FinetuneSettings,
                                          boundary_velocity, finetune_expert, relative_error)
-from cbs_convert.sample.schedules import allocate
 from cbs_convert.stages.prune import prune_state_dict
 
 Measurements = Dict[int, Dict[str, Any]]  # expert -> its ``measure`` record
@@ -117,21 +116,17 @@ def base_lr_scale(recipe: Recipe) -> float:
     return recipe.base_lr_scale if recipe.base_lr_scale is not None else BASE_LR_SCALE
 
 
-def expert_steps(recipe: Recipe, plan: Plan) -> List[int]:
-    """Each expert's fine-tuning steps: ``--steps`` each, or with ``--step-shares length`` the same
-    total given out by segment length (at least one step each, largest remainders first)."""
-    r = recipe
-    if r.step_shares == "equal" or r.steps == 0:
-        return [r.steps] * r.k
-    return allocate(r.steps * r.k, [hi - lo for lo, hi in plan.split.segments])
-
-
 def finetune_settings(source: Source, recipe: Recipe, plan: Plan, k: int) -> FinetuneSettings:
     """Expert k's fine-tuning settings: the recipe's, with its "auto" values settled by whether
     the expert is a full-width copy of the source or a pruned student."""
     r = recipe
     steps = r.steps * r.k if r.experts == "lora" else expert_steps(r, plan)[k]
-    return student_settings(source, r, plan.configs[k], steps)
+    settings = student_settings(source, r, plan.configs[k], steps)
+    if r.warmup_steps is not None and steps != r.steps and r.steps > 0:
+        # a warm-up given for an expert of --steps, scaled to this one's share: a short segment's
+        # expert would otherwise spend its whole run warming up
+        settings = replace(settings, warmup_steps=int(round(r.warmup_steps * steps / r.steps)))
+    return settings
 
 
 #: the trunk draws its batches from a seed of its own: the experts' first steps draw from the run's seed

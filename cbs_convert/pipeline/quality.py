@@ -55,8 +55,9 @@ def undertraining_verdicts(report: Dict[str, Any]) -> List[str]:
     for k, expert in enumerate(report["finetune"]["experts"]):
         drop = expert.get("late_improvement")
         if drop is not None and drop > STILL_IMPROVING:
+            ran = expert.get("steps_run") or steps  # its own count: --step-shares may give it more or fewer
             verdicts.append(f"expert {k} was still improving when fine-tuning stopped: its loss fell {drop:.0%} over the "
-                            f"last 40% of its {steps} steps; more --steps would help")
+                            f"last 40% of its {ran} steps; more --steps would help")
     quality = report.get("sample_quality") or {}
     if "delta_fd" in quality and quality["delta_fd"] > CLEARLY_WORSE_FD * quality["teacher"]["fd"]:
         verdicts.append(f"the routed model samples clearly worse than its teacher: FD {quality['converted']['fd']:.2f} "

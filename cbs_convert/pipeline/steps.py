@@ -30,7 +30,7 @@ from cbs_convert.families.base import Family
 from cbs_convert.pipeline.ranks import gather, resolve_device
 from cbs_convert.pipeline.recipe import Recipe, profiled_monitors, resolve_recipe
 from cbs_convert.sample import sample_ode
-from cbs_convert.sample.schedules import PROFILE_MONITOR
+from cbs_convert.sample.schedules import PROFILE_MONITOR, allocate
 from cbs_convert.stages.data import load_latents
 from cbs_convert.stages.depth import allocate_depth
 from cbs_convert.stages.profile import Profile, profile_model, pruned_student
@@ -344,6 +344,15 @@ def structured_config(source: Source, recipe: Recipe, pool: Optional[Pool], targ
     return spread
 
 
+def expert_steps(recipe: Recipe, plan: Plan) -> List[int]:
+    """Each expert's fine-tuning steps: ``--steps`` each, or with ``--step-shares length`` the same
+    total given out by segment length (at least one step each, largest remainders first)."""
+    r = recipe
+    if r.step_shares == "equal" or r.steps == 0:
+        return [r.steps] * r.k
+    return allocate(r.steps * r.k, [hi - lo for lo, hi in plan.split.segments])
+
+
 def trains(source: Source, recipe: Recipe, plan: Plan, k: int) -> bool:
     """Whether expert k is fine-tuned: not with --steps 0, and not when it cannot learn. (A trunk is
     as wide as the widest expert, so a full-width expert's trunk is the teacher too.)"""
@@ -374,5 +383,7 @@ def idle_experts(source: Source, recipe: Recipe, plan: Plan) -> Optional[str]:
     if not idle:
         return None
     which = "every expert is" if len(idle) == r.k else f"expert{'s' if len(idle) > 1 else ''} {', '.join(map(str, idle))} {'are' if len(idle) > 1 else 'is'}"
+    skipped = sorted({expert_steps(r, plan)[k] for k in idle})
     return (f"{which} a full-width copy of the teacher: distilling it has exactly zero gradient, so its "
-            f"{r.steps} fine-tuning steps are skipped; --loss data (or both) with --data LATENTS trains it on data")
+            f"{' and '.join(map(str, skipped))} fine-tuning steps are skipped; --loss data (or both) with --data "
+            "LATENTS trains it on data")

@@ -10,10 +10,10 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from cbs_convert.models.shared_base import describe_shared_base
-from cbs_convert.pipeline.experts import Measurements, base_lr_scale, expert_steps, finetune_settings, trunk_settings
+from cbs_convert.pipeline.experts import Measurements, base_lr_scale, finetune_settings, trunk_settings
 from cbs_convert.pipeline.quality import late_improvement
 from cbs_convert.pipeline.recipe import Recipe
-from cbs_convert.pipeline.steps import Plan, Source, trains, trunk_trains
+from cbs_convert.pipeline.steps import Plan, Source, expert_steps, trains, trunk_trains
 from cbs_convert.pipeline.workfiles import SHARED_LOG, TRUNK_BLOCKS, TRUNK_LOG, pruned_file, trained_file
 from cbs_convert.stages.finetune import seam_gap_of
 from cbs_convert.stages.profile import Profile
@@ -92,7 +92,7 @@ def finetune_summary(source: Source, recipe: Recipe, plan: Plan, work: WorkDir) 
                 "margin": r.margin, "label_dropout": r.label_dropout, "bf16": r.bf16, "experts": r.experts}
     if shared:
         settings.update(rank=r.rank, base_lr_scale=base_lr_scale(r), joint_steps=r.steps * r.k)
-    elif r.step_shares != "equal":
+    elif r.step_shares != "equal" and r.steps > 0:
         settings.update(step_shares=r.step_shares, expert_steps=expert_steps(r, plan))
     experts = []
     for k in range(r.k):
