@@ -81,12 +81,13 @@ def test_one_and_two_ranks_write_the_same_images_as_the_evaluator_reads_them(tmp
 
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
     # 250 batches: on an idle machine 25 were drawn before the poll below saw the third one; and the
-    # sampler runs at the lowest priority, so that on a loaded machine this poll is not starved
-    # while the whole run finishes (it was, with three other jobs on two cores)
+    # sampler runs at a lower priority than this poll, so that on a loaded machine the poll is not
+    # starved while the whole run finishes (it was, with three other jobs on two cores), nor the
+    # sampler so starved that it misses the deadline (at the lowest priority it did)
     args = [DIGITS, "--num-samples", "2000", "--batch-size", "8", "--steps", "10", "--quiet", "--out", "cut.npz"]
-    process = sample_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(19))
+    process = sample_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(10))
     first = tmp_path / "cut.npz.shards" / "batch_000002.npz"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not first.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
