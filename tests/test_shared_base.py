@@ -133,7 +133,7 @@ def test_a_lora_conversion_writes_one_base_and_k_deltas_that_load_extract_and_de
     save_file(source.state_dict(), str(checkpoint))
     out = tmp_path / "lora.safetensors"
     result = cbs_convert.convert(checkpoint, k=3, experts="lora", rank=2, split="uniform", loss="data", data=str(_data(tmp_path)),
-                                 num_heads=4, family="sit", out=str(out), **QUICK_KW)
+                                 num_heads=4, family="sit", out=str(out), warmup_steps=2, **QUICK_KW)
     report = result.report
     shared = report["shared_base"]
     assert shared["rank"] == 2 and shared["base_params"] == family.param_count(family.config)
@@ -141,6 +141,7 @@ def test_a_lora_conversion_writes_one_base_and_k_deltas_that_load_extract_and_de
     # the steps the K copies would take, in one run
     assert report["finetune"]["settings"]["joint_steps"] == report["finetune"]["experts"][0]["settings"]["steps"] == 3 * QUICK_KW["steps"]
     assert report["finetune"]["experts"][0]["steps_run"] == 3 * QUICK_KW["steps"]
+    assert report["finetune"]["experts"][0]["settings"]["warmup_steps"] == 2  # as given: only step shares scale it
     assert all(e["error_after"] > 0 for e in report["evaluation"]["experts"])  # the deltas and base moved
     with safe_open(str(out), framework="pt") as handle:
         keys = list(handle.keys())

@@ -122,7 +122,7 @@ def finetune_settings(source: Source, recipe: Recipe, plan: Plan, k: int) -> Fin
     r = recipe
     steps = r.steps * r.k if r.experts == "lora" else expert_steps(r, plan)[k]
     settings = student_settings(source, r, plan.configs[k], steps)
-    if r.warmup_steps is not None and steps != r.steps and r.steps > 0:
+    if r.step_shares == "length" and r.warmup_steps is not None and r.steps > 0:
         # a warm-up given for an expert of --steps, scaled to this one's share: a short segment's
         # expert would otherwise spend its whole run warming up
         settings = replace(settings, warmup_steps=int(round(r.warmup_steps * steps / r.steps)))
