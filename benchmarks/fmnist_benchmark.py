@@ -141,6 +141,8 @@ TRUNK = dict(trunk_share=0.5)
 COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features"], **TRUNK)
 COMPRESSION_ROWS["K=4 cbs denoiser blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=4 cbs denoiser blockwise, features"], **TRUNK)
 COMPRESSION_ROWS["K=2 cbs denoiser, trunk"] = dict(ROWS["K=2 cbs denoiser"], **TRUNK)
+# the best K=2 structure on the other cut: does the trunk's gain depend on where time is cut?
+COMPRESSION_ROWS["K=2 uniform blockwise, features, trunk"] = dict(COMPRESSION_ROWS["K=2 uniform blockwise, features"], **TRUNK)
 # three quarters on the trunk: each expert then sees 1,050 steps that cover its segment, not 900
 COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk 0.75"] = dict(
     COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features"], trunk_share=0.75)
@@ -149,8 +151,9 @@ COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk 0.75"] = dict(
 for _model in ("K=2 cbs denoiser blockwise, features", "K=2 cbs denoiser blockwise, features, trunk"):
     COMPRESSION_ROWS[f"{_model}, by length"] = dict(COMPRESSION_ROWS[_model], step_shares="length")
 ROWS.update(COMPRESSION_ROWS)
-# whether the best 0.5x structure keeps its lead with 4x the fine-tuning (4,800 steps)
-for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features"):
+# whether each structure keeps its place with 4x the fine-tuning (4,800 steps)
+for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features", "K=1 0.5x blockwise",
+               "K=1 0.5x depth", "K=2 cbs denoiser blockwise, features, trunk", "K=2 uniform blockwise, features, trunk"):
     ROWS[f"{_model}, 4x steps"] = dict(ROWS[_model], steps_factor=4.0)
 CURVE_FACTORS = (0.25, 1.0, 2.0, 4.0)
 CURVE_MODELS = {HALF: ROWS[HALF], UNIFORM: ROWS[UNIFORM], BEST: dict(best_of=K2_CBS, k=2)}
@@ -185,6 +188,12 @@ PAIRED = (
        ("K=4 cbs denoiser blockwise, features", "K=4 best cbs"),
        ("K=4 cbs denoiser blockwise, features", "K=2 cbs denoiser blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, 4x steps", "K=1 0.5x blockwise, features, 4x steps"),
+       ("K=2 cbs denoiser blockwise, features, trunk, 4x steps", "K=1 0.5x blockwise, features, 4x steps"),
+       ("K=2 uniform blockwise, features, trunk, 4x steps", "K=1 0.5x blockwise, features, 4x steps"),
+       ("K=2 cbs denoiser blockwise, features, trunk, 4x steps", "K=2 uniform blockwise, features, trunk, 4x steps"),
+       ("K=2 uniform blockwise, features, trunk", "K=1 0.5x blockwise, features"),
+       ("K=2 cbs denoiser blockwise, features, trunk", "K=2 uniform blockwise, features, trunk"),
+       ("K=1 0.5x blockwise, 4x steps", "K=1 0.5x, 4x steps"), ("K=1 0.5x depth, 4x steps", "K=1 0.5x, 4x steps"),
        ("K=1 0.5x blockwise, features, 4x steps", "K=1 0.5x, 4x steps"),
        ("K=1 0.5x blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=2 cbs denoiser blockwise, features"),
