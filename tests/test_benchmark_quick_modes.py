@@ -111,7 +111,13 @@ def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_time
     assert result["timing"]["schedules"]["ots"]["max_s"] > result["timing"]["schedules"]["uniform"]["max_s"]
     out = capsys.readouterr().out
     assert "## Goals" in out and "## Computing a schedule" in out
-    assert "Paired RMS differences, aligned − not aligned" in (tmp_path / "schedules.md").read_text()
+    table = (tmp_path / "schedules.md").read_text()
+    assert "Paired RMS differences, aligned − not aligned" in table
+    # the ots fit's share of a real conversion, in model evaluations: counted, and bounded per recipe
+    counted = result["timing"]["sample_evaluations"]["ots"]
+    assert counted["max"] > 0 and counted["steps"] == max(result["steps"])
+    assert result["timing"]["recipes"]["sit_xl_2_k2"]["samples"] == 2 * 10000 * 64
+    assert f"| ots | {counted['max']:,} ({counted['steps']}) | " in table
     # a checkout without the routed file (it is not committed) tabulates every cached row, fine ones too
     Path(result["models"]["routed K=2"]).unlink()
     for kept in (tmp_path / "cache" / "models").glob("fine_*.npy"):

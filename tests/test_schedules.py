@@ -204,6 +204,28 @@ def test_the_ots_schedule_is_no_worse_than_its_start_against_the_reference():
     assert error(fitted.times, exact, fresh) < error(start.times, exact, fresh)
 
 
+def test_the_ots_fit_counts_every_sample_the_model_evaluates():
+    """The fit's cost in model evaluations (what carries over to a larger model) against a count
+    kept by the model itself."""
+    family, model = gaussian()
+    seen = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, t, y=None):
+            seen.append(len(x))
+            return self.inner(x, t, y)
+
+    fitted = build_schedule(family, Counting(), "ots", 5, method="heun", ots_batch=3, ots_reference_steps=12,
+                            ots_sweeps=2, ots_evaluations=4)
+    assert fitted.details["sample_evaluations"] == sum(seen) > 0
+    assert set(seen) == {3}
+    assert f"{sum(seen):,} model evaluations" in fitted.notes[-1]
+
+
 def test_the_exports_are_what_diffusers_schedulers_take():
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 

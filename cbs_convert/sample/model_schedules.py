@@ -216,7 +216,8 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
                           seed, device, labels_for, ots_batch, ots_reference_steps, ots_sweeps, ots_evaluations, rho)
         details.update(fit)
         notes.append(f"fitted from {start} on {ots_batch} samples against {ots_reference_steps} Heun steps: mean square "
-                     f"error {fit['error_start']:.3g} -> {fit['error']:.3g} ({fit['trials']} trials)")
+                     f"error {fit['error_start']:.3g} -> {fit['error']:.3g} ({fit['trials']} trials, "
+                     f"{fit['sample_evaluations']:,} model evaluations of one sample)")
     if start_name == "edm":
         details["rho"] = rho
     check_times(times, t_end, f"the {parsed} schedule")  # a rule that misplaced a step is ours to know about
@@ -224,8 +225,25 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
                     details)
 
 
+class _CountedFamily:
+    """``family`` with a count of the samples its velocity is evaluated on: the cost of a fit in
+    model evaluations, which, unlike its seconds, carries over from a small model to a large one."""
+
+    def __init__(self, family):
+        self._family = family
+        self.sample_evaluations = 0
+
+    def __getattr__(self, name):
+        return getattr(self._family, name)
+
+    def velocity(self, model, x, t, y):
+        self.sample_evaluations += len(x)
+        return self._family.velocity(model, x, t, y)
+
+
 def _ots(family, model, forward, times, cuts, method, sampler, seed, device, labels_for, batch, reference_steps,
          sweeps, evaluations, rho):
+    family = _CountedFamily(family)
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, *family.sample_shape(family.config))
     noise = torch.randn(shape, generator=generator).to(device)
@@ -256,7 +274,8 @@ def _ots(family, model, forward, times, cuts, method, sampler, seed, device, lab
     if not torch.isfinite(reference).all():
         raise RecipeError("the reference solution of the ots schedule diverged (NaN/Inf); use another schedule")
     fixed = [i for i, t in enumerate(times) if t in set(cuts)]
-    return optimise_times(stepper_of(pin, method), times, x_start, reference, fixed, sweeps, evaluations)
+    times, fit = optimise_times(stepper_of(pin, method), times, x_start, reference, fixed, sweeps, evaluations)
+    return times, {**fit, "sample_evaluations": family.sample_evaluations}
 
 
 def sampler_times(family, model, times=None, schedule: Optional[str] = None, steps: Optional[int] = None,
