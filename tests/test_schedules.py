@@ -226,6 +226,21 @@ def test_the_ots_fit_counts_every_sample_the_model_evaluates():
     assert f"{sum(seen):,} model evaluations" in fitted.notes[-1]
 
 
+def test_a_guided_ots_fit_counts_both_network_passes_of_each_sample():
+    """Under classifier-free guidance each velocity runs the network on [x; x]: the count is of
+    network passes, checked by a hook on the network itself."""
+    family, model = tiny_model("sit")
+    passes = []
+    hook = model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    try:
+        fitted = build_schedule(family, model, "ots", 4, method="heun", forward=Guided(family, model, 2.0),
+                                ots_batch=2, ots_reference_steps=6, ots_sweeps=1, ots_evaluations=3)
+    finally:
+        hook.remove()
+    assert set(passes) == {4}  # two samples, doubled
+    assert fitted.details["sample_evaluations"] == sum(passes)
+
+
 def test_the_exports_are_what_diffusers_schedulers_take():
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 

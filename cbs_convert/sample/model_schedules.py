@@ -217,7 +217,7 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
         details.update(fit)
         notes.append(f"fitted from {start} on {ots_batch} samples against {ots_reference_steps} Heun steps: mean square "
                      f"error {fit['error_start']:.3g} -> {fit['error']:.3g} ({fit['trials']} trials, "
-                     f"{fit['sample_evaluations']:,} model evaluations of one sample)")
+                     f"{fit['sample_evaluations']:,} model evaluations of one sample in the fit)")
     if start_name == "edm":
         details["rho"] = rho
     check_times(times, t_end, f"the {parsed} schedule")  # a rule that misplaced a step is ours to know about
@@ -226,8 +226,9 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
 
 
 class _CountedFamily:
-    """``family`` with a count of the samples its velocity is evaluated on: the cost of a fit in
-    model evaluations, which, unlike its seconds, carries over from a small model to a large one."""
+    """``family`` with a count of the network passes of one sample its velocity makes (two per sample
+    under guidance, ``samplers.Guided.network_passes``): the cost of a fit in model evaluations,
+    which, unlike its seconds, carries over from a small model to a large one."""
 
     def __init__(self, family):
         self._family = family
@@ -237,7 +238,7 @@ class _CountedFamily:
         return getattr(self._family, name)
 
     def velocity(self, model, x, t, y):
-        self.sample_evaluations += len(x)
+        self.sample_evaluations += len(x) * getattr(model, "network_passes", 1)
         return self._family.velocity(model, x, t, y)
 
 

@@ -41,6 +41,9 @@ class Guided(nn.Module):
     each sample guided by the scale of the expert that owns its time, as Wan2.2 guides its
     high-noise and low-noise experts differently."""
 
+    #: network passes per sample: the conditional and the unconditional half (what a cost count multiplies by)
+    network_passes = 2
+
     def __init__(self, family: Family, model, cfg_scale: float, segment_scales: Optional[Sequence[float]] = None):
         super().__init__()
         null = family.null_label(family.config)
