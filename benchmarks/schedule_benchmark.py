@@ -262,30 +262,20 @@ def main(argv=None):
             label = _bench.digest(key)
             if label in records:
                 continue
-            cached = json.loads(target.read_text()) if target.exists() else None
-            # an ots fit cached before fits counted their model evaluations is refitted for the count
-            uncounted = name == "ots" and cached is not None and "sample_evaluations" not in cached.get("details", {})
-            if cached is not None and not (uncounted and not args.cached_only):
-                records[label] = cached
+            if target.exists():
+                records[label] = json.loads(target.read_text())
             elif not args.cached_only:
                 profile = profiles.get(model, {}).get("profile")
                 job = pool.submit(compute_schedule, models[model], name, steps, method, bool(aligned), 0, ots, profile)
-                pending[job] = (label, target, cached)
-                records[label] = cached
+                pending[job] = (label, target)
+                records[label] = None
         for job in as_completed(pending):
-            label, target, cached = pending[job]
+            label, target = pending[job]
             try:
-                fitted = job.result()
+                records[label] = job.result()
             except Exception:
                 log(f"  FAILED schedule {target.name}:\n{traceback.format_exc()}")
-                continue  # a refit that failed keeps the cached schedule
-            if cached is not None and cached["times"] == fitted["times"]:
-                # the search is deterministic: the same times, so the scores keyed by them and the
-                # seconds measured then stand, and only the count is new
-                fitted = {**cached, "details": fitted["details"], "notes": fitted["notes"]}
-            elif cached is not None:
-                log(f"  refitted {target.name} to count its evaluations, and its times moved: its scores are redone")
-            records[label] = fitted
+                continue
             _bench.write_json(target, records[label])
             work["schedules"] += 1
 
@@ -414,16 +404,18 @@ def _cached_conversion_seconds(dataset: str):
 def _timing(records, wanted, profiles, conversion_seconds, conversion_source, stored_profile_s=None) -> Dict[str, Any]:
     """Seconds to compute each schedule (the median over its step counts and methods), and against a conversion."""
     by_name: Dict[str, List[float]] = {}
-    evaluations: Dict[str, List[tuple]] = {}
+    evaluations: Dict[str, Dict[int, int]] = {}  # the most one fit took, per schedule and step count
     for model, name, aligned, steps, method, key in wanted:
         record = records.get(_bench.digest(key))
         if record:
             by_name.setdefault(name, []).append(record["seconds"])
             count = record.get("details", {}).get("sample_evaluations")
             if count is not None:
-                evaluations.setdefault(name, []).append((count, steps))
+                per_steps = evaluations.setdefault(name, {})
+                per_steps[steps] = max(count, per_steps.get(steps, 0))
     out = {"schedules": {name: {"median_s": statistics.median(v), "max_s": max(v)} for name, v in by_name.items()},
-           "sample_evaluations": {name: {"max": max(v)[0], "steps": max(v)[1]} for name, v in evaluations.items()},
+           "sample_evaluations": {name: [{"steps": steps, "max": v[steps]} for steps in sorted(v)]
+                                  for name, v in evaluations.items()},
            "recipes": _recipe_training_samples(),
            "profile_measurement_s": {m: p["seconds"] for m, p in profiles.items()},
            "conversion_s": conversion_seconds, "conversion_source": conversion_source,
@@ -634,14 +626,16 @@ def _timing_lines(timing) -> List[str]:
     if counted and recipes:
         lines += ["", "A conversion of these tiny teachers takes a minute or two, so a fit of a few seconds is a "
                   "large share of it. At scale both grow with the model's forward, so the share is better told in "
-                  "model evaluations: the most one fit here took (measured), against the training samples of each "
-                  "bundled recipe's fine-tuning (K x steps x batch), each of which costs at least one forward of "
-                  "the source under distillation, so the share is at most:", "",
-                  "| schedule | model evaluations (steps) | " + " | ".join(recipes) + " |",
-                  "|---|---|" + "---|" * len(recipes)]
-        for name, entry in counted.items():
-            shares = " | ".join(format(entry["max"] / r["samples"], ".2%") for r in recipes.values())
-            lines.append(f"| {name} | {entry['max']:,} ({entry['steps']}) | {shares} |")
+                  "model evaluations: the most one fit here took at each step count (counted; two per sample "
+                  "under guidance, which these runs do not use), against the training samples of each bundled "
+                  "recipe's fine-tuning (K x steps x batch), each of which costs at least one forward of the source "
+                  "under distillation, so the share is at most:", "",
+                  "| schedule | steps | model evaluations | " + " | ".join(recipes) + " |",
+                  "|---|---|---|" + "---|" * len(recipes)]
+        for name, entries in counted.items():
+            for entry in entries:
+                shares = " | ".join(format(entry["max"] / r["samples"], ".2%") for r in recipes.values())
+                lines.append(f"| {name} | {entry['steps']} | {entry['max']:,} | {shares} |")
         lines += ["", "Training samples: " + "; ".join(f"{stem} {r['k']} x {r['steps']:,} x {r['batch_size']} = "
                                                         f"{r['samples']:,}" for stem, r in recipes.items()) + "."]
     return lines

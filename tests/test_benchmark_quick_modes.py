@@ -88,7 +88,6 @@ def test_gpu_check_at_the_small_size(tmp_path):
 
 
 def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_times_them(tmp_path, capsys):
-    import json
     import math
 
     import schedule_benchmark
@@ -116,21 +115,11 @@ def test_quick_schedule_benchmark_scores_every_schedule_aligned_and_not_and_time
     assert "Paired RMS differences, aligned − not aligned" in table
     # the ots fit's share of a real conversion, in model evaluations: counted, and bounded per recipe
     counted = result["timing"]["sample_evaluations"]["ots"]
-    assert counted["max"] > 0 and counted["steps"] == max(result["steps"])
+    assert [entry["steps"] for entry in counted] == sorted(result["steps"])
+    assert 0 < counted[0]["max"] < counted[-1]["max"]  # more steps, more to fit
     assert result["timing"]["recipes"]["sit_xl_2_k2"]["samples"] == 2 * 10000 * 64
-    assert f"| ots | {counted['max']:,} ({counted['steps']}) | " in table
-    # an ots fit cached before fits were counted is refitted for its count alone: the same times, so
-    # its seconds and every score stay, and nothing else is redone
-    stale = sorted((tmp_path / "cache" / "schedules").glob("teacher_ots_*.json"))
-    assert stale
-    kept = {path: json.loads(path.read_text()) for path in stale}
-    for path, record in kept.items():
-        path.write_text(json.dumps({**record, "details": {k: v for k, v in record["details"].items()
-                                                          if k != "sample_evaluations"}}))
-    counted_again = schedule_benchmark.main(["--quick", "--dataset", "digits", "--out", str(tmp_path / "counted"),
-                                             "--cache", str(tmp_path / "cache")])
-    assert counted_again["work_done"] == {"schedules": len(stale), "scores": 0, "profiles": 0}
-    assert {path: json.loads(path.read_text()) for path in stale} == kept
+    for entry in counted:
+        assert f"| ots | {entry['steps']} | {entry['max']:,} | " in table
     # a checkout without the routed file (it is not committed) tabulates every cached row, fine ones too
     Path(result["models"]["routed K=2"]).unlink()
     for kept in (tmp_path / "cache" / "models").glob("fine_*.npy"):
