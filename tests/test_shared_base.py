@@ -59,6 +59,8 @@ def test_each_sample_of_a_mixed_batch_is_computed_by_its_own_segments_expert(nam
     shared = SharedBaseModel(family, source, BOUNDARIES, rank=3).eval()
     _randomise_deltas(shared)
     which = shared.expert_index(t)
+    # the host-side router (bisect over python floats) as an independent oracle for the tensor one
+    assert which.tolist() == [shared.segment_of(float(v)) for v in t]
     assert sorted(set(which.tolist())) == [0, 1, 2]
     with torch.no_grad():
         routed = shared(x, t, y)
@@ -69,6 +71,34 @@ def test_each_sample_of_a_mixed_batch_is_computed_by_its_own_segments_expert(nam
             assert torch.allclose(routed[rows], alone, atol=1e-5, rtol=1e-4), k
         # the deltas matter: without routing (the bare base) the output differs
         assert not torch.allclose(routed, shared.base(x, t, y), atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["data", "ode"])
+def test_a_sampler_step_on_a_cut_uses_one_segments_delta_like_a_file_of_separate_experts(sampler):
+    from cbs_convert.models.routed import RoutedModel
+    from cbs_convert.sample.model_schedules import build_schedule
+    from cbs_convert.sample.samplers import sample_ode, sample_ode_x
+
+    family, source = tiny_model("sit")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=3).eval()
+    _randomise_deltas(shared, scale=0.3)
+    copies = RoutedModel(family, [family.instantiate(family.config, shared.merged_state_dict(k)) for k in range(3)],
+                         BOUNDARIES).eval()
+    schedule = build_schedule(family, shared, "uniform", 10, sampler=sampler)
+    assert schedule.aligned and {0.3, 0.7} <= {round(float(v), 9) for v in schedule.times}
+    generator = torch.Generator().manual_seed(0)
+    noise, labels = torch.randn(3, 4, 8, 8, generator=generator), torch.arange(3)
+
+    def run(model, pin=True):
+        if sampler == "data":
+            return sample_ode(family, model, None, labels, noise=noise, times=schedule, pin_experts=pin)
+        return sample_ode_x(family, model, noise, labels, times=schedule, pin_experts=pin)
+
+    with torch.no_grad():
+        pinned = run(shared)
+        assert torch.allclose(pinned, run(copies), atol=1e-4, rtol=1e-4)
+        # the steps do meet on the cuts: routing each call by its own time mixes two deltas there
+        assert not torch.allclose(pinned, run(shared, pin=False), atol=1e-2)
 
 
 def test_the_routed_forward_compiles_as_one_graph():

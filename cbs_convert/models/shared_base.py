@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbs_convert.families.base import Family
-from cbs_convert.models.time_routed import TimeRouted
+from cbs_convert.models.time_routed import MODEL_ATTRIBUTES, TimeRouted
 
 _CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 
@@ -155,15 +155,28 @@ class SharedBaseModel(TimeRouted):
             {_module_key(name): SegmentDeltas(modules[name], self.segment_count, rank, self._route, generator) for name in layers})
         for name in layers:
             modules[name].register_forward_hook(self.deltas[_module_key(name)].hook)
+        self._pinned: List[nn.Module] = []  # a plain list: the views must not enter the state dict
 
     def forward(self, x, t, y=None, **kwargs):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        self._route.index = self.expert_index(t).to(x.device)
+        return self.forward_segments(x, t, y, self.expert_index(t).to(x.device), **kwargs)
+
+    def forward_segments(self, x, t, y, index: torch.Tensor, **kwargs):
+        """The base with each sample's delta chosen by ``index`` (one segment per sample), not by its time."""
+        self._route.index = index
         try:
             return self.base(x, t, y, **kwargs)
         finally:
             self._route.index = None
+
+    def expert_at(self, native_t: float) -> nn.Module:
+        """Expert ``segment_of(native_t)`` alone, for a sampler step pinned to one expert
+        (``steppers.step_model``): a step that starts or ends on a cut then uses one delta at both
+        of its times, as a file of separate experts does."""
+        if len(self._pinned) != self.segment_count:
+            self._pinned = [PinnedSegment(self, k) for k in range(self.segment_count)]
+        return self._pinned[self.segment_of(native_t)]
 
     def delta(self, name: str) -> SegmentDeltas:
         return self.deltas[_module_key(name)]
@@ -213,6 +226,27 @@ class SharedBaseModel(TimeRouted):
         """What the routed file's metadata says of the shared base and its deltas."""
         return {"rank": self.rank, "layers": list(self.layers), "base_params": sum(p.numel() for p in self.base_parameters()),
                 "delta_params": self.delta_params(), "delta_flops": self.delta_flops()}
+
+
+class PinnedSegment(nn.Module):
+    """One segment's expert of a shared-base model: every sample gets that segment's delta,
+    whatever its time. It holds no weights of its own (the shared model is kept outside the module
+    tree), so moving or casting the shared model moves it too."""
+
+    def __init__(self, shared: SharedBaseModel, segment: int):
+        super().__init__()
+        self.__dict__["shared"] = shared
+        self.segment = int(segment)
+        for attribute in MODEL_ATTRIBUTES:
+            if hasattr(shared, attribute):
+                setattr(self, attribute, getattr(shared, attribute))
+
+    def forward(self, x, t, y=None, **kwargs):
+        index = torch.full((x.shape[0],), self.segment, dtype=torch.long, device=x.device)
+        return self.shared.forward_segments(x, t.expand(x.shape[0]) if t.dim() == 0 else t, y, index, **kwargs)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
+        return self.shared.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
 
 
 def merge_delta(base_state: Dict[str, torch.Tensor], deltas: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
