@@ -99,6 +99,37 @@ def test_a_resume_refuses_a_change_of_the_fine_tuning_recipe(tiny_pt, tmp_path, 
     assert code == 0, err
 
 
+def test_a_resume_refuses_other_data_at_the_same_path_and_accepts_the_same_data_moved(tiny_pt, tmp_path, capsys):
+    import numpy as np
+
+    from test_safety import assert_one_line_error
+
+    source, _ = tiny_pt
+    data, moved = tmp_path / "latents.npz", tmp_path / "moved" / "latents.npz"
+
+    def write_latents(seed):
+        rng = np.random.default_rng(seed)
+        np.savez(data, features=rng.standard_normal((16, 4, 8, 8)).astype(np.float32), labels=rng.integers(0, 10, 16))
+
+    write_latents(0)
+    out = tmp_path / "o.safetensors"
+    run = [source, "--k", "2", "--out", out, "--workdir", tmp_path / "w", *QUICK]
+    code, _, err = cli([*run, "--data", data], capsys)
+    assert code == 0, err
+    out.unlink()
+    moved.parent.mkdir()
+    data.replace(moved)
+    write_latents(1)  # other latents under the first run's path
+    code, _, err = cli([*run, "--data", data, "--resume"], capsys)
+    assert_one_line_error(code, err, "--data", "another pool than the run")
+    assert not out.exists()
+    code, _, err = cli([*run, "--resume"], capsys)  # nor the teacher's own samples in its place
+    assert_one_line_error(code, err, "no --data", "another pool than the run")
+    # the run's own data, under another spelling of its path, resumes
+    code, _, err = cli([*run, "--data", moved, "--resume"], capsys)
+    assert code == 0, err
+
+
 def test_every_stage_says_what_it_is_doing_and_experts_are_numbered_as_in_the_report(tiny_pt, tmp_path, capsys):
     source, _ = tiny_pt
     out = tmp_path / "o.safetensors"

@@ -117,9 +117,10 @@ CHOICES = {
 }
 #: settings that do not change what is computed, so they may differ on --resume
 RUN_ONLY = ("out", "workdir", "device", "checkpoint_every")
-#: settings left out of a run's identity: how the source is named (its sha256 is the identity) and
+#: settings left out of a run's identity: how the source and the data are named (the source's
+#: sha256 is the identity; the pool read from --data is pinned by its content when it is read) and
 #: where the run's files go
-NOT_IDENTITY = (*RUN_ONLY, "checkpoint", "use_checkpoint")  # activation checkpointing saves memory only
+NOT_IDENTITY = (*RUN_ONLY, "checkpoint", "data", "use_checkpoint")  # activation checkpointing saves memory only
 #: the default a setting had when it was added, where today's differs: a work directory made before
 #: the setting existed ran with that value, so a resumed run is compared against it
 FIRST_DEFAULTS = {"derivatives": "jvp", "lr_schedule": "constant", "warmup_steps": 0, "ema_warmup": True,

@@ -14,6 +14,8 @@ and go on with ``experts.prune_expert`` and ``experts.finetune_one`` for each ex
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -71,6 +73,18 @@ class Pool:
 
     def to(self, device) -> "Pool":
         return Pool(self.x0.to(device), None if self.labels is None else self.labels.to(device), self.description)
+
+    def digest(self) -> str:
+        """SHA-256 of the pool's values, shapes and dtypes: what a resumed run must read again."""
+        digest = hashlib.sha256()
+        for tensor in (self.x0, self.labels):
+            if tensor is None:
+                digest.update(b"none")
+                continue
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        return digest.hexdigest()
 
 
 @dataclass

@@ -73,6 +73,7 @@ class WorkDir:
         self.root.mkdir(parents=True, exist_ok=True)
         planned = sorted({_relative(name) for name in files})
         stored = self.read_marker()
+        inputs: Dict[str, str] = {}
         if stored is not None and resume:
             if stored.get("source_sha256") != identity.get("source_sha256"):
                 raise WorkdirError(f"{self.root} belongs to another source checkpoint; use --force to start over")
@@ -90,13 +91,33 @@ class WorkDir:
                     "to continue, or --force without --resume to start over"
                 )
             planned = sorted(set(planned) | set(stored["files"]))
+            inputs = stored.get("inputs", {})  # what pin_input recorded: the resumed stages were made from it
         elif stored is not None:  # --force: the earlier run's own files go, nothing else
             self.remove(stored["files"])
-        self._write_marker({**identity, "cbs_convert_workdir": FORMAT, "files": planned})
+        self._write_marker({**identity, "cbs_convert_workdir": FORMAT, "files": planned, **({"inputs": inputs} if inputs else {})})
 
     def _write_marker(self, data: Dict[str, Any]) -> None:
         atomic_write_json(self.marker_path, data)
         self._marker = data
+
+    def pin_input(self, name: str, digest: str, what: str, record: bool = True) -> None:
+        """Refuse a resumed run whose input ``name`` now reads differently.
+
+        For an input the run reads after its identity is checked, by path only (``--data``): the
+        same path may hold other content by now, and the stages already made from the old content
+        would be mixed with training on the new. The first read records the digest (``record``:
+        the one process that writes the marker)."""
+        marker = self._marker if self._marker is not None else self.read_marker()
+        if marker is None:
+            return
+        inputs = marker.get("inputs", {})
+        if name in inputs and inputs[name] != digest:
+            raise WorkdirError(
+                f"{what} gives another {name} than the run in {self.root} began with (SHA-256 {digest[:12]}..., "
+                f"was {inputs[name][:12]}...); resume with that run's data, or --force without --resume to start over"
+            )
+        if name not in inputs and record:
+            self._write_marker({**marker, "inputs": {**inputs, name: digest}})
 
     # -- using it ---------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
