@@ -1,6 +1,7 @@
 """Shared-base experts (--experts lora): one base, a low-rank delta per segment, one routed file."""
 
 import json
+import re
 import numpy as np
 import pytest
 import torch
@@ -218,12 +219,50 @@ def test_a_damaged_delta_is_named(tmp_path, capsys):
     tensors = load_file(str(path))
     del tensors["deltas.1.blocks.0.mlp.fc1.up"]
     save_file(tensors, str(tmp_path / "damaged.safetensors"), metadata)
-    with pytest.raises(CheckpointError, match=r"tensor deltas\.1\.blocks\.0\.mlp\.fc1\.up of 64 x 2 \(rank 2\)"):
+    with pytest.raises(CheckpointError, match=r"tensor deltas\.1\.blocks\.0\.mlp\.fc1\.up of shape \[64, 2\] \(rank 2\)"):
         cbs_convert.load(tmp_path / "damaged.safetensors")
     for command in (["extract", "damaged.safetensors", "--expert", "1", "--out", "e.safetensors"], ["info", "damaged.safetensors"]):
         code, printed = _cli(command, tmp_path, capsys)
         assert code == 2 and "deltas.1.blocks.0.mlp.fc1.up" in printed.err and len(printed.err.strip().splitlines()) == 1
     assert not (tmp_path / "e.safetensors").exists()
+
+
+@pytest.mark.parametrize("part,damage,needle", [
+    # the right number of values in another layout: read in the wrong order if only the size were checked
+    ("up", lambda up: up.reshape(64, 1, 2), "of shape [64, 2]"),
+    ("down", lambda down: down.reshape(2, 2, -1), "of shape [2, 32]"),
+    ("down", lambda down: down.reshape(-1, 2), "of shape [2, 32]"),
+    ("up", lambda up: up.index_fill(0, torch.tensor([3]), float("nan")), "NaN/Inf"),
+])
+def test_a_delta_of_another_layout_or_with_nan_is_refused_in_one_line(tmp_path, capsys, part, damage, needle):
+    family, source, *_ = _model_and_inputs("sit")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=2)
+    _randomise_deltas(shared)
+    path = save_shared_base(tmp_path / "lora.safetensors", shared)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    key = f"deltas.1.blocks.0.mlp.fc1.{part}"
+    tensors[key] = damage(tensors[key]).clone()
+    save_file(tensors, str(tmp_path / "damaged.safetensors"), metadata)
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        cbs_convert.load(tmp_path / "damaged.safetensors")
+    code, printed = _cli(["extract", "damaged.safetensors", "--expert", "1", "--out", "e.safetensors"], tmp_path, capsys)
+    assert code == 2 and needle in printed.err and len(printed.err.strip().splitlines()) == 1, printed.err
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_a_delta_flop_count_that_the_deltas_do_not_add_up_to_is_refused(tmp_path, capsys):
+    family, source, *_ = _model_and_inputs("sit")
+    path = save_shared_base(tmp_path / "lora.safetensors", SharedBaseModel(family, source, BOUNDARIES, rank=2))
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["cbs_convert"])
+    honest = meta["shared_base"]["delta_flops"]
+    for claimed in (0, honest + 2):
+        meta["shared_base"]["delta_flops"] = claimed
+        save_file(load_file(str(path)), str(tmp_path / "edited.safetensors"), {"cbs_convert": json.dumps(meta)})
+        code, printed = _cli(["info", "edited.safetensors"], tmp_path, capsys)
+        assert code == 2 and "shared_base.delta_flops" in printed.err and f"{honest:,}" in printed.err, printed.err
 
 
 @pytest.mark.parametrize("edit,field", [

@@ -261,9 +261,10 @@ def merge_delta(base_state: Dict[str, torch.Tensor], deltas: Dict[str, Dict[str,
     return state
 
 
-def describe_shared_base(family: Family, boundaries: Sequence[float], rank: int) -> Dict[str, object]:
+def describe_shared_base(family: Family, boundaries: Sequence[float], rank: int,
+                         layers: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """``SharedBaseModel.describe()`` of the source's architecture, computed on the meta device:
     what a plan or a report says before (or without) any weights exist."""
     with torch.device("meta"):
         base = family.build(family.config)
-    return SharedBaseModel(family, base, boundaries, rank).describe()
+    return SharedBaseModel(family, base, boundaries, rank, layers).describe()

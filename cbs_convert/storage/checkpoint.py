@@ -53,6 +53,14 @@ class SourceCheckpoint:
         return {**hints_from_args(self.args), "source_name": str(self.path)}
 
 
+def refuse_nonfinite(tensors: Dict[str, torch.Tensor], path, fix: str = "the checkpoint is corrupt") -> None:
+    """One line naming the first tensor that holds NaN or Inf: weights like that sample nothing."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/Inf values; {fix}")
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -244,10 +252,7 @@ def read_checkpoint(path) -> SourceCheckpoint:
             )
     notes: List[str] = []
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()})
-    for key, value in state_dict.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/Inf values; the checkpoint is corrupt")
+    refuse_nonfinite(state_dict, path)
     if dtypes != ["float32"]:
         notes.append(f"weights stored as {'/'.join(dtypes)}; converted in float32")
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cbs_convert.errors import CheckpointError, WorkdirError
+from cbs_convert.storage.checkpoint import refuse_nonfinite
 from cbs_convert.storage.files import atomic_write
 from cbs_convert.families import family_from_config
 from cbs_convert.families.base import Family, check_keys
@@ -238,6 +239,9 @@ def read_metadata(path) -> Dict[str, Any]:
     return validate_routed(meta, shapes, path)
 
 
+CORRUPT_ROUTED = "the file is corrupt; convert the source again"
+
+
 def load(path, device="cpu", format: str = "cbs_convert"):
     """Rebuild the routed model of a checkpoint written by cbs_convert, in eval mode.
 
@@ -268,6 +272,7 @@ def _load_routed(path, device):
         raise CheckpointError(f"{path}: boundaries {boundaries} must increase from 0 to 1")
     family = family_from_config(meta["family"], meta["family_config"])
     tensors = load_file(str(path), device="cpu")
+    refuse_nonfinite(tensors, path, CORRUPT_ROUTED)
     if meta["format_version"] in SHARED_BASE_FORMATS:
         return _shared_base_from(path, family, meta, tensors).to(device).eval()
     experts: List[nn.Module] = []
@@ -321,8 +326,12 @@ def expert_state_dict(path, expert: int) -> Dict[str, torch.Tensor]:
     if meta["format_version"] in SHARED_BASE_FORMATS:
         from safetensors.torch import load_file
 
-        base, deltas = _split_shared_base(meta, load_file(str(path)))
+        tensors = load_file(str(path))
+        refuse_nonfinite(tensors, path, CORRUPT_ROUTED)
+        base, deltas = _split_shared_base(meta, tensors)
         return merge_delta(base, deltas[expert])
     prefix = f"experts.{expert}."
     with safe_open(str(path), framework="pt") as handle:
-        return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+        state = {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+    refuse_nonfinite({f"{prefix}{key}": value for key, value in state.items()}, path, CORRUPT_ROUTED)
+    return state

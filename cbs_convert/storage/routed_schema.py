@@ -14,6 +14,7 @@ import torch
 
 from cbs_convert.errors import CheckpointError
 from cbs_convert.families import FAMILIES
+from cbs_convert.models.shared_base import describe_shared_base
 from cbs_convert.storage.schema import (
     MISSING,
     Check,
@@ -149,13 +150,16 @@ def validate_shared_base(meta: Dict[str, Any], header: Shapes, path) -> None:
         weight = base[f"{layer}.weight"]
         fan_out, fan_in = weight[0], numel(weight[1:])
         per_segment += rank * (fan_in + fan_out)
+        # down is stored shaped like the layer's weight with rank outputs (a kernel kept whole): a
+        # tensor of the right size in another layout would be read in the wrong order
+        expected = {"down": [rank, *weight[1:]], "up": [fan_out, rank]}
         for k in range(segments):
-            for part, rows, size in (("down", rank, fan_in), ("up", fan_out, rank)):
+            for part, want in expected.items():
                 key = f"deltas.{k}.{layer}.{part}"
                 shape = header.get(key)
-                if shape is None or len(shape) < 2 or shape[0] != rows or numel(shape[1:]) != size:
+                if shape is None or list(shape) != want:
                     got = Raw("absent") if shape is None else Raw(f"a tensor of shape {list(shape)}")
-                    raise check.fail(f"shared_base.layers ({layer})", f"tensor {key} of {rows} x {size} (rank {rank})", got)
+                    raise check.fail(f"shared_base.layers ({layer})", f"tensor {key} of shape {want} (rank {rank})", got)
                 listed.add(key)
     stray = [key for key in header if not key.startswith("base.") and key not in listed]
     if stray:
@@ -164,8 +168,14 @@ def validate_shared_base(meta: Dict[str, Any], header: Shapes, path) -> None:
     for key, value in counts.items():
         if check.integer(check.get(shared, key, f"shared_base.{key}", f"{value:,}"), f"shared_base.{key}", high=2**63 - 1) != value:
             raise check.fail(f"shared_base.{key}", f"{value:,}, the count of the tensors", shared[key])
-    check.integer(check.get(shared, "delta_flops", "shared_base.delta_flops", "a FLOP count"), "shared_base.delta_flops",
-                  high=2**63 - 1)
+    flops = check.integer(check.get(shared, "delta_flops", "shared_base.delta_flops", "a FLOP count"),
+                          "shared_base.delta_flops", high=2**63 - 1)
+    # counted again by a probe forward on the meta device (no weights, no arithmetic): info and the
+    # report print this number against the source's FLOPs
+    counted = guarded(check, "shared_base", name, lambda: describe_shared_base(
+        family, meta["boundaries"], rank, layers)["delta_flops"])
+    if flops != counted:
+        raise check.fail("shared_base.delta_flops", f"{counted:,}, what the deltas add to one forward", flops)
     for k, entry in enumerate(meta["experts"]):
         config = check.get(entry, "config", f"experts[{k}].config", "the source's config")
         if config != source_config:
