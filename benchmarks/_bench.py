@@ -282,7 +282,9 @@ class Bench:
         settings["steps"] = max(1, total // settings.get("k", 2))
         settings["seed"] = train_seed
         settings["checkpoint"] = self.checkpoint
-        pinned = {k: v for k, v in PINNED.items() if k not in settings}
+        # the loss weights mix the two terms of --loss both: the tool refuses them with a one-term loss
+        pinned = {k: v for k, v in PINNED.items() if k not in settings
+                  and not (k in ("distill_weight", "data_weight") and settings.get("loss") != "both")}
         return {**settings, **pinned, "_pinned": sorted(pinned)}
 
     def stem(self, name: str, train_seed: int, settings: Dict[str, Any]) -> str:

@@ -63,6 +63,10 @@ def test_yaml_syntax_error_has_a_line_number(tmp_path):
     ({"budget": "-1x"}, "positive"),
     ({"t_min": 0.9, "t_max": 0.1}, "t_min < t_max"),
     ({"monitor": "nope"}, "'monitor' must be one of"),
+    # weights the loss never reads, and a shared base whose only loss term cannot move its deltas
+    ({"loss": "data", "data": "d.npz", "data_weight": 0.01}, "--loss data has one term"),
+    ({"distill_weight": 0.5}, "--loss distill has one term"),
+    ({"experts": "lora", "loss": "both", "data": "d.npz", "data_weight": 0.0}, "a data weight above 0"),
 ])
 def test_impossible_requests_are_refused(settings, needle):
     with pytest.raises(RecipeError, match=needle):
@@ -87,6 +91,19 @@ def test_a_recognised_architecture_gets_its_bundled_recipe_under_the_users_setti
     assert recipe.lr == 0.001  # the user's flag wins
     assert resolve_recipe([{"checkpoint": "x.pt", "k": 3}], "sit_xl_2").steps == Recipe().steps  # no k3 recipe
     assert resolve_recipe([{"checkpoint": "x.pt"}], None).steps == Recipe().steps
+
+
+def test_shared_base_deltas_keep_their_own_lr_under_a_bundled_recipe_unless_the_user_sets_one():
+    from cbs_convert.pipeline.experts import DELTA_LR, expert_defaults
+    from cbs_convert.pipeline.recipe import resolve_recipe
+
+    lora = {"checkpoint": "x.pt", "experts": "lora", "loss": "data", "data": "d.npz"}
+    for stem in ("sit_xl_2", None):  # with and without a bundled recipe (sit_xl_2_k2.yaml sets lr: 0.0001)
+        recipe = resolve_recipe([lora], stem)
+        assert expert_defaults(recipe, full_width=True)["lr"] == DELTA_LR, stem
+    assert resolve_recipe([lora], "sit_xl_2").steps == 10000  # the rest of the bundled recipe still applies
+    assert resolve_recipe([{**lora, "lr": 2e-4}], "sit_xl_2").lr == 2e-4
+    assert resolve_recipe([{"checkpoint": "x.pt"}], "sit_xl_2").lr == 1e-4  # whole experts keep the recipe's
 
 
 def test_help_documents_every_setting(capsys):

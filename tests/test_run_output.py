@@ -92,9 +92,17 @@ def test_a_resume_refuses_a_change_of_the_fine_tuning_recipe(tiny_pt, tmp_path, 
     out.unlink()
     for flags, name in ((["--lr-schedule", "constant"], "lr_schedule"), (["--warmup-steps", "5"], "warmup_steps"),
                         (["--lr-floor", "0.5"], "lr_floor"), (["--no-ema-warmup"], "ema_warmup"),
-                        (["--distill-weight", "0.5"], "distill_weight"), (["--lr", "1e-3"], "lr")):
+                        (["--ema-decay", "0.99"], "ema_decay"), (["--lr", "1e-3"], "lr")):
         code, _, err = cli([*base, "--resume", *flags], capsys)
         assert_one_line_error(code, err, "different settings", name)
+    code, _, err = cli([*base, "--resume"], capsys)
+    assert code == 0, err
+    # a run begun when a one-term loss still accepted (and recorded) the weights of --loss both
+    marker_path = tmp_path / "w" / "cbs_convert_run.json"
+    marker = json.loads(marker_path.read_text())
+    marker["recipe"].update(distill_weight=1.0, data_weight=1.0)
+    marker_path.write_text(json.dumps(marker))
+    out.unlink()
     code, _, err = cli([*base, "--resume"], capsys)
     assert code == 0, err
 

@@ -124,6 +124,10 @@ class Conversion:
         # the architecture flags count through the model they resolve to, not as typed
         skip = (*NOT_IDENTITY, *ARCHITECTURE_FLAGS)
         current = {k: v for k, v in self.recipe.to_dict().items() if k not in skip}
+        if self.recipe.loss != "both":
+            # they weigh the terms of --loss both only; a run begun when a one-term loss still
+            # accepted (and recorded) them computes the same as one without them
+            current = {k: v for k, v in current.items() if k not in ("distill_weight", "data_weight")}
         defaults = {**{k: v for k, v in Recipe().to_dict().items() if k not in skip}, **FIRST_DEFAULTS}
         architecture = json.loads(json.dumps(self.source.config, default=str))  # as the marker stores it
         identity = {"source_sha256": self.source.checkpoint.sha256, "recipe": current, "architecture": architecture}

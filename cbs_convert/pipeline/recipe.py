@@ -300,6 +300,10 @@ def validate(r: Recipe) -> None:
          f"distill_weight={r.distill_weight}, data_weight={r.data_weight}: the loss weights must be 0 or more")
     need(r.loss != "both" or r.distill_weight + r.data_weight > 0,
          "--loss both with distill_weight 0 and data_weight 0 trains on nothing; give one of them a weight")
+    # weights that the loss never reads would be recorded (and compared on --resume) as if they acted
+    need(r.loss == "both" or (r.distill_weight, r.data_weight) == (FinetuneSettings.distill_weight, FinetuneSettings.data_weight),
+         f"distill_weight={r.distill_weight}, data_weight={r.data_weight}: the weights mix the two terms of --loss both, "
+         f"and --loss {r.loss} has one term; pass --loss both, or drop the weights")
     need(0.0 <= r.ema_decay < 1.0, f"ema_decay={r.ema_decay} must be in [0, 1)")
     need(r.grad_clip >= 0, f"grad_clip={r.grad_clip} must be >= 0")
     need(r.margin >= 0, f"margin={r.margin} must be >= 0")
@@ -331,9 +335,10 @@ def validate(r: Recipe) -> None:
         need(r.step_shares == "equal", "--step-shares length shares steps between separate experts; --experts lora "
                                        "trains every delta together on times drawn from all of t, which already gives "
                                        "each segment its length's share: drop --step-shares")
-        need(r.steps == 0 or r.loss != "distill",
+        need(r.steps == 0 or (r.loss != "distill" and not (r.loss == "both" and r.data_weight == 0)),
              "--experts lora trains its deltas on data: distilling a zero delta from the teacher has no gradient; "
-             "pass --loss data (or both) with --data LATENTS, or --steps 0 for the untrained routed model")
+             "pass --loss data (or both, with a data weight above 0) with --data LATENTS, or --steps 0 for the "
+             "untrained routed model")
     else:
         for name in ("base_lr_scale",):
             need(getattr(r, name) is None, f"{name} applies to --experts lora only; drop it or pass --experts lora")
@@ -349,5 +354,11 @@ def resolve_recipe(user_layers: List[Dict[str, Any]], source_config_stem=None) -
     layers: List[Dict[str, Any]] = []
     bundled = bundled_recipe(source_config_stem, merged_user.get("k", Recipe.k))
     if bundled is not None:
-        layers.append(read_recipe_file(bundled))
+        layer = read_recipe_file(bundled)
+        if merged_user.get("experts") == "lora":
+            # a bundled recipe's lr is chosen for whole experts, trained on from the source's
+            # weights; shared-base deltas start at zero and have a default of their own
+            # (experts.DELTA_LR, the base at BASE_LR_SCALE of it) that this lr would override
+            layer.pop("lr", None)
+        layers.append(layer)
     return build_recipe(*layers, merged_user)
