@@ -174,6 +174,8 @@ def test_a_lora_conversion_writes_one_base_and_k_deltas_that_load_extract_and_de
     assert report["finetune"]["experts"][0]["steps_run"] == 3 * QUICK_KW["steps"]
     assert report["finetune"]["experts"][0]["settings"]["warmup_steps"] == 2  # as given: only step shares scale it
     assert all(e["error_after"] > 0 for e in report["evaluation"]["experts"])  # the deltas and base moved
+    markdown = out.with_name("lora.report.md").read_text()
+    assert "times drawn from all of [0, 1]" in markdown and "widened by" not in markdown
     with safe_open(str(out), framework="pt") as handle:
         keys = list(handle.keys())
         meta = json.loads(handle.metadata()["cbs_convert"])

@@ -135,8 +135,10 @@ def _finetune_lines(finetune) -> List[str]:
               + (f", after {settings['trunk_steps']} steps of one trunk on all of time that every expert starts from"
                  if settings.get("trunk_steps") and (finetune.get("trunk") or {}).get("trained") else "")) + f", loss {loss}, AdamW "
              f"(weight decay {settings['weight_decay']:g}, gradient clip {settings['grad_clip']:g}), batch "
-             f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, times drawn from each segment widened by "
-             f"{settings['margin']:g}, label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]
+             f"{settings['batch_size']}, EMA {settings['ema_decay']:g}, "
+             + ("times drawn from all of [0, 1], each sample training its own segment's delta"
+                if settings.get("experts") == "lora" else f"times drawn from each segment widened by {settings['margin']:g}")
+             + f", label dropout {settings['label_dropout']}, bf16 autocast on CUDA: {settings['bf16']}.", ""]
     runs = [(f"expert {k}", expert) for k, expert in enumerate(finetune["experts"])]
     trunk = finetune.get("trunk")
     if trunk is not None:
