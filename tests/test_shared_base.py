@@ -102,6 +102,44 @@ def test_a_sampler_step_on_a_cut_uses_one_segments_delta_like_a_file_of_separate
         assert not torch.allclose(pinned, run(shared, pin=False), atol=1e-2)
 
 
+@pytest.mark.parametrize("name", ["sit", "adm"])
+def test_training_and_sampling_compute_the_same_deltas_and_training_saves_less_than_gathering(name, monkeypatch):
+    from cbs_convert.models.shared_base import SegmentDeltas
+
+    family, source, x, t, y = _model_and_inputs(name)
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=3)
+    _randomise_deltas(shared)
+
+    def run():
+        shared.zero_grad()
+        out = shared(x, t, y)
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in shared.deltas.named_parameters()}
+
+    def saved_elements():
+        count = [0]
+
+        def pack(tensor):
+            count[0] += tensor.numel()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            shared(x, t, y)
+        return count[0]
+
+    with torch.no_grad():
+        sampled = shared(x, t, y)
+    trained, grads = run()
+    masked_saved = saved_elements()
+    assert torch.allclose(trained, sampled, atol=1e-5, rtol=1e-4)
+    # the gathering form (sampling's) under autograd: the same gradients, and more saved for backward
+    monkeypatch.setattr(SegmentDeltas, "delta", lambda self, inputs, index: self._delta_gathered(inputs, index))
+    gathered, gathered_grads = run()
+    assert torch.allclose(trained, gathered, atol=1e-5, rtol=1e-4)
+    for key, grad in grads.items():
+        assert torch.allclose(grad, gathered_grads[key], atol=1e-5, rtol=1e-4), key
+    assert saved_elements() > masked_saved
+
+
 def test_the_routed_forward_compiles_as_one_graph():
     family, source, x, t, y = _model_and_inputs("sit")
     shared = SharedBaseModel(family, source, BOUNDARIES, rank=2).eval()

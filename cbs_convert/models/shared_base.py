@@ -77,6 +77,32 @@ class SegmentDeltas(nn.Module):
         return self.down.shape[1]
 
     def delta(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (self.down.requires_grad or self.up.requires_grad):
+            return self._delta_through_every_segment(x, index)
+        return self._delta_gathered(x, index)
+
+    def _delta_through_every_segment(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Training's form: x through all K down-projections at once, the other segments' outputs
+        zeroed, then all K up-projections. Autograd keeps a [batch, positions, K x rank] activation
+        per layer, where gathering saves each sample's own copy of its delta's weights (for SiT-XL/2
+        at rank 16, about 12M values per sample). It costs K times the delta's FLOPs, a few percent
+        of the base's at a small rank, so sampling (no gradient) gathers instead."""
+        segments, rank, batch = self.down.shape[0], self.rank, x.shape[0]
+        keep = F.one_hot(index, segments).to(x.dtype)  # [batch, K]
+        if self.convolution is None:
+            flat = x.reshape(batch, -1, x.shape[-1])
+            inner = flat @ self.down.reshape(segments * rank, -1).transpose(0, 1).to(x.dtype)
+            inner = (inner.view(batch, -1, segments, rank) * keep[:, None, :, None]).view(batch, -1, segments * rank)
+            out = inner @ self.up.transpose(1, 2).reshape(segments * rank, -1).to(x.dtype)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+        weight = self.down.reshape(segments * rank, self.in_channels, *self.kernel_size).to(x.dtype)
+        inner = self.convolution(x, weight, None, **self.conv_args)
+        spatial = inner.shape[2:]
+        inner = (inner.reshape(batch, segments, rank, -1) * keep[:, :, None, None]).reshape(batch, segments * rank, -1)
+        out = self.up.transpose(0, 1).reshape(self.up.shape[1], segments * rank).to(x.dtype) @ inner
+        return out.reshape(batch, out.shape[1], *spatial)
+
+    def _delta_gathered(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         down, up = self.down[index], self.up[index]
         batch = x.shape[0]
         if self.convolution is None:  # a linear map of the last dimension
