@@ -136,6 +136,17 @@ def test_a_resume_refuses_other_data_at_the_same_path_and_accepts_the_same_data_
     # the run's own data, under another spelling of its path, resumes
     code, _, err = cli([*run, "--data", moved, "--resume"], capsys)
     assert code == 0, err
+    # a run begun before pools were pinned recorded the --data path instead: it is compared as then
+    marker_path = tmp_path / "w" / "cbs_convert_run.json"
+    marker = json.loads(marker_path.read_text())
+    del marker["inputs"]
+    marker["recipe"]["data"] = str(moved)
+    marker_path.write_text(json.dumps(marker))
+    out.unlink()
+    code, _, err = cli([*run, "--data", data, "--resume"], capsys)
+    assert_one_line_error(code, err, "data was", "different settings")
+    code, _, err = cli([*run, "--data", moved, "--resume"], capsys)
+    assert code == 0, err
 
 
 def test_every_stage_says_what_it_is_doing_and_experts_are_numbered_as_in_the_report(tiny_pt, tmp_path, capsys):

@@ -140,6 +140,39 @@ def test_training_and_sampling_compute_the_same_deltas_and_training_saves_less_t
     assert saved_elements() > masked_saved
 
 
+@pytest.mark.parametrize("layer,inputs,masked", [
+    (torch.nn.Linear(96, 384), torch.randn(8, 16, 96), True),  # a transformer's few tokens
+    (torch.nn.Conv2d(8, 8, 3, padding=1), torch.randn(8, 8, 32, 32), False),  # a UNet's full resolution
+])
+def test_training_takes_the_delta_form_that_keeps_less_for_backward(layer, inputs, masked):
+    from cbs_convert.models.shared_base import SegmentDeltas, _Route
+
+    route = _Route()
+    deltas = SegmentDeltas(layer, 3, 4, route)
+    layer.register_forward_hook(deltas.hook)
+    index = torch.arange(len(inputs)) % 3
+
+    def kept(form=None):
+        count, parameters = [0], {p.data_ptr() for p in deltas.parameters()}
+
+        def pack(tensor):
+            count[0] += 0 if tensor.data_ptr() in parameters else tensor.numel()
+            return tensor
+        route.index = index
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            if form is None:
+                layer(inputs)
+            else:
+                form(inputs, index)
+        route.index = None
+        return count[0]
+
+    kept()  # a routed forward of the layer: its hook counts the positions the rule reads
+    through_every, gathered = kept(deltas._delta_through_every_segment), kept(deltas._delta_gathered)
+    assert deltas._masking_saves_memory() is masked
+    assert (through_every < gathered) is masked
+
+
 def test_the_routed_forward_compiles_as_one_graph():
     family, source, x, t, y = _model_and_inputs("sit")
     shared = SharedBaseModel(family, source, BOUNDARIES, rank=2).eval()

@@ -77,18 +77,26 @@ class SegmentDeltas(nn.Module):
         return self.down.shape[1]
 
     def delta(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (self.down.requires_grad or self.up.requires_grad):
+        if torch.is_grad_enabled() and (self.down.requires_grad or self.up.requires_grad) and self._masking_saves_memory():
             return self._delta_through_every_segment(x, index)
         return self._delta_gathered(x, index)
 
+    def _masking_saves_memory(self) -> bool:
+        """Whether backward keeps less per sample through every segment (about 2K - 1 activations
+        of rank values per position) than with gathered weights (the delta's rank x (fan_in +
+        fan_out) values): true for a transformer's few hundred tokens, false for a UNet's
+        full-resolution convolutions."""
+        fan_out, fan_in = self.up.shape[1], self.down.shape[2]
+        return self.positions * (2 * self.down.shape[0] - 1) < fan_in + fan_out
+
     def _delta_through_every_segment(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Training's form: x through all K down-projections at once, the other segments' outputs
-        zeroed, then all K up-projections. Autograd keeps a [batch, positions, K x rank] activation
-        per layer, where gathering saves each sample's own copy of its delta's weights (for SiT-XL/2
-        at rank 16, about 12M values per sample). It costs K times the delta's FLOPs, a few percent
-        of the base's at a small rank, so sampling (no gradient) gathers instead."""
+        """Training's form where it saves memory: x through all K down-projections at once, the
+        other segments' outputs zeroed, then all K up-projections. Autograd keeps a [batch,
+        positions, K x rank] activation, where gathering saves each sample's own copy of its
+        delta's weights (for SiT-XL/2 at rank 16, about 12M values per sample over all layers). It
+        costs K times the delta's FLOPs in that layer, so sampling (no gradient) gathers."""
         segments, rank, batch = self.down.shape[0], self.rank, x.shape[0]
-        keep = F.one_hot(index, segments).to(x.dtype)  # [batch, K]
+        keep = F.one_hot(index.to(device=x.device, dtype=torch.long), segments).to(x.dtype)  # [batch, K]
         if self.convolution is None:
             flat = x.reshape(batch, -1, x.shape[-1])
             inner = flat @ self.down.reshape(segments * rank, -1).transpose(0, 1).to(x.dtype)

@@ -150,7 +150,7 @@ class Conversion:
         # a resumed run must train on the pool its stored stages were made from, known by content:
         # the --data path may hold other data by now, or the same data may have moved
         what = f"--data {self.recipe.data}" if self.recipe.data else "the teacher's own samples (no --data)"
-        self.work.pin_input("pool", pool.digest(), what, record=rank == 0)
+        self.work.pin_input("pool", pool.digest(), what, record=rank == 0, legacy=("data", self.recipe.data))
         self.pool = pool.to(self.source.device)
         self.timings["pool"] = time.time() - began
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from cbs_convert.errors import WorkdirError
 from cbs_convert.storage.files import atomic_write_json
@@ -26,6 +26,7 @@ class WorkDir:
         self.root = Path(root)
         self.marker_path = self.root / MARKER
         self._marker: Optional[Dict[str, Any]] = None
+        self._resumed_recipe: Dict[str, Any] = {}  # the recipe of the run that start() resumed, as stored
 
     # -- what is there ----------------------------------------------------------------------------
     def read_marker(self) -> Optional[Dict[str, Any]]:
@@ -75,6 +76,7 @@ class WorkDir:
         stored = self.read_marker()
         inputs: Dict[str, str] = {}
         if stored is not None and resume:
+            self._resumed_recipe = dict(stored.get("recipe", {}))
             if stored.get("source_sha256") != identity.get("source_sha256"):
                 raise WorkdirError(f"{self.root} belongs to another source checkpoint; use --force to start over")
             before = {**(defaults or {}), **stored.get("recipe", {})}
@@ -100,17 +102,25 @@ class WorkDir:
         atomic_write_json(self.marker_path, data)
         self._marker = data
 
-    def pin_input(self, name: str, digest: str, what: str, record: bool = True) -> None:
+    def pin_input(self, name: str, digest: str, what: str, record: bool = True,
+                  legacy: Optional[Tuple[str, Any]] = None) -> None:
         """Refuse a resumed run whose input ``name`` now reads differently.
 
         For an input the run reads after its identity is checked, by path only (``--data``): the
         same path may hold other content by now, and the stages already made from the old content
         would be mixed with training on the new. The first read records the digest (``record``:
-        the one process that writes the marker)."""
+        the one process that writes the marker). ``legacy``: (recipe key, value) that a marker
+        written before inputs were pinned recorded in its recipe instead; it is compared as then."""
         marker = self._marker if self._marker is not None else self.read_marker()
         if marker is None:
             return
         inputs = marker.get("inputs", {})
+        if name not in inputs and legacy is not None and legacy[0] in self._resumed_recipe:
+            key, value = legacy
+            if self._resumed_recipe[key] != value:
+                raise WorkdirError(
+                    f"{self.root} was made with different settings ({key} was {self._resumed_recipe[key]!r}, now "
+                    f"{value!r}); rerun with the earlier values to continue, or --force without --resume to start over")
         if name in inputs and inputs[name] != digest:
             raise WorkdirError(
                 f"{what} gives another {name} than the run in {self.root} began with (SHA-256 {digest[:12]}..., "
