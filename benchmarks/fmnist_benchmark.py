@@ -175,6 +175,7 @@ PAIRED = (
     + [(f"K={k} lora r{r} cbs", f"K={k} lora r{r} uniform") for k in (2, 4) for r in (4, 2)]
     + [("K=2 lora r4 uniform, frozen base", "K=2 lora r4 uniform")]
     + [(f"K=4 lora r4 {cut}", f"K=4 lora r2 {cut}") for cut in ("uniform", "cbs")]
+    + [("K=4 lora r4 cbs", "K=2 lora r2 uniform"), ("K=4 lora r2 cbs", "K=2 lora r2 uniform")]
     + [(f"{name}, {f:g}x steps", f"{DENSE_GENTLE}, {f:g}x steps") for f in (4.0, 8.0) for name in SAME_COST_CURVE
        if name != DENSE_GENTLE]
     + [("K=2 2x uniform, gentle, 8x steps", "K=2 lora r2 uniform, 8x steps")]
