@@ -178,7 +178,7 @@ PAIRED = (
     + [("K=4 lora r4 cbs", "K=2 lora r2 uniform"), ("K=4 lora r2 cbs", "K=2 lora r2 uniform")]
     + [(f"{name}, {f:g}x steps", f"{DENSE_GENTLE}, {f:g}x steps") for f in (4.0, 8.0) for name in SAME_COST_CURVE
        if name != DENSE_GENTLE]
-    + [("K=2 2x uniform, gentle, 8x steps", "K=2 lora r2 uniform, 8x steps")]
+    + [(f"K=2 2x uniform, gentle, {f:g}x steps", f"K=2 lora r2 uniform, {f:g}x steps") for f in (4.0, 8.0)]
     + [(name, HALF) for name in COMPRESSION_ROWS]
     + [("K=2 cbs denoiser, features", "K=2 cbs denoiser"), ("K=2 cbs denoiser, features", "K=1 0.5x, features"),
        ("K=2 cbs denoiser depth, features", "K=2 cbs denoiser, features"),
