@@ -241,3 +241,17 @@ def test_every_rule_is_shown_on_the_same_profile():
     cbs = plan_split(3, "cbs", GRID, curves["acceleration"], "acceleration", curves=curves)
     assert split.alternatives["cbs:acceleration"] == cbs.boundaries
     assert split.alternatives["cbs:dirichlet"][1] < 0.2 < split.alternatives["cbs:acceleration"][1]
+
+
+def test_a_large_tempering_exponent_keeps_the_cuts_and_shares_finite():
+    from cbs_convert.stages.split import temper
+
+    grid = np.linspace(0.02, 0.98, 5)
+    phi = np.array([1.5, 3.0, 2.0, 1.2, 1.1])  # 3.0 ** 1545 overflows a float64
+    tempered = temper(phi, 1545.0, 0.0)
+    assert np.isfinite(tempered).all() and tempered.max() == 1.0
+    cuts = equidistribute(grid, tempered, 2)
+    shares = segment_masses(grid, tempered, cuts)
+    assert np.isfinite(cuts).all() and np.isfinite(shares).all()
+    # the shape alone sets the cuts: scaling the curve changes nothing
+    assert equidistribute(grid, temper(phi * 7.0, 0.5, 0.0), 2) == pytest.approx(equidistribute(grid, temper(phi, 0.5, 0.0), 2))

@@ -101,7 +101,11 @@ def enforce_min_width(boundaries: Sequence[float], min_width: float) -> List[flo
 
 
 def temper(phi: np.ndarray, gamma: float, floor: float) -> np.ndarray:
-    phi = np.clip(np.asarray(phi, dtype=np.float64), 0.0, None) ** gamma
+    phi = np.clip(np.asarray(phi, dtype=np.float64), 0.0, None)
+    # the cuts and shares read only the curve's shape: scaled to a peak of 1 first, a large
+    # exponent cannot overflow (nor can the integral of what it gives)
+    peak = phi.max() if phi.size else 0.0
+    phi = (phi / peak if peak > 0 else phi) ** gamma
     if floor > 0:
         mean = phi.mean()
         phi = (1 - floor) * (phi / mean if mean > 0 else phi) + floor
