@@ -15,7 +15,6 @@ and go on with ``experts.prune_expert`` and ``experts.finetune_one`` for each ex
 from __future__ import annotations
 
 import hashlib
-
 import time
 from dataclasses import dataclass
 from functools import partial

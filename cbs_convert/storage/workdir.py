@@ -86,17 +86,18 @@ class WorkDir:
                                    "--force without --resume to start over")
             changed = [k for k in identity.get("recipe", {}) if before.get(k) != identity["recipe"][k]]
             if changed:
-                # name the earlier values: after a default changed, the user has to pass them to continue
-                was = "; ".join(f"{k} was {before.get(k)!r}, now {identity['recipe'][k]!r}" for k in changed[:4])
-                raise WorkdirError(
-                    f"{self.root} was made with different settings ({was}); rerun with the earlier values "
-                    "to continue, or --force without --resume to start over"
-                )
+                raise self._changed_settings([(k, before.get(k), identity["recipe"][k]) for k in changed[:4]])
             planned = sorted(set(planned) | set(stored["files"]))
             inputs = stored.get("inputs", {})  # what pin_input recorded: the resumed stages were made from it
         elif stored is not None:  # --force: the earlier run's own files go, nothing else
             self.remove(stored["files"])
         self._write_marker({**identity, "cbs_convert_workdir": FORMAT, "files": planned, **({"inputs": inputs} if inputs else {})})
+
+    def _changed_settings(self, changes: List[Tuple[str, Any, Any]]) -> WorkdirError:
+        # name the earlier values: after a default changed, the user has to pass them to continue
+        was = "; ".join(f"{key} was {before!r}, now {now!r}" for key, before, now in changes)
+        return WorkdirError(f"{self.root} was made with different settings ({was}); rerun with the earlier values "
+                            "to continue, or --force without --resume to start over")
 
     def _write_marker(self, data: Dict[str, Any]) -> None:
         atomic_write_json(self.marker_path, data)
@@ -118,9 +119,7 @@ class WorkDir:
         if name not in inputs and legacy is not None and legacy[0] in self._resumed_recipe:
             key, value = legacy
             if self._resumed_recipe[key] != value:
-                raise WorkdirError(
-                    f"{self.root} was made with different settings ({key} was {self._resumed_recipe[key]!r}, now "
-                    f"{value!r}); rerun with the earlier values to continue, or --force without --resume to start over")
+                raise self._changed_settings([(key, self._resumed_recipe[key], value)])
         if name in inputs and inputs[name] != digest:
             raise WorkdirError(
                 f"{what} gives another {name} than the run in {self.root} began with (SHA-256 {digest[:12]}..., "
