@@ -102,6 +102,32 @@ def test_a_sampler_step_on_a_cut_uses_one_segments_delta_like_a_file_of_separate
         assert not torch.allclose(pinned, run(shared, pin=False), atol=1e-2)
 
 
+def test_one_segments_view_answers_for_the_shared_model_and_saves_as_a_plain_expert():
+    family, source, x, t, y = _model_and_inputs("sit")
+    shared = SharedBaseModel(family, source, BOUNDARIES, rank=3)
+    _randomise_deltas(shared)
+    view = shared.expert_at(float(family.native_time(torch.tensor([0.5], dtype=torch.float64))[0]))
+    assert view.segment == 1
+    # a caller that reads the device or dtype, or freezes weights, through the view reaches the shared ones
+    assert [id(p) for p in view.parameters()] == [id(p) for p in shared.parameters()] and len(list(view.parameters())) > 0
+    shared.eval()
+    assert view.training is False
+    view.train()
+    assert shared.training and view.training
+    view.eval().to(torch.float64)
+    assert next(shared.parameters()).dtype == torch.float64 and shared.boundaries.dtype == torch.float64
+    # what it saves is its expert in the source's architecture, computing what the view computes
+    state = view.state_dict()
+    assert set(state) == set(source.state_dict())
+    expert = family.instantiate(family.config, state).double().eval()
+    with torch.no_grad():
+        assert torch.allclose(expert(x.double(), t.double(), y), view(x.double(), t.double(), y), atol=1e-9)
+        other = family.instantiate(family.config, shared.merged_state_dict(0)).double().eval()
+        assert not torch.allclose(other(x.double(), t.double(), y), view(x.double(), t.double(), y), atol=1e-4)
+    with pytest.raises(TypeError, match="view"):
+        view.load_state_dict(state)
+
+
 @pytest.mark.parametrize("name", ["sit", "adm"])
 def test_training_and_sampling_compute_the_same_deltas_and_training_saves_less_than_gathering(name, monkeypatch):
     from cbs_convert.models.shared_base import SegmentDeltas

@@ -82,7 +82,8 @@ class Pool:
                 continue
             tensor = tensor.detach().cpu().contiguous()
             digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if tensor.numel():  # hashed through the buffer protocol: no second copy of a large pool
+                digest.update(tensor.view(torch.uint8).numpy())
         return digest.hexdigest()
 
 
