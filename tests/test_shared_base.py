@@ -102,30 +102,43 @@ def test_a_sampler_step_on_a_cut_uses_one_segments_delta_like_a_file_of_separate
         assert not torch.allclose(pinned, run(shared, pin=False), atol=1e-2)
 
 
-def test_one_segments_view_answers_for_the_shared_model_and_saves_as_a_plain_expert():
+def test_one_segments_view_carries_the_shared_models_weights_through_the_module_tree():
+    from cbs_convert.sample.samplers import Guided
+
     family, source, x, t, y = _model_and_inputs("sit")
     shared = SharedBaseModel(family, source, BOUNDARIES, rank=3)
     _randomise_deltas(shared)
     view = shared.expert_at(float(family.native_time(torch.tensor([0.5], dtype=torch.float64))[0]))
     assert view.segment == 1
-    # a caller that reads the device or dtype, or freezes weights, through the view reaches the shared ones
-    assert [id(p) for p in view.parameters()] == [id(p) for p in shared.parameters()] and len(list(view.parameters())) > 0
+    # a caller that reads the device or dtype, freezes weights, or looks a parameter up by the name
+    # the view gives it (torch.func, torch.export, DDP's reducer) reaches the shared weights
+    named = dict(view.named_parameters())
+    assert {id(p) for p in named.values()} == {id(p) for p in shared.parameters()} and named
+    assert all(view.get_parameter(name) is parameter for name, parameter in named.items())
+    assert [id(b) for b in view.buffers()] == [id(b) for b in shared.buffers()]
+    with torch.no_grad():
+        called = torch.func.functional_call(view, {k: v.clone() for k, v in named.items()}, (x, t, y))
+        assert torch.equal(called, view(x, t, y))
     shared.eval()
     assert view.training is False
     view.train()
     assert shared.training and view.training
-    view.eval().to(torch.float64)
-    assert next(shared.parameters()).dtype == torch.float64 and shared.boundaries.dtype == torch.float64
-    # what it saves is its expert in the source's architecture, computing what the view computes
-    state = view.state_dict()
-    assert set(state) == set(source.state_dict())
+    view.eval().half()
+    assert next(shared.parameters()).dtype == torch.float16 and shared.native_inner.dtype == torch.float64
+    view.double()
+    # its own state dict is the shared model's, and the shared model merges it into a plain expert
+    assert set(view.state_dict()) == {f"shared.{key}" for key in shared.state_dict()}
+    state = shared.merged_state_dict(view.segment)
     expert = family.instantiate(family.config, state).double().eval()
     with torch.no_grad():
         assert torch.allclose(expert(x.double(), t.double(), y), view(x.double(), t.double(), y), atol=1e-9)
-        other = family.instantiate(family.config, shared.merged_state_dict(0)).double().eval()
-        assert not torch.allclose(other(x.double(), t.double(), y), view(x.double(), t.double(), y), atol=1e-4)
-    with pytest.raises(TypeError, match="view"):
-        view.load_state_dict(state)
+    # a module that wraps the view (the guided sampler does) saves and loads through the module tree
+    guided = Guided(family, view, 4.0)
+    assert len(list(guided.parameters())) == len(named)
+    saved = {k: v.clone() for k, v in guided.state_dict().items()}
+    _randomise_deltas(shared, seed=9)
+    guided.load_state_dict(saved)
+    assert all(torch.equal(value, state[key]) for key, value in shared.merged_state_dict(1).items())
 
 
 @pytest.mark.parametrize("name", ["sit", "adm"])

@@ -264,20 +264,17 @@ class SharedBaseModel(TimeRouted):
 
 class PinnedSegment(nn.Module):
     """One segment's expert of a shared-base model: every sample gets that segment's delta,
-    whatever its time. It is a view: the shared model is kept outside the module tree (so that it
-    enters no parent's state dict twice), and what a caller asks of the view it answers for the
-    shared model, as an expert of a file of separate experts answers for itself:
-
-    - ``parameters()`` and ``buffers()`` are the shared model's (the base and every segment's
-      delta: the tensors this expert reads, and their device and dtype);
-    - ``.to()``, ``.half()``, ``.train()`` and ``.eval()`` act on the shared model, so on every view;
-    - ``state_dict()`` is this expert merged into the source's architecture
-      (``merged_state_dict``), a plain checkpoint that the source's own class loads.
+    whatever its time. The shared model is its one child (no copy), so what the module tree
+    carries (``parameters()``, ``.to()``, ``.train()``, DDP, ``torch.export``, a parent's state
+    dict) reaches the shared weights: the base and every segment's delta. The shared model keeps
+    its views in a plain list, outside its own tree, so there is no cycle. Its state dict is
+    therefore the shared model's (``shared.``-prefixed); the expert as a plain checkpoint of the
+    source's architecture is ``view.shared.merged_state_dict(view.segment)``.
     """
 
     def __init__(self, shared: SharedBaseModel, segment: int):
         super().__init__()
-        self.__dict__["shared"] = shared
+        self.shared = shared
         self.segment = int(segment)
         for attribute in MODEL_ATTRIBUTES:
             if hasattr(shared, attribute):
@@ -290,35 +287,18 @@ class PinnedSegment(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale, **kwargs):
         return self.shared.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
 
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        return self.shared.named_parameters(prefix, recurse, remove_duplicate)
+    # The shared model's mode, so that it never goes stale when the shared model is switched
+    # directly; setting it switches the shared model.
+    @property
+    def training(self) -> bool:
+        shared = self._modules.get("shared") if "_modules" in self.__dict__ else None
+        return True if shared is None else shared.training
 
-    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        return self.shared.named_buffers(prefix, recurse, remove_duplicate)
-
-    def _apply(self, fn, recurse=True):
-        self.shared._apply(fn, recurse)
-        return self
-
-    # the shared model's mode, never a copy of it that a call on the shared model would leave stale
-    training = property(lambda self: self.__dict__["shared"].training if "shared" in self.__dict__ else True,
-                        lambda self, mode: None)
-
-    def train(self, mode: bool = True):
-        self.shared.train(mode)
-        return self
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        if args:
-            raise TypeError("PinnedSegment.state_dict takes keyword arguments only")
-        merged = self.shared.merged_state_dict(self.segment)
-        destination = {} if destination is None else destination
-        destination.update({prefix + key: value for key, value in merged.items()})
-        return destination
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        raise TypeError("a pinned segment is a view of a shared-base model; load weights into the shared model "
-                        "(its base, or a segment's delta), not into one segment's view")
+    @training.setter
+    def training(self, mode: bool) -> None:
+        shared = self._modules.get("shared") if "_modules" in self.__dict__ else None
+        if shared is not None:
+            shared.train(mode)
 
 
 def merge_delta(base_state: Dict[str, torch.Tensor], deltas: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

@@ -80,10 +80,13 @@ class Pool:
             if tensor is None:
                 digest.update(b"none")
                 continue
-            tensor = tensor.detach().cpu().contiguous()
+            tensor = tensor.detach().cpu()
             digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
-            if tensor.numel():  # hashed through the buffer protocol: no second copy of a large pool
-                digest.update(tensor.view(torch.uint8).numpy())
+            flat = tensor.reshape(-1)
+            if flat.numel():  # hashed through the buffer protocol: no second copy of a large pool
+                if flat.stride(0) != 1:  # a strided view, or one element kept from a slice
+                    flat = flat.clone(memory_format=torch.contiguous_format)
+                digest.update(flat.view(torch.uint8).numpy())
         return digest.hexdigest()
 
 
