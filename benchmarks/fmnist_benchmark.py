@@ -150,6 +150,9 @@ COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk 0.75"] = dict(
 # high-noise segment 600 of 1,200 steps, where one model trained on all of time gives it 820
 for _model in ("K=2 cbs denoiser blockwise, features", "K=2 cbs denoiser blockwise, features, trunk"):
     COMPRESSION_ROWS[f"{_model}, by length"] = dict(COMPRESSION_ROWS[_model], step_shares="length")
+# the best 0.5x split (trunk, steps by length) at the teacher's peak lr, against the single model at it
+COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk, by length, lr 1e-3"] = dict(
+    COMPRESSION_ROWS["K=2 cbs denoiser blockwise, features, trunk, by length"], lr=1e-3)
 ROWS.update(COMPRESSION_ROWS)
 # whether each structure keeps its place with 4x the fine-tuning (4,800 steps)
 for _model in ("K=1 0.5x blockwise, features", "K=2 cbs denoiser blockwise, features", "K=1 0.5x blockwise",
@@ -211,7 +214,10 @@ PAIRED = (
        ("K=2 cbs denoiser blockwise, features, by length", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, by length", "K=2 cbs denoiser blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, trunk, by length", "K=1 0.5x blockwise, features"),
-       ("K=2 cbs denoiser blockwise, features, trunk, by length", "K=2 cbs denoiser blockwise, features, trunk")]
+       ("K=2 cbs denoiser blockwise, features, trunk, by length", "K=2 cbs denoiser blockwise, features, trunk"),
+       ("K=2 cbs denoiser blockwise, features, trunk, by length, lr 1e-3", "K=1 0.5x blockwise, features, lr 1e-3"),
+       ("K=2 cbs denoiser blockwise, features, trunk, by length, lr 1e-3",
+        "K=2 cbs denoiser blockwise, features, trunk, by length")]
 )
 
 
