@@ -25,7 +25,8 @@ routed model's own when this run converted it, else the median of the cached K=2
 dataset's main benchmark.
 
 Each computed schedule and each score is a small JSON file under ``benchmarks/results/schedules_<dataset>_cache``
-(the routed file under its ``models/``, ignored), written when done; a rerun computes only what is missing.
+(the routed file under its ``models/``, committed, since a reconversion equals it only up to rounding;
+the fine solutions' images beside it are not), written when done; a rerun computes only what is missing.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ def main(argv=None):
         cached = _cached_conversion_seconds(args.dataset)
         if cached is not None:
             conversion_seconds, conversion_source = cached
-    # the routed file the cache records but this checkout lacks (models/ is not committed): its recorded
+    # the routed file the cache records but this checkout lacks (a dataset's other than the committed one): its recorded
     # digest still names its cached schedules and scores, so --cached-only tabulates it
     digests = {name: _bench.file_digest(path) if Path(path).exists() or conversion is None else conversion["digest"]
                for name, path in models.items()}
