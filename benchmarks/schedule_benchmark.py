@@ -211,7 +211,7 @@ def main(argv=None):
         cached = _cached_conversion_seconds(args.dataset)
         if cached is not None:
             conversion_seconds, conversion_source = cached
-    # the routed file the cache records but this checkout lacks (a dataset's other than the committed one): its recorded
+    # a routed file the cache records but this checkout lacks (only the grids' routed files are committed): its recorded
     # digest still names its cached schedules and scores, so --cached-only tabulates it
     digests = {name: _bench.file_digest(path) if Path(path).exists() or conversion is None else conversion["digest"]
                for name, path in models.items()}

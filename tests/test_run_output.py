@@ -3,6 +3,7 @@ what its numbers are measured on."""
 
 import json
 
+import torch
 from safetensors.torch import load_file
 
 from helpers import save_training_dict, tiny_model
@@ -105,6 +106,17 @@ def test_a_resume_refuses_a_change_of_the_fine_tuning_recipe(tiny_pt, tmp_path, 
     out.unlink()
     code, _, err = cli([*base, "--resume"], capsys)
     assert code == 0, err
+
+
+def test_the_pools_digest_reads_values_not_memory_layout():
+    from cbs_convert.pipeline.steps import Pool
+
+    x0 = torch.randn(4, 1, 3, 3)
+    plain = Pool(x0, torch.tensor([5]), "d").digest()
+    # a one-element label tensor cut from a slice keeps a stride of 5, which the byte view refuses
+    assert Pool(x0, torch.arange(10)[::5][1:], "d").digest() == plain
+    assert Pool(x0.transpose(2, 3).contiguous().transpose(2, 3), torch.tensor([5]), "d").digest() == plain
+    assert Pool(x0.to(torch.bfloat16), torch.tensor([5]), "d").digest() != plain
 
 
 def test_a_resume_refuses_other_data_at_the_same_path_and_accepts_the_same_data_moved(tiny_pt, tmp_path, capsys):

@@ -288,15 +288,19 @@ class PinnedSegment(nn.Module):
         return self.shared.family.guided_forward(lambda a, b, c: self.forward(a, b, c, **kwargs), x, t, y, cfg_scale)
 
     # The shared model's mode, so that it never goes stale when the shared model is switched
-    # directly; setting it switches the shared model.
+    # directly; setting it switches the shared model. (nn.Module.__init__ sets it before the
+    # shared model is attached.)
+    def _attached(self) -> Optional[SharedBaseModel]:
+        return self.__dict__.get("_modules", {}).get("shared")
+
     @property
     def training(self) -> bool:
-        shared = self._modules.get("shared") if "_modules" in self.__dict__ else None
+        shared = self._attached()
         return True if shared is None else shared.training
 
     @training.setter
     def training(self, mode: bool) -> None:
-        shared = self._modules.get("shared") if "_modules" in self.__dict__ else None
+        shared = self._attached()
         if shared is not None:
             shared.train(mode)
 
