@@ -63,6 +63,23 @@ def test_an_extracted_expert_reads_back_as_itself(tmp_path, capsys):
         assert {k: tuple(v.shape) for k, v in flat.items()} == family.expected_shapes(configs[0])
 
 
+def test_a_pruned_experts_bare_pt_says_the_flags_that_read_it_back_as_itself(tmp_path, capsys):
+    for name in ("sit", "dit"):
+        family, experts, configs, boundaries, path = _routed(tmp_path, name)
+        for k in (0, 1):  # narrower than the source: a .pt of it records no widths
+            pt = tmp_path / f"{name}_expert{k}.pt"
+            code, stdout, err = cli(["extract", path, "--expert", str(k), "--out", pt], capsys)
+            assert code == 0, err
+            said = stdout.split("reads it back from its shapes with ")[1].split(")")[0].split()
+            flags = dict(zip(said[::2], said[1::2]))
+            hints = {"family": flags.pop("--family")}
+            hints.update({flag[2:].replace("-", "_"): int(v) if v.isdigit() else v for flag, v in flags.items()})
+            read, _ = detect(torch.load(pt, weights_only=True), hints)
+            assert read.config == configs[k], (read.config, configs[k])
+        code, stdout, err = cli(["extract", path, "--expert", "0", "--out", tmp_path / f"{name}_expert0.safetensors"], capsys)
+        assert code == 0 and "reads it from the file itself" in stdout, err
+
+
 def test_extract_refuses_bad_requests_in_one_line(tmp_path, capsys):
     family, experts, configs, boundaries, path = _routed(tmp_path, "sit")
     code, _, err = cli(["extract", path, "--expert", "3", "--out", tmp_path / "e.pt"], capsys)

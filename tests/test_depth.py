@@ -83,6 +83,21 @@ def test_a_depth_pruned_conversion_writes_shallower_experts_that_extract_as_plai
         assert torch.allclose(plain(x, t, torch.tensor([1, 2])), routed(x, t, torch.tensor([1, 2])), atol=1e-5)
 
 
+def test_a_budget_only_depth_pruning_reaches_is_taken_under_depth_and_refused_under_width(tmp_path):
+    from cbs_convert.errors import BudgetError
+
+    family, model, *_ = _setup()
+    save_file(model.state_dict(), str(tmp_path / "tiny.safetensors"))
+    settings = dict(k=2, budget="0.12x", num_heads=4, family="sit", **QUICK_KW)
+    # below two of the narrowest 4-block experts, above two of the narrowest 1-block ones
+    with pytest.raises(BudgetError, match="raise --budget"):
+        cbs_convert.convert(tmp_path / "tiny.safetensors", out=str(tmp_path / "width.safetensors"), **settings)
+    result = cbs_convert.convert(tmp_path / "tiny.safetensors", structure="depth", out=str(tmp_path / "depth.safetensors"),
+                                 **settings)
+    for expert in result.report["evaluation"]["experts"]:
+        assert len(expert["kept_blocks"]) == 1 and abs(expert["params_vs_target"]) <= 0.01
+
+
 def test_depth_pruning_a_unet_is_refused_by_name(tmp_path, capsys):
     from test_adm import HINTS, tiny as tiny_adm
 

@@ -33,7 +33,7 @@ def test_distillation_reduces_the_error_on_the_segment():
     result = finetune_expert(family, teacher, student(), segment, pool, labels, settings, progress=False)
     after = relative_error(family, result.model, teacher, segment, pool, labels)
     assert after < 0.8 * before, (before, after)
-    assert result.steps_run == 60 and len(result.losses) == 60
+    assert result.steps_run == 60 and len(result.losses) == 60 and result.resumed_at == 0
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
@@ -47,7 +47,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     assert torch.load(state, weights_only=True)["step"] == 3  # the last periodic checkpoint
     resumed = finetune_expert(family, teacher, student(), (0.0, 0.6), pool, labels, settings, state_path=state,
                               progress=False)
-    assert resumed.steps_run == 7
+    # the count is the run's, not this call's: the report and the under-training warning read it
+    assert (resumed.steps_run, resumed.resumed_at, len(resumed.losses)) == (10, 3, 10)
     assert resumed.losses == straight.losses
     for a, b in zip(resumed.model.state_dict().values(), straight.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -247,14 +248,26 @@ def test_feature_outliers_beyond_the_mask_do_not_count():
     taps.remove()
 
 
-def test_a_diverged_run_takes_its_feature_hooks_off_the_teacher():
+def test_a_failed_run_takes_its_feature_hooks_off_the_teacher(monkeypatch):
     from cbs_convert.errors import TrainingDiverged
+    from cbs_convert.stages import finetune
 
     family, teacher, student, pool, labels = setup()
+    channels = torch.arange(student().config["hidden_size"])
     settings = FinetuneSettings(steps=5, batch_size=8, lr=1e30, warmup_steps=0, seed=0, feature_weight=1.0)
     with pytest.raises(TrainingDiverged):
         finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False,
-                        feature_channels=torch.arange(student().config["hidden_size"]))
+                        feature_channels=channels)
+    assert not any(block._forward_hooks for block in teacher.blocks)
+
+    def out_of_memory(*args):  # any error the loop does not raise itself, as a library caller may meet it
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(finetune, "ema_update", out_of_memory)
+    settings = FinetuneSettings(steps=5, batch_size=8, lr=1e-3, seed=0, feature_weight=1.0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune_expert(family, teacher, student(), (0.0, 1.0), pool, labels, settings, progress=False,
+                        feature_channels=channels)
     assert not any(block._forward_hooks for block in teacher.blocks)
 
 

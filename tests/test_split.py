@@ -110,6 +110,25 @@ def test_xl_allocation_within_one_percent(fraction):
     assert pruned["hidden_size"] % 8 == 0 and pruned["mlp_hidden"] % 8 == 0
 
 
+def test_a_small_narrowed_source_gets_every_budget_some_widths_can_meet():
+    import itertools
+
+    family, _ = tiny_model("sit", depth=3)
+    # an expert pruned once already: widths this small leave the finest knob little room
+    config = family.with_widths(family.config, {"num_heads": 3, "hidden_size": 13, "mlp_hidden": 32})
+    knobs = family.width_knobs(config)
+    counts = sorted(family.param_count(family.with_widths(config, dict(zip([k.name for k in knobs], values))))
+                    for values in itertools.product(*[range(k.minimum, k.full + 1, k.multiple) for k in knobs]))
+    full, met = family.param_count(config), 0
+    for fraction in np.arange(0.45, 1.0, 0.02):
+        target = int(fraction * full)
+        if not any(abs(count - target) <= 0.01 * target for count in counts):
+            continue
+        met += 1
+        assert abs(family.param_count(allocate_widths(family, config, target)) - target) <= 0.01 * target, fraction
+    assert met >= 20  # the sweep tests something
+
+
 def test_budget_below_the_smallest_model_is_refused():
     family, _ = tiny_model("sit")
     with pytest.raises(BudgetError, match="--budget"):

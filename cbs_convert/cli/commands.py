@@ -14,7 +14,7 @@ from typing import List
 
 import torch
 
-from cbs_convert.cli.common import Parser, guarded
+from cbs_convert.cli.common import SOURCE_HINTS, Parser, guarded
 from cbs_convert.errors import CheckpointError, WorkdirError
 from cbs_convert.families import family_from_config
 from cbs_convert.families.diffusers import scheduler_config
@@ -155,9 +155,25 @@ def extract(path, expert: int, out, force: bool = False, format: str = "checkpoi
     lines = [f"wrote {out}: expert {expert} of {path} (t in [{lo:.4f}, {hi:.4f}]), {sum(v.numel() for v in state.values()):,} parameters",
              f"  architecture: {family.describe(config)}"]
     if config != meta["family_config"]:
-        lines.append("  its widths differ from the source's: build the model with these widths to load it "
-                     "(cbs_convert reads them from the file itself)")
+        lines.append("  its architecture differs from the source's: build the model as above to load it "
+                     + ("(cbs_convert reads it from the file itself)" if out.suffix == ".safetensors"
+                        else _bare_read_back(family, config, state)))
     return lines
+
+
+def _bare_read_back(family, config, state) -> str:
+    """How cbs_convert reads this expert back from a bare .pt, which records no architecture: from its
+    shapes alone, with the source flags the shapes leave open, or not exactly (then .safetensors)."""
+    given = {"family": family.name}
+    for hints in (given, {**given, **{name: config[name] for name in SOURCE_HINTS if name in config}}):
+        try:
+            read, _ = type(family).config_from_state_dict(state, hints)
+        except CheckpointError:
+            continue
+        if read == config:
+            flags = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in hints.items())
+            return f"(a bare .pt does not record it; cbs_convert reads it back from its shapes with {flags})"
+    return "(a bare .pt does not record it, and its shapes do not say all of it; write .safetensors to read it back)"
 
 
 def _extract_diffusers(path: Path, expert: int, out: Path, force: bool) -> List[str]:

@@ -81,6 +81,10 @@ def guarded(work, debug: bool, rerun=CONVERSION_RERUN) -> int:
     return 0
 
 
+# what add_source_arguments' flags set: the loading hints a source checkpoint's files may lack
+SOURCE_HINTS = ("family", "num_heads", "path", "image_size")
+
+
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that describe a source checkpoint whose files do not say everything, for the
     commands that take a routed file or a source."""
@@ -97,7 +101,7 @@ def model_source(args) -> Tuple[Path, Dict[str, object], bool]:
     path = bundled_or_given(args.model)
     if not path.exists():
         raise CheckpointError(f"{args.model}: no such file or folder; give a routed .safetensors or a source checkpoint")
-    hints = {"family": args.family, "num_heads": args.num_heads, "path": args.path, "image_size": args.image_size}
+    hints = {name: getattr(args, name) for name in SOURCE_HINTS}
     routed = is_routed(path)
     if routed and any(v is not None for v in hints.values()):
         given = ", ".join(f"--{k.replace('_', '-')}" for k, v in hints.items() if v is not None)
@@ -105,4 +109,4 @@ def model_source(args) -> Tuple[Path, Dict[str, object], bool]:
     return path, hints, routed
 
 
-__all__ = ["CONVERSION_RERUN", "Parser", "add_source_arguments", "guarded", "launch_rank", "model_source"]
+__all__ = ["CONVERSION_RERUN", "Parser", "SOURCE_HINTS", "add_source_arguments", "guarded", "launch_rank", "model_source"]

@@ -75,7 +75,7 @@ class Recipe:
     batch_size: int = field(default=FinetuneSettings.batch_size, metadata={"help": "fine-tuning batch size"})
     lr: Optional[float] = field(default=None, metadata={"help": "AdamW peak learning rate (default: 1e-4 for a full-width expert, 3e-4 for a pruned one; the README says why)"})
     lr_schedule: str = field(default=FinetuneSettings.lr_schedule, metadata={"help": "cosine (warm-up, then a cosine down to lr_floor x lr at the last step) or constant (after the warm-up)"})
-    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear lr warm-up steps (default: 5%% of each expert's steps; with --step-shares length a given count is scaled to each expert's share)"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear lr warm-up steps (default: 5%% of each run's steps; a given count is for an expert of --steps, scaled to the trunk's length and to each expert's share under --step-shares length)"})
     lr_floor: float = field(default=FinetuneSettings.lr_floor, metadata={"help": "the cosine's final lr as a fraction of --lr"})
     weight_decay: float = field(default=FinetuneSettings.weight_decay, metadata={"help": "AdamW weight decay"})
     ema_decay: float = field(default=FinetuneSettings.ema_decay, metadata={"help": "EMA decay of the saved expert weights"})
@@ -324,6 +324,13 @@ def validate(r: Recipe) -> None:
     need(r.rank >= 1, f"rank={r.rank} must be 1 or more")
     need(r.feature_weight >= 0, f"feature_weight={r.feature_weight} must be 0 (off) or more")
     need(r.feature_mask_sigma > 0, f"feature_mask_sigma={r.feature_mask_sigma} must be positive")
+    # like the loss weights above: a setting that acts on nothing would be recorded, and compared on --resume, as if it acted
+    need(r.structure == "depth" or r.block_selector == Recipe.block_selector,
+         f"--block-selector {r.block_selector} chooses the blocks that --structure depth removes, and --structure "
+         f"{r.structure} removes none; pass --structure depth, or drop --block-selector")
+    need(r.feature_weight > 0 or r.feature_mask_sigma == Recipe.feature_mask_sigma,
+         f"--feature-mask-sigma {r.feature_mask_sigma:g} masks the feature distillation that --feature-weight turns on, "
+         "and it is 0 (off); pass --feature-weight W, or drop --feature-mask-sigma")
     need(r.base_lr_scale is None or r.base_lr_scale >= 0, f"base_lr_scale={r.base_lr_scale} must be 0 (a frozen base) or more")
     need(r.structure == "width" or r.experts == "copies",
          f"--structure {r.structure} prunes copies; --experts lora keeps the source whole: drop one of them")

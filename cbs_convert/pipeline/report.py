@@ -158,8 +158,11 @@ def _finetune_lines(finetune) -> List[str]:
         if "loss_curve" in run:
             curve = run["loss_curve"]
             shown = curve[:: max(1, len(curve) // 8)][:8] + ([curve[-1]] if len(curve) > 8 else [])
+            resumed_at = run.get("resumed_at") or 0
+            timed = (f", the {run['steps_run'] - resumed_at} after resuming at step {resumed_at} in {run['seconds'] or 0:.1f} s"
+                     if resumed_at else f" in {run['seconds'] or 0:.1f} s")
             lines.append(
-                f"- {name}: {run['steps_run']} steps in {run['seconds'] or 0:.1f} s; loss "
+                f"- {name}: {run['steps_run']} steps{timed}; loss "
                 f"{run['loss_first']:.4g} at the first step, {run['loss_last']:.4g} at the last; curve (step: mean loss) "
                 + ", ".join(f"{step}: {loss:.4g}" for step, loss in shown)
             )

@@ -144,7 +144,6 @@ def _check_recipe(source: Source, recipe: Recipe, warn: Callable[[str], None]) -
     was asked; the label dropout left unset becomes the teacher's own."""
     family, config, r = source.family, source.config, recipe
     total = parse_budget(r.budget, source.params)
-    check_budget_feasible(family, config, total, r.k)
     if r.structure == "depth" and not family.removable_blocks(config):
         raise RecipeError(f"--structure depth: the {family.name} family has no blocks that can be removed whole "
                           "(a UNet's skip connections tie its blocks together); use --structure width")
@@ -155,6 +154,8 @@ def _check_recipe(source: Source, recipe: Recipe, warn: Callable[[str], None]) -
     if r.structure == "blockwise" and not family.block_unit_groups(config):
         raise RecipeError(f"--structure blockwise: the {family.name} family shares one width over its blocks "
                           "(a UNet's skip connections tie their channels together); use --structure width")
+    # depth pruning can go down to one block before it narrows: its floor is that block's narrowest
+    check_budget_feasible(family, family.with_depth(config, 1) if r.structure == "depth" else config, total, r.k)
     if r.experts == "lora" and config.get("use_checkpoint"):
         # SharedBaseModel turns it off (a recomputed block would lose its delta): say so, since
         # the memory it was asked to save is not saved
@@ -270,8 +271,10 @@ def step_profile(source: Source, recipe: Recipe, pool: Pool) -> Profile:
 
 def sensitivity_student(source: Source, recipe: Recipe, pool: Pool) -> nn.Module:
     """The student of the sensitivity monitor: one expert of the mean size this run's budget gives
-    (budget / K, capped at the source), pruned as the experts are, with importance measured over
-    all of [0, 1], and not fine-tuned."""
+    (budget / K, capped at the source), width-pruned as ``--prune`` scores units, with importance
+    measured over all of [0, 1], and not fine-tuned. Uniform width whatever ``--structure``: the
+    curve places the cuts, and per-block widths and kept blocks are chosen on each expert's segment,
+    after the cuts."""
     r = recipe
     target = budget_targets(parse_budget(r.budget, source.params), [1.0 / r.k] * r.k, source.params)[0]
     student = pruned_student(

@@ -119,7 +119,19 @@ def allocate_widths(family, config: Dict, target: int, tolerance: float = 0.01) 
     def balance(c):
         return abs(c[coarse.name] / coarse.full - rho)
 
-    within = [c for c in candidates if abs(family.param_count(c) - target) <= tolerance * target]
+    def fitting(candidates):
+        return [c for c in candidates if abs(family.param_count(c) - target) <= tolerance * target]
+
+    within = fitting(candidates)
+    if not within:
+        # The middle knobs at the one shrink factor can leave the finest knob too coarse, or capped
+        # (a narrowed source's blocks cap its MLP): at small widths a budget that can be met is then
+        # missed. Widen the search to the middle knobs at every shrink factor before refusing.
+        for value in values:
+            fixed = {coarse.name: value}
+            for middle in np.linspace(0.0, 1.0, 65):
+                candidates.extend(_fit_finest(family, config, widths_at(float(middle), fixed), fine, target))
+        within = fitting(candidates)
     if within:
         return min(within, key=lambda c: (balance(c), abs(family.param_count(c) - target)))
     closest = min(candidates, key=lambda c: abs(family.param_count(c) - target))

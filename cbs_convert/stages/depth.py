@@ -8,8 +8,9 @@ Two selectors:
   batches, given the blocks already removed. Blocks that matter only together are seen together.
 * ``recovery`` (TinyFusion's point: what counts is how well the network recovers, not how much it
   loses at once): a handful of candidate sets, the greedy one and its nearest alternatives, each
-  given a short low-rank recovery (rank-R deltas on the kept blocks, distilled from the teacher on
-  the segment); the set whose recovered error is lowest wins.
+  given a short low-rank recovery (rank-R deltas on the layers a shared-base expert adapts, among
+  them the kept blocks', distilled from the teacher on the segment); the set whose recovered error
+  is lowest wins.
 
 Width pruning then fits what remains to the budget exactly (``allocate_depth`` leaves the smallest
 depth that still holds the target).

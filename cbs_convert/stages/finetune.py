@@ -94,7 +94,8 @@ class FinetuneResult:
     model: nn.Module  # the EMA weights
     losses: List[float] = field(default_factory=list)
     seconds: float = 0.0
-    steps_run: int = 0
+    steps_run: int = 0  # steps trained in all, a resumed run's earlier ones included (as are its losses)
+    resumed_at: int = 0  # the step this call began at; ``seconds`` timed the steps from there
     peak_cuda_bytes: Optional[int] = None  # the most CUDA memory this expert's training held at once
 
 
@@ -201,100 +202,101 @@ def finetune_expert(
     use_bf16 = settings.bf16 and device.type == "cuda"
     features = (_FeatureTaps(family, teacher, student, feature_channels, feature_blocks)
                 if settings.feature_weight > 0 else None)
-    forward = student
-    if group is not None:  # a group of one runs through DDP too, so that path is exercised on one device
-        from torch.nn.parallel import DistributedDataParallel
+    try:
+        forward = student
+        if group is not None:  # a group of one runs through DDP too, so that path is exercised on one device
+            from torch.nn.parallel import DistributedDataParallel
 
-        # gradients averaged over the group's equal slices: the full batch's mean gradient
-        forward = DistributedDataParallel(student, process_group=group, broadcast_buffers=False,
-                                          device_ids=[device.index] if device.type == "cuda" else None)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+            # gradients averaged over the group's equal slices: the full batch's mean gradient
+            forward = DistributedDataParallel(student, process_group=group, broadcast_buffers=False,
+                                              device_ids=[device.index] if device.type == "cuda" else None)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=settings.steps, initial=start, desc=description, unit="step", dynamic_ncols=True, leave=False)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    began = time.time()
-    ran = 0
-    for step in range(start, settings.steps):
-        generator = _step_generator(settings.seed, step)
-        x0, y, t, noise = draw_batch(
-            family, x0_pool, labels_pool, segment, settings.batch_size, generator, settings.margin, settings.label_dropout
-        )
-        x0, t, noise = x0[rows], t[rows], noise[rows]
-        y = None if y is None else y[rows]
-        x_t = noised(family, x0, t, noise)
-        native_t = family.native_time(t)
-        # The teacher's targets in float32, outside the autocast: bf16 targets would round every
-        # target to 8 bits of mantissa, a floor under the error an expert can reach. The teacher
-        # runs first, so that its activations are freed before the student's graph is built (on a
-        # CPU that alone is worth 10% of a step: benchmarks/finetune_overhead.py).
-        teacher_out = None
-        if settings.loss != "data" or features is not None:
-            with torch.no_grad():
-                teacher_out = teacher(x_t, native_t, y).float()
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            student_out = forward(x_t, native_t, y)
-        # the data loss alone needs the teacher only for channels the data cannot supervise
-        if teacher_out is None and student_out.shape[1] > x0.shape[1]:
-            with torch.no_grad():
-                teacher_out = teacher(x_t, native_t, y).float()
-        loss = 0.0
-        if settings.loss in ("distill", "both"):
-            weight = settings.distill_weight if settings.loss == "both" else 1.0
-            loss = loss + weight * F.mse_loss(student_out.float(), teacher_out)
-        if settings.loss in ("data", "both"):
-            weight = settings.data_weight if settings.loss == "both" else 1.0
-            loss = loss + weight * family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
-        if features is not None:
-            loss = loss + settings.feature_weight * features.loss(settings.feature_mask_sigma)
-        for param_group in optimizer.param_groups:
-            param_group["lr"] = learning_rate(settings, step) * param_group["lr_scale"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-        optimizer.step()
-        ema_update(ema, student, ema_decay_at(settings, step))
-        if members > 1:  # the log shows the full batch's loss, as one process would
-            reduced = loss.detach().clone()
-            dist.all_reduce(reduced, group=group)
-            value = float(reduced) / members
-        else:
-            value = float(loss.detach())
-        if not math.isfinite(value):
-            if features is not None:  # the teacher outlives this run (a library caller may go on with it)
-                features.remove()
-            raise TrainingDiverged(
-                f"{description}: the fine-tuning loss became {value} at step {step} with lr {learning_rate(settings, step):g}; "
-                "lower the learning rate (--lr, or lr: in the recipe) and start over with --force"
+            bar = tqdm(total=settings.steps, initial=start, desc=description, unit="step", dynamic_ncols=True, leave=False)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        began = time.time()
+        ran = 0
+        for step in range(start, settings.steps):
+            generator = _step_generator(settings.seed, step)
+            x0, y, t, noise = draw_batch(
+                family, x0_pool, labels_pool, segment, settings.batch_size, generator, settings.margin, settings.label_dropout
             )
-        losses.append(value)
-        ran += 1
+            x0, t, noise = x0[rows], t[rows], noise[rows]
+            y = None if y is None else y[rows]
+            x_t = noised(family, x0, t, noise)
+            native_t = family.native_time(t)
+            # The teacher's targets in float32, outside the autocast: bf16 targets would round every
+            # target to 8 bits of mantissa, a floor under the error an expert can reach. The teacher
+            # runs first, so that its activations are freed before the student's graph is built (on a
+            # CPU that alone is worth 10% of a step: benchmarks/finetune_overhead.py).
+            teacher_out = None
+            if settings.loss != "data" or features is not None:
+                with torch.no_grad():
+                    teacher_out = teacher(x_t, native_t, y).float()
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                student_out = forward(x_t, native_t, y)
+            # the data loss alone needs the teacher only for channels the data cannot supervise
+            if teacher_out is None and student_out.shape[1] > x0.shape[1]:
+                with torch.no_grad():
+                    teacher_out = teacher(x_t, native_t, y).float()
+            loss = 0.0
+            if settings.loss in ("distill", "both"):
+                weight = settings.distill_weight if settings.loss == "both" else 1.0
+                loss = loss + weight * F.mse_loss(student_out.float(), teacher_out)
+            if settings.loss in ("data", "both"):
+                weight = settings.data_weight if settings.loss == "both" else 1.0
+                loss = loss + weight * family.data_loss(student, x0, y, t, noise, teacher_out, prediction=student_out.float())
+            if features is not None:
+                loss = loss + settings.feature_weight * features.loss(settings.feature_mask_sigma)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = learning_rate(settings, step) * param_group["lr_scale"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+            optimizer.step()
+            ema_update(ema, student, ema_decay_at(settings, step))
+            if members > 1:  # the log shows the full batch's loss, as one process would
+                reduced = loss.detach().clone()
+                dist.all_reduce(reduced, group=group)
+                value = float(reduced) / members
+            else:
+                value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"{description}: the fine-tuning loss became {value} at step {step} with lr {learning_rate(settings, step):g}; "
+                    "lower the learning rate (--lr, or lr: in the recipe) and start over with --force"
+                )
+            losses.append(value)
+            ran += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4g}")
+            done = step + 1
+            # Not at the last step: the caller saves the final weights, and a full state there (student,
+            # EMA, optimizer: 4x the expert) would only be written to be deleted.
+            if state_path is not None and member == 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
+                state = {
+                    "student": student.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": done,
+                    "losses": losses,
+                }
+                atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+            if stop_after is not None and ran >= stop_after:
+                break
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4g}")
-        done = step + 1
-        # Not at the last step: the caller saves the final weights, and a full state there (student,
-        # EMA, optimizer: 4x the expert) would only be written to be deleted.
-        if state_path is not None and member == 0 and done % settings.checkpoint_every == 0 and done < settings.steps:
-            state = {
-                "student": student.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": done,
-                "losses": losses,
-            }
-            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-        if stop_after is not None and ran >= stop_after:
-            break
-    if bar is not None:
-        bar.close()
-    if features is not None:
-        features.remove()
+            bar.close()
+    finally:  # the teacher outlives this run (a library caller may go on with it): whatever ended the run, no hook of it stays
+        if features is not None:
+            features.remove()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return FinetuneResult(model=ema, losses=losses, seconds=time.time() - began, steps_run=ran, peak_cuda_bytes=peak)
+    return FinetuneResult(model=ema, losses=losses, seconds=time.time() - began, steps_run=start + ran, resumed_at=start,
+                          peak_cuda_bytes=peak)
 
 
 def _network(model: nn.Module) -> nn.Module:

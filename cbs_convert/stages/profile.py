@@ -211,7 +211,8 @@ def pruned_student(
     batch_size: int = 16,
     seed: int = 0,
 ) -> nn.Module:
-    """The student of the ``sensitivity`` monitor: pruned as the pipeline prunes an expert, not trained.
+    """The student of the ``sensitivity`` monitor: width-pruned as the pipeline prunes an expert
+    under ``--structure width``, not trained.
 
     Widths from :func:`allocate_widths` for ``target_params`` (the pipeline uses the mean expert
     size of the run, budget / K capped at the source's count); units chosen by ``criterion``, with
