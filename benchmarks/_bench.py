@@ -285,6 +285,8 @@ class Bench:
         # the loss weights mix the two terms of --loss both: the tool refuses them with a one-term loss
         pinned = {k: v for k, v in PINNED.items() if k not in settings
                   and not (k in ("distill_weight", "data_weight") and settings.get("loss") != "both")}
+        if settings.get("structure") == "depth" and "block_selector" not in settings:
+            pinned["block_selector"] = "importance"  # the depth rows' selector before recovery became the default
         return {**settings, **pinned, "_pinned": sorted(pinned)}
 
     def stem(self, name: str, train_seed: int, settings: Dict[str, Any]) -> str:

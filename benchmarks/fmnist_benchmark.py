@@ -200,6 +200,7 @@ PAIRED = (
        ("K=2 uniform blockwise, features, trunk", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, trunk", "K=2 uniform blockwise, features, trunk"),
        ("K=1 0.5x blockwise, 4x steps", "K=1 0.5x, 4x steps"), ("K=1 0.5x depth, 4x steps", "K=1 0.5x, 4x steps"),
+       ("K=1 0.5x depth, recovery", "K=1 0.5x depth"),
        ("K=1 0.5x blockwise, features, 4x steps", "K=1 0.5x, 4x steps"),
        ("K=1 0.5x blockwise, features, lr 1e-3", "K=1 0.5x blockwise, features"),
        ("K=2 cbs denoiser blockwise, features, lr 1e-3", "K=2 cbs denoiser blockwise, features"),

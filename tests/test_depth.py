@@ -68,7 +68,7 @@ def test_a_depth_pruned_conversion_writes_shallower_experts_that_extract_as_plai
                                  out=str(tmp_path / "deep.safetensors"), **QUICK_KW)
     experts = result.report["evaluation"]["experts"]
     for e in experts:
-        assert len(e["kept_blocks"]) == 2 and e["block_selector"] == "importance"
+        assert len(e["kept_blocks"]) == 2 and e["block_selector"] == "recovery"  # the default
         assert abs(e["params_vs_target"]) <= 0.01
     routed = cbs_convert.load(result.output)
     assert [expert.config["depth"] for expert in routed.experts] == [2, 2]

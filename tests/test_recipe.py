@@ -68,8 +68,8 @@ def test_yaml_syntax_error_has_a_line_number(tmp_path):
     ({"distill_weight": 0.5}, "--loss distill has one term"),
     ({"experts": "lora", "loss": "both", "data": "d.npz", "data_weight": 0.0}, "a data weight above 0"),
     # settings of a stage the run does not have
-    ({"block_selector": "recovery"}, "--structure width removes none"),
-    ({"structure": "blockwise", "block_selector": "recovery"}, "--structure blockwise removes none"),
+    ({"block_selector": "importance"}, "--structure width removes none"),
+    ({"structure": "blockwise", "block_selector": "importance"}, "--structure blockwise removes none"),
     ({"feature_mask_sigma": 5.0}, "it is 0 \\(off\\)"),
 ])
 def test_impossible_requests_are_refused(settings, needle):
@@ -78,7 +78,7 @@ def test_impossible_requests_are_refused(settings, needle):
 
 
 def test_the_settings_of_depth_pruning_and_feature_distillation_are_taken_where_they_act():
-    assert build_recipe({"structure": "depth", "block_selector": "recovery"}).block_selector == "recovery"
+    assert build_recipe({"structure": "depth", "block_selector": "importance"}).block_selector == "importance"
     assert build_recipe({"feature_weight": 1.0, "feature_mask_sigma": 5.0}).feature_mask_sigma == 5.0
 
 
