@@ -96,6 +96,11 @@ def test_a_budget_only_depth_pruning_reaches_is_taken_under_depth_and_refused_un
                                  **settings)
     for expert in result.report["evaluation"]["experts"]:
         assert len(expert["kept_blocks"]) == 1 and abs(expert["params_vs_target"]) <= 0.01
+    # the sensitivity monitor's student is width-pruned at full depth: refused before any work, with the way out
+    with pytest.raises(BudgetError, match="sensitivity monitor's student.*profile another monitor"):
+        cbs_convert.convert(tmp_path / "tiny.safetensors", structure="depth", monitor="sensitivity",
+                            out=str(tmp_path / "sensitive.safetensors"), **settings)
+    assert not list(tmp_path.glob("sensitive*"))
 
 
 def test_depth_pruning_a_unet_is_refused_by_name(tmp_path, capsys):

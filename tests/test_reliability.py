@@ -368,6 +368,17 @@ def test_a_run_resumes_under_new_defaults_only_with_its_own_values(tmp_pt_run):
     assert code == 0, err
 
 
+def test_a_width_run_begun_when_every_run_recorded_a_block_selector_resumes(tmp_pt_run):
+    folder, run, capsys = tmp_pt_run
+    marker = json.loads((folder / MARKER).read_text())
+    # before recovery became the default, every marker recorded importance and the mask's sigma,
+    # with no depth pruning or feature distillation to use them
+    marker["recipe"].update(block_selector="importance", feature_mask_sigma=3.0)
+    (folder / MARKER).write_text(json.dumps(marker))
+    code, _, err = run([], capsys)
+    assert code == 0, err
+
+
 @pytest.fixture
 def tmp_pt_run(tiny_pt, tmp_path, capsys, monkeypatch):
     """A conversion stopped after its profile, to resume; the source named by another spelling each time."""

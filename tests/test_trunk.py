@@ -82,13 +82,14 @@ def test_experts_are_cut_from_the_trained_trunk_not_from_the_source(tmp_path):
     assert (tmp_path / "trunk.report.md").read_text().count("- trunk:") >= 2
 
 
-def test_a_given_warm_up_is_scaled_to_the_trunks_length_as_to_an_experts_share(tmp_path):
+def test_a_trunk_that_ends_inside_its_warm_up_is_warned_of(tmp_path):
     family, source = _source(tmp_path, depth=2)
-    result = _convert(tmp_path, source, "warm.safetensors", trunk_steps=12, steps=6, warmup_steps=3)
+    result = _convert(tmp_path, source, "warm.safetensors", trunk_steps=4, steps=6, warmup_steps=4)
     report = result.report["finetune"]
-    # 3 warm-up steps for an expert of --steps 6: half the run, so 6 of the trunk's 12
-    assert report["trunk"]["settings"]["warmup_steps"] == 6
-    assert [e["settings"]["warmup_steps"] for e in report["experts"]] == [3, 3]
+    # the warm-up as given, for the trunk as for each expert (a work dir begun before resumes alike)
+    assert report["trunk"]["settings"]["warmup_steps"] == 4
+    assert [e["settings"]["warmup_steps"] for e in report["experts"]] == [4, 4]
+    assert any("never trains at the peak lr" in w for w in result.report["warnings"])
 
 
 def test_a_blockwise_trunk_chooses_the_blocks_widths_once_for_every_expert(tmp_path):

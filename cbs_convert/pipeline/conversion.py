@@ -128,6 +128,12 @@ class Conversion:
             # they weigh the terms of --loss both only; a run begun when a one-term loss still
             # accepted (and recorded) them computes the same as one without them
             current = {k: v for k, v in current.items() if k not in ("distill_weight", "data_weight")}
+        # likewise the settings of a stage this run does not have: a run begun when their defaults
+        # were others (or when they were accepted without the stage) computes the same without them
+        if self.recipe.structure != "depth":
+            current.pop("block_selector", None)
+        if self.recipe.feature_weight == 0:
+            current.pop("feature_mask_sigma", None)
         defaults = {**{k: v for k, v in Recipe().to_dict().items() if k not in skip}, **FIRST_DEFAULTS}
         architecture = json.loads(json.dumps(self.source.config, default=str))  # as the marker stores it
         identity = {"source_sha256": self.source.checkpoint.sha256, "recipe": current, "architecture": architecture}

@@ -122,17 +122,11 @@ def finetune_settings(source: Source, recipe: Recipe, plan: Plan, k: int) -> Fin
     r = recipe
     steps = r.steps * r.k if r.experts == "lora" else expert_steps(r, plan)[k]
     settings = student_settings(source, r, plan.configs[k], steps)
-    # equal shares keep a given warm-up as it is: --experts lora's one run of K x --steps too
-    return _scaled_warmup(settings, r) if r.step_shares == "length" else settings
-
-
-def _scaled_warmup(settings: FinetuneSettings, recipe: Recipe) -> FinetuneSettings:
-    """A given --warmup-steps is for an expert of --steps: an expert's share under --step-shares
-    length, or the trunk, warms up for the same fraction of its own run, so that a short run does
-    not spend all of it warming up."""
-    if recipe.warmup_steps is None or recipe.steps <= 0:
-        return settings
-    return replace(settings, warmup_steps=int(round(recipe.warmup_steps * settings.steps / recipe.steps)))
+    if r.step_shares == "length" and r.warmup_steps is not None and r.steps > 0:
+        # a warm-up given for an expert of --steps, scaled to this one's share: a short segment's
+        # expert would otherwise spend its whole run warming up
+        settings = replace(settings, warmup_steps=int(round(r.warmup_steps * steps / r.steps)))
+    return settings
 
 
 #: the trunk draws its batches from a seed of its own: the experts' first steps draw from the run's seed
@@ -141,8 +135,7 @@ TRUNK_SEED_OFFSET = 7919
 
 def trunk_settings(source: Source, recipe: Recipe, plan: Plan) -> FinetuneSettings:
     """The trunk's fine-tuning settings (--trunk-steps): an expert's, for its own steps and seed."""
-    settings = _scaled_warmup(student_settings(source, recipe, plan.trunk, recipe.trunk_steps), recipe)
-    return replace(settings, seed=recipe.seed + TRUNK_SEED_OFFSET)
+    return replace(student_settings(source, recipe, plan.trunk, recipe.trunk_steps), seed=recipe.seed + TRUNK_SEED_OFFSET)
 
 
 def student_settings(source: Source, recipe: Recipe, config: Dict[str, Any], steps: int) -> FinetuneSettings:

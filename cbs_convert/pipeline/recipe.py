@@ -75,7 +75,7 @@ class Recipe:
     batch_size: int = field(default=FinetuneSettings.batch_size, metadata={"help": "fine-tuning batch size"})
     lr: Optional[float] = field(default=None, metadata={"help": "AdamW peak learning rate (default: 1e-4 for a full-width expert, 3e-4 for a pruned one; the README says why)"})
     lr_schedule: str = field(default=FinetuneSettings.lr_schedule, metadata={"help": "cosine (warm-up, then a cosine down to lr_floor x lr at the last step) or constant (after the warm-up)"})
-    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear lr warm-up steps (default: 5%% of each run's steps; a given count is for an expert of --steps, scaled to the trunk's length and to each expert's share under --step-shares length)"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear lr warm-up steps (default: 5%% of each run's steps; a given count applies to every run, the trunk's too, and is scaled to each expert's share under --step-shares length)"})
     lr_floor: float = field(default=FinetuneSettings.lr_floor, metadata={"help": "the cosine's final lr as a fraction of --lr"})
     weight_decay: float = field(default=FinetuneSettings.weight_decay, metadata={"help": "AdamW weight decay"})
     ema_decay: float = field(default=FinetuneSettings.ema_decay, metadata={"help": "EMA decay of the saved expert weights"})

@@ -156,6 +156,12 @@ def _check_recipe(source: Source, recipe: Recipe, warn: Callable[[str], None]) -
                           "(a UNet's skip connections tie their channels together); use --structure width")
     # depth pruning can go down to one block before it narrows: its floor is that block's narrowest
     check_budget_feasible(family, family.with_depth(config, 1) if r.structure == "depth" else config, total, r.k)
+    if r.structure == "depth" and "sensitivity" in profiled_monitors(r):
+        check_budget_feasible(family, config, total, r.k, floor_of=f"the narrowest width-pruned {family.name}, the "
+                              "sensitivity monitor's student", or_else=", or profile another monitor")
+    if r.trunk_steps > 0 and r.warmup_steps is not None and r.warmup_steps >= r.trunk_steps:
+        warn(f"the trunk's {r.trunk_steps} steps end inside the {r.warmup_steps}-step warm-up (--warmup-steps applies "
+             "to the trunk as to each expert): it never trains at the peak lr; give a smaller --warmup-steps")
     if r.experts == "lora" and config.get("use_checkpoint"):
         # SharedBaseModel turns it off (a recomputed block would lose its delta): say so, since
         # the memory it was asked to save is not saved

@@ -131,7 +131,8 @@ def training_entry(trained: bool, settings, log_path) -> Dict[str, Any]:
         stretch = max(1, len(losses) // 50)
         curve = [(start + stretch, float(np.mean(losses[start:start + stretch])))
                  for start in range(0, len(losses), stretch)]
-        entry.update(steps_run=log.get("steps_run", len(losses)), resumed_at=log.get("resumed_at", 0), seconds=log.get("seconds"),
+        # the losses hold every step, a resumed run's earlier ones too (older logs counted the last call only)
+        entry.update(steps_run=len(losses), resumed_at=log.get("resumed_at", 0), seconds=log.get("seconds"),
                      peak_cuda_bytes=log.get("peak_cuda_bytes"),
                      loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                      loss_curve=curve, late_improvement=late_improvement(losses))

@@ -54,13 +54,16 @@ def smallest_config(family, config: Dict) -> Dict:
     return family.with_widths(config, {knob.name: knob.minimum for knob in family.width_knobs(config)})
 
 
-def check_budget_feasible(family, config: Dict, total: int, k: int) -> None:
-    """Refuse, before any heavy work, a budget that cannot hold k experts of the smallest width."""
+def check_budget_feasible(family, config: Dict, total: int, k: int, floor_of: str = "", or_else: str = "") -> None:
+    """Refuse, before any heavy work, a budget that cannot hold k experts of the smallest width
+    (``floor_of``: what the floor is, where not the narrowest prunable model; ``or_else``: a way out
+    beside a larger budget)."""
     floor = family.param_count(smallest_config(family, config))
     if total < k * floor * 0.99:
         raise BudgetError(
             f"a total budget of {total:,} parameters cannot hold {k} experts of at least {floor:,} each "
-            f"(the narrowest prunable {family.name}); raise --budget to {k * floor:,} or more, or lower --k"
+            f"({floor_of or f'the narrowest prunable {family.name}'}); raise --budget to {k * floor:,} or more, "
+            f"or lower --k{or_else}"
         )
 
 

@@ -202,6 +202,7 @@ def finetune_expert(
     use_bf16 = settings.bf16 and device.type == "cuda"
     features = (_FeatureTaps(family, teacher, student, feature_channels, feature_blocks)
                 if settings.feature_weight > 0 else None)
+    bar = None
     try:
         forward = student
         if group is not None:  # a group of one runs through DDP too, so that path is exercised on one device
@@ -210,7 +211,6 @@ def finetune_expert(
             # gradients averaged over the group's equal slices: the full batch's mean gradient
             forward = DistributedDataParallel(student, process_group=group, broadcast_buffers=False,
                                               device_ids=[device.index] if device.type == "cuda" else None)
-        bar = None
         if progress:
             from tqdm.auto import tqdm
 
@@ -289,9 +289,9 @@ def finetune_expert(
                 atomic_write(state_path, lambda tmp: torch.save(state, tmp))
             if stop_after is not None and ran >= stop_after:
                 break
+    finally:  # the teacher outlives this run (a library caller may go on with it): whatever ended the run, no hook of it stays
         if bar is not None:
             bar.close()
-    finally:  # the teacher outlives this run (a library caller may go on with it): whatever ended the run, no hook of it stays
         if features is not None:
             features.remove()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
