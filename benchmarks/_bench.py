@@ -652,8 +652,10 @@ def markdown_errors(rows) -> List[str]:
             errors = ", ".join(f"{a:.3f} → {b:.3f}" for a, b in zip(c["error_before"], c["error_after"]))
             seams = "; ".join(f"t={s['boundary']:.3f}: {s['before']:.3f} → {s['after']:.3f}" for s in c["seams"])
             loss = c.get("settings", {}).get("loss", "?")
+            pruning = (c.get("timings") or {}).get("prune")
+            spent = f"{c['seconds']:.0f} s" + (f", pruning {pruning:.1f} s" if pruning is not None else "")
             lines.append(f"- {row['name']}, training seed {c['train_seed']} (loss {loss}): {errors}"
-                         + (f"; seams {seams}" if seams else "") + f" ({c['seconds']:.0f} s)")
+                         + (f"; seams {seams}" if seams else "") + f" ({spent})")
     return lines
 
 

@@ -28,7 +28,7 @@ from cbs_convert.errors import RecipeError, WorkdirError, WriteError
 from cbs_convert.pipeline.distributed import ExpertRun, Team, finetune_experts, measure_experts, prepare_trunk, prune_experts
 from cbs_convert.pipeline.quality import sample_quality, undertraining_verdicts
 from cbs_convert.pipeline.ranks import barrier, distributed, expert_groups, leave, plan_ranks
-from cbs_convert.pipeline.recipe import FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, read_recipe_file
+from cbs_convert.pipeline.recipe import FIRST_DEFAULTS, NOT_IDENTITY, Recipe, build_recipe, inert_settings, read_recipe_file
 from cbs_convert.pipeline.report import write_reports
 from cbs_convert.pipeline.steps import (Plan, Pool, data_pool, idle_experts, load_source, plan_experts, profile_source,
                                         step_profile, teacher_pool, teacher_pool_description)
@@ -123,17 +123,10 @@ class Conversion:
     def prepare_workdir(self):
         # the architecture flags count through the model they resolve to, not as typed
         skip = (*NOT_IDENTITY, *ARCHITECTURE_FLAGS)
+        # settings that act on nothing here: a run begun when they were accepted (and recorded), or
+        # when their defaults were others, computes the same without them
+        skip += tuple(inert_settings(self.recipe))
         current = {k: v for k, v in self.recipe.to_dict().items() if k not in skip}
-        if self.recipe.loss != "both":
-            # they weigh the terms of --loss both only; a run begun when a one-term loss still
-            # accepted (and recorded) them computes the same as one without them
-            current = {k: v for k, v in current.items() if k not in ("distill_weight", "data_weight")}
-        # likewise the settings of a stage this run does not have: a run begun when their defaults
-        # were others (or when they were accepted without the stage) computes the same without them
-        if self.recipe.structure != "depth":
-            current.pop("block_selector", None)
-        if self.recipe.feature_weight == 0:
-            current.pop("feature_mask_sigma", None)
         defaults = {**{k: v for k, v in Recipe().to_dict().items() if k not in skip}, **FIRST_DEFAULTS}
         architecture = json.loads(json.dumps(self.source.config, default=str))  # as the marker stores it
         identity = {"source_sha256": self.source.checkpoint.sha256, "recipe": current, "architecture": architecture}

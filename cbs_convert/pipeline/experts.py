@@ -217,7 +217,8 @@ def finetune_shared(source: Source, recipe: Recipe, pool: Pool, plan: Plan, stud
 
 def training_log(result: FinetuneResult) -> Dict[str, Any]:
     """What the report reads of a training run."""
-    return {"losses": result.losses, "seconds": result.seconds, "steps_run": result.steps_run,
+    # no step count: the report counts the losses, which a log written before a resume also holds
+    return {"losses": result.losses, "seconds": result.seconds,
             "resumed_at": result.resumed_at, "peak_cuda_bytes": result.peak_cuda_bytes}
 
 

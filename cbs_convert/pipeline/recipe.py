@@ -262,6 +262,21 @@ def profiled_monitors(r: Recipe) -> List[str]:
     return monitors
 
 
+def inert_settings(r: Recipe) -> List[str]:
+    """The settings that act on nothing under r's others: the weights that mix the two terms of
+    --loss both, the block selector of a run that removes no blocks, the mask of a run without
+    feature distillation. Validation refuses them away from their defaults, and the resume
+    identity leaves them out, so that a run begun when they were accepted still resumes."""
+    inert = []
+    if r.loss != "both":
+        inert += ["distill_weight", "data_weight"]
+    if r.structure != "depth":
+        inert.append("block_selector")
+    if r.feature_weight == 0:
+        inert.append("feature_mask_sigma")
+    return inert
+
+
 def validate(r: Recipe) -> None:
     """Refuse impossible requests before any heavy work starts."""
     def need(condition, message):
@@ -300,8 +315,10 @@ def validate(r: Recipe) -> None:
          f"distill_weight={r.distill_weight}, data_weight={r.data_weight}: the loss weights must be 0 or more")
     need(r.loss != "both" or r.distill_weight + r.data_weight > 0,
          "--loss both with distill_weight 0 and data_weight 0 trains on nothing; give one of them a weight")
+    inert = inert_settings(r)
+    acts_or_default = lambda *names: all(n not in inert or getattr(r, n) == getattr(Recipe, n) for n in names)  # noqa: E731
     # weights that the loss never reads would be recorded (and compared on --resume) as if they acted
-    need(r.loss == "both" or (r.distill_weight, r.data_weight) == (FinetuneSettings.distill_weight, FinetuneSettings.data_weight),
+    need(acts_or_default("distill_weight", "data_weight"),
          f"distill_weight={r.distill_weight}, data_weight={r.data_weight}: the weights mix the two terms of --loss both, "
          f"and --loss {r.loss} has one term; pass --loss both, or drop the weights")
     need(0.0 <= r.ema_decay < 1.0, f"ema_decay={r.ema_decay} must be in [0, 1)")
@@ -325,10 +342,10 @@ def validate(r: Recipe) -> None:
     need(r.feature_weight >= 0, f"feature_weight={r.feature_weight} must be 0 (off) or more")
     need(r.feature_mask_sigma > 0, f"feature_mask_sigma={r.feature_mask_sigma} must be positive")
     # like the loss weights above: a setting that acts on nothing would be recorded, and compared on --resume, as if it acted
-    need(r.structure == "depth" or r.block_selector == Recipe.block_selector,
+    need(acts_or_default("block_selector"),
          f"--block-selector {r.block_selector} chooses the blocks that --structure depth removes, and --structure "
          f"{r.structure} removes none; pass --structure depth, or drop --block-selector")
-    need(r.feature_weight > 0 or r.feature_mask_sigma == Recipe.feature_mask_sigma,
+    need(acts_or_default("feature_mask_sigma"),
          f"--feature-mask-sigma {r.feature_mask_sigma:g} masks the feature distillation that --feature-weight turns on, "
          "and it is 0 (off); pass --feature-weight W, or drop --feature-mask-sigma")
     need(r.base_lr_scale is None or r.base_lr_scale >= 0, f"base_lr_scale={r.base_lr_scale} must be 0 (a frozen base) or more")
