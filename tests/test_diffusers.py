@@ -670,3 +670,38 @@ def test_an_existing_out_is_replaced_only_with_force_and_only_if_extract_wrote_i
     (out / "notes.txt").write_text("mine")
     _one_line_refusal(*_extract(routed, out, "--force", capsys=capsys), "holds notes.txt")
     assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
+
+
+def test_a_computed_schedule_runs_in_dit_pipeline_through_its_scheduler(tmp_path):
+    """DiTPipeline calls set_timesteps(num_inference_steps) itself; the wrapped scheduler keeps the
+    list that `schedule --json` wrote, and the transformer is called once per listed timestep."""
+    import subprocess
+    import sys
+
+    from cbs_convert.errors import RecipeError
+    from cbs_convert.sample.schedules import scheduler_with_timesteps
+
+    model = tiny_diffusers_dit()
+    folder = save_pipeline_folder(model, tmp_path / "pipe")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear"}))
+    written = tmp_path / "edm6.json"
+    run = subprocess.run([sys.executable, "-m", "cbs_convert", "schedule", str(folder), "--steps", "6", "--schedule",
+                          "edm", "--json", str(written)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0, run.stderr[-1500:]
+    timesteps = json.loads(written.read_text())["diffusers_timesteps"]
+    assert len(timesteps) == 6 and timesteps == sorted(set(timesteps), reverse=True)
+
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                  norm_num_groups=4, sample_size=8).eval()
+    scheduler = scheduler_with_timesteps(diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000), timesteps)
+    pipe = diffusers.DiTPipeline(transformer=model, vae=vae, scheduler=scheduler)
+    called = []
+    model.register_forward_hook(lambda module, args, kwargs_or_out: called.append(1))
+    pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=25, generator=torch.Generator().manual_seed(0),
+         output_type="np")
+    assert pipe.scheduler.timesteps.tolist() == timesteps and len(called) == len(timesteps)
+    with pytest.raises(RecipeError, match="takes no timesteps list"):
+        scheduler_with_timesteps(diffusers.DDIMScheduler(num_train_timesteps=1000), timesteps)

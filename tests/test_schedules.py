@@ -159,6 +159,11 @@ def test_default_sampling_is_the_uniform_grid_and_a_given_grid_is_followed():
     assert not torch.allclose(default, other)
     # a schedule by name is built for the model and followed
     assert torch.equal(draw(family, model, "ode", noise, y, steps=6, schedule="edm"), other)
+    # naming the uniform schedule steps as giving none does, to the bit, at every count
+    for steps in range(1, 40):
+        assert build_schedule(family, model, "uniform", steps).times == torch.linspace(1, 0, steps + 1).tolist(), steps
+    assert torch.equal(draw(family, model, "ode", noise, y, steps=3, schedule="uniform"),
+                       draw(family, model, "ode", noise, y, steps=3))
     from cbs_convert.sample import sample_ode
 
     by_name = sample_ode(family, model, noise.shape, y, steps=6, noise=noise, schedule="edm")
@@ -280,7 +285,7 @@ def test_the_schedule_command_prints_native_and_diffusers_lists(routed_file, tmp
     stored = json.loads(out.read_text())
     assert stored["counts"] == [2, 3] and 0.5 in stored["times"] and len(stored["times"]) == 6
     assert "aligned to the expert cuts 0.5: 2 + 3 steps" in text and "FlowMatchEulerDiscreteScheduler" in text
-    assert ",".join(format(t, ".6g") for t in stored["times"]) in text
+    assert ",".join(repr(float(t)) for t in stored["times"]) in text  # in full, so a pasted list keeps the cut
 
 
 def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file, tmp_path, capsys):
@@ -305,6 +310,11 @@ def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file,
     (["--steps-per-expert", "2,3,4"], "the model has 2 experts"),
     (["--steps-per-expert", "2,0"], "at least 1"),
     (["--schedule", "profile:nothing", "--steps", "4"], "unknown monitor 'nothing'"),
+    (["--schedule", "edm", "--steps", "5", "--rho", "0.005"], "--rho 0.005: give a number from 0.1 to 100"),
+    (["--schedule", "edm", "--steps", "5", "--rho", "1e300"], "give a number from 0.1 to 100"),
+    (["--schedule", "logsnr", "--steps", "5", "--rho", "3"], "--schedule logsnr does not use it"),
+    (["--steps", "5", "--rho", "3"], "the default (uniform) schedule does not use it"),
+    (["--schedule", "profile:sensitivity", "--steps", "4"], "only a conversion records it"),
 ])
 def test_bad_schedules_get_one_line_and_exit_2(routed_file, tmp_path, capsys, flags, expected):
     from cbs_convert.cli.main import main
@@ -330,7 +340,11 @@ def test_a_schedule_file_samples_as_its_times_and_only_for_the_model_it_was_comp
     args = ["--num-samples", "4", "--batch-size", "4", "--quiet"]
     assert sample([str(routed_file), *args, "--schedule", str(saved), "--out", str(tmp_path / "file.npz")]) == 0
     assert sample([str(routed_file), *args, "--schedule", ",".join(map(repr, times)), "--out", str(tmp_path / "list.npz")]) == 0
-    assert np.array_equal(*(np.load(tmp_path / f"{n}.npz")["latents"] for n in ("file", "list")))
+    assert sample([str(routed_file), *args, "--schedule", "edm", "--steps", "5", "--out", str(tmp_path / "named.npz")]) == 0
+    assert sample([str(routed_file), *args, "--schedule", str(saved), "--no-align", "--out", str(tmp_path / "free.npz")]) == 0
+    file, listed, named, free = (np.load(tmp_path / f"{n}.npz")["latents"] for n in ("file", "list", "named", "free"))
+    assert np.array_equal(file, listed) and np.array_equal(file, named)
+    assert not np.array_equal(file, free)  # unpinned, a Heun step that ends on the cut asks the other expert
     # the same architecture and cuts with one weight moved is another model
     with safe_open(str(routed_file), framework="pt") as handle:
         metadata = handle.metadata()
@@ -377,7 +391,9 @@ def test_sample_refuses_schedule_flags_where_they_cannot_apply(routed_file, tmp_
     base = [str(routed_file), "--num-samples", "2", "--quiet", "--out", str(tmp_path / "x.npz")]
     for flags, expected in ((["--schedule", "edm", "--sampler", "sde"], "sde takes its own steps"),
                             (["--cfg-scale-per-expert", "2,3,4"], "the model has 2 experts"),
-                            (["--cfg-scale-per-expert", "2,3", "--cfg-scale", "4"], "give one of them")):
+                            (["--cfg-scale-per-expert", "2,3", "--cfg-scale", "4"], "give one of them"),
+                            (["--no-align"], "sampling without --schedule is not aligned"),
+                            (["--sampler", "sde", "--no-align"], "sampling without --schedule is not aligned")):
         assert sample([*base, *flags]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
@@ -389,3 +405,96 @@ def test_check_times_names_what_is_wrong():
         check_times([1, 0.5], t_end=0.0)
     with pytest.raises(Exception, match="at least two times"):
         check_times([1])
+
+
+def test_the_cli_pins_aligned_steps_and_guides_each_expert_by_its_scale(routed_file, tmp_path, monkeypatch):
+    """What reaches the sampler from `sample`: each aligned step pinned to one expert, and the
+    guidance per expert, not the bare model."""
+    import cbs_convert.cli.sample_shards as shards
+    from cbs_convert.cli.sample import main as sample
+
+    seen = []
+
+    def recording(family, forward, *args, **kwargs):
+        seen.append((forward, kwargs["pin_experts"], kwargs["times"]))
+        return draw(family, forward, *args, **kwargs)
+
+    monkeypatch.setattr(shards, "draw", recording)
+    base = [str(routed_file), "--num-samples", "2", "--batch-size", "2", "--quiet"]
+    assert sample([*base, "--schedule", "uniform", "--steps", "5", "--cfg-scale-per-expert", "1.5,3",
+                   "--out", str(tmp_path / "a.npz")]) == 0
+    forward, pinned, times = seen[-1]
+    assert pinned and 0.5 in times
+    assert isinstance(forward, Guided) and list(forward.segment_scales) == [1.5, 3.0]
+    assert sample([*base, "--schedule", "uniform", "--steps", "5", "--no-align", "--out", str(tmp_path / "b.npz")]) == 0
+    assert seen[-1][1] is False
+
+
+def test_the_schedule_command_fits_ots_under_the_guidance_sample_will_use(routed_file, tmp_path, capsys):
+    from cbs_convert.cli.main import main
+    from cbs_convert.storage.loading import load_model
+
+    family, model = load_model(routed_file)
+    guided_file, plain_file = tmp_path / "guided.json", tmp_path / "plain.json"
+    assert main(["schedule", str(routed_file), "--steps", "6", "--schedule", "ots", "--cfg-scale-per-expert", "4,8",
+                 "--json", str(guided_file)]) == 0
+    assert main(["schedule", str(routed_file), "--steps", "6", "--schedule", "ots", "--json", str(plain_file)]) == 0
+    guided = json.loads(guided_file.read_text())
+    assert guided["cfg_scale_per_expert"] == [4.0, 8.0]
+    expected = build_schedule(family, model, "ots", 6, forward=Guided(family, model, 1.0, [4.0, 8.0])).times
+    assert guided["times"] == pytest.approx(expected, abs=1e-12)
+    assert guided["times"] != json.loads(plain_file.read_text())["times"]
+    capsys.readouterr()
+    assert main(["schedule", str(routed_file), "--steps", "4", "--cfg-scale", "2"]) == 2
+    assert "--schedule is not ots" in capsys.readouterr().err
+
+
+def test_schedule_json_never_overwrites_the_model_and_an_existing_file_only_with_force(routed_file, tmp_path, capsys):
+    import shutil
+
+    from cbs_convert.cli.main import main
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(routed_file, model)
+    before = model.read_bytes()
+    saved = tmp_path / "s.json"
+    saved.write_text("the user's notes")
+    for target, expected in ((model, "name the file *.json"), (saved, "exists; pass --force")):
+        assert main(["schedule", str(model), "--steps", "4", "--json", str(target)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+    assert model.read_bytes() == before and saved.read_text() == "the user's notes"
+    assert main(["schedule", str(model), "--steps", "4", "--json", str(saved), "--force"]) == 0
+    assert json.loads(saved.read_text())["times"][0] == 1.0
+
+
+def test_a_damaged_cut_profile_is_refused_where_a_schedule_reads_it(routed_file, tmp_path, capsys):
+    from cbs_convert.cli.main import main
+
+    with safe_open(str(routed_file), framework="pt") as handle:
+        metadata = handle.metadata()
+    meta = json.loads(metadata["cbs_convert"])
+    meta["profile"] = {"grid": [0.1, 0.5, 0.9], "mean": {"dirichlet": [3.0, float("nan"), 1.0]}}
+    damaged = tmp_path / "damaged.safetensors"
+    save_file(load_file(str(routed_file)), str(damaged), metadata={**metadata, "cbs_convert": json.dumps(meta)})
+    assert main(["schedule", str(damaged), "--steps", "4", "--schedule", "profile:dirichlet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "profile.mean.dirichlet[1]" in lines[0], lines
+    assert main(["schedule", str(damaged), "--steps", "4", "--schedule", "edm"]) == 0  # the weights still load
+
+
+def test_repeated_integer_timesteps_are_not_offered_to_diffusers():
+    dit = FAMILIES["dit"](tiny_config("dit"))
+    family, model = gaussian()
+    lists = native_lists(dit, build_schedule(dit, model, "logsnr", 50).times)
+    assert "diffusers_timesteps" not in lists and "diffusers refuses repeated timesteps" in lists["diffusers_note"]
+    assert len(lists["diffusers_sigmas"]) == 51
+
+
+def test_a_segment_where_the_rule_is_flat_gets_equal_steps_in_t():
+    family, model = gaussian()
+    for cuts in ((0.0, 0.995, 1.0), (0.0, 0.001, 1.0)):
+        for rule in ("edm", "logsnr"):
+            times, counts, _ = place(__import__("cbs_convert.sample.schedules", fromlist=["base_rule"]).base_rule(family, rule),
+                                     6, 0.0, cuts, [3, 3])
+            assert counts == [3, 3] and check_times(times) == times

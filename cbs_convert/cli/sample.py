@@ -22,16 +22,17 @@ from tqdm.auto import tqdm
 
 from cbs_convert.cli.common import Parser, add_source_arguments, guarded, launch_rank, model_source
 from cbs_convert.cli.sample_shards import (
-    SHARD_MARKER, Decoder, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
+    SHARD_MARKER, Decoder, check_guidance, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
 )
 from cbs_convert.cli.schedule import add_arguments as add_schedule_arguments
+from cbs_convert.cli.schedule import check_align
 from cbs_convert.cli.schedule import check_arguments as check_schedule_arguments
 from cbs_convert.cli.schedule import check_schedule_model
 from cbs_convert.errors import RecipeError, UserError
 from cbs_convert.pipeline.ranks import barrier, distributed, resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
 from cbs_convert.sample.samplers import DEFAULT_STEPS, ODE_METHODS, SAMPLERS, respaced_steps
-from cbs_convert.sample.schedules import model_boundaries, parse_counts, parse_scales, parse_schedule
+from cbs_convert.sample.schedules import parse_counts, parse_scales, parse_schedule
 from cbs_convert.storage.checkpoint import content_sha256, model_name, source_files
 from cbs_convert.storage.files import check_writable
 from cbs_convert.storage.loading import load_model
@@ -170,23 +171,16 @@ def _check(args, family, settings, model=None) -> None:
                           f"a {family.name} model samples with --sampler ode or sde")
     if args.respacing and settings["sampler"] not in ("ddpm", "ddim"):
         raise RecipeError("--respacing applies to --sampler ddpm or ddim only; use --steps")
-    if args.cfg_scale != 1.0 and family.null_label(family.config) is None:
-        raise RecipeError(f"--cfg-scale {args.cfg_scale:g} needs a class-conditional model with a null class; this one "
-                          "has none: drop --cfg-scale")
+    check_guidance(family, model, settings)
     if "schedule" in settings and (settings["sampler"] != "ode" or settings["method"] == "dopri5"):
         flag = "--schedule" if args.schedule else "--steps-per-expert"
         raise RecipeError(f"{flag} places the steps of --sampler ode with --method heun or euler; "
                           f"{settings['sampler'] if settings['sampler'] != 'ode' else 'dopri5'} takes its own steps")
-    scales = settings.get("cfg_scale_per_expert")
-    if scales is not None:
-        experts = max(len(model_boundaries(model)) - 1, 1)
-        if experts == 1:
-            raise RecipeError("--cfg-scale-per-expert needs a routed model; this one has one expert: use --cfg-scale")
-        if len(scales) != experts:
-            raise RecipeError(f"--cfg-scale-per-expert gives {len(scales)} scales; the model has {experts} experts: give "
-                              "one each, expert 0 (nearest the data) first")
-        if family.null_label(family.config) is None:
-            raise RecipeError("--cfg-scale-per-expert needs a class-conditional model with a null class; this one has none")
+    if not args.align:
+        if "schedule" not in settings:
+            raise RecipeError("--no-align turns off the alignment of a --schedule's steps to the expert cuts, and sampling "
+                              "without --schedule is not aligned: drop --no-align")
+        check_align(args, model)
     classes = family.num_classes(family.config)
     if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
         raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"

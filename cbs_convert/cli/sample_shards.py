@@ -17,6 +17,7 @@ import torch
 
 from cbs_convert.errors import RecipeError, UserError
 from cbs_convert.sample.samplers import Guided, draw, to_uint8_nhwc
+from cbs_convert.sample.schedules import model_boundaries
 from cbs_convert.storage.files import atomic_write, atomic_write_json
 
 SHARD_MARKER = "cbs_convert_samples.json"
@@ -52,6 +53,24 @@ def draw_batch(family, model, settings: Dict, batch: int, size: int, device, sch
         pin_experts=bool(schedule is not None and schedule.aligned),
     )
     return out, labels
+
+
+def check_guidance(family, model, settings: Dict) -> None:
+    """Refuse guidance the model cannot take: ``settings`` holds ``cfg_scale`` and, when given,
+    ``cfg_scale_per_expert``."""
+    if settings["cfg_scale"] != 1.0 and family.null_label(family.config) is None:
+        raise RecipeError(f"--cfg-scale {settings['cfg_scale']:g} needs a class-conditional model with a null class; "
+                          "this one has none: drop --cfg-scale")
+    scales = settings.get("cfg_scale_per_expert")
+    if scales is not None:
+        experts = max(len(model_boundaries(model)) - 1, 1)
+        if experts == 1:
+            raise RecipeError("--cfg-scale-per-expert needs a routed model; this one has one expert: use --cfg-scale")
+        if len(scales) != experts:
+            raise RecipeError(f"--cfg-scale-per-expert gives {len(scales)} scales; the model has {experts} experts: give "
+                              "one each, expert 0 (nearest the data) first")
+        if family.null_label(family.config) is None:
+            raise RecipeError("--cfg-scale-per-expert needs a class-conditional model with a null class; this one has none")
 
 
 def guided(family, model, settings: Dict):

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import List, Tuple
 
+import torch
+
 from cbs_convert.cli.common import Parser, add_source_arguments, guarded, model_source
+from cbs_convert.cli.sample_shards import check_guidance, guided
 from cbs_convert.errors import RecipeError
 from cbs_convert.pipeline.ranks import resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
-from cbs_convert.sample.schedules import DEFAULT_RHO, Schedule, native_lists, parse_counts, parse_schedule
+from cbs_convert.sample.schedules import (
+    DEFAULT_RHO, Schedule, check_rho, model_boundaries, native_lists, parse_counts, parse_scales, parse_schedule,
+)
 from cbs_convert.storage.checkpoint import content_sha256, source_files
-from cbs_convert.storage.files import atomic_write_json
+from cbs_convert.storage.files import atomic_write_json, check_writable
 from cbs_convert.storage.loading import load_model
 
 
@@ -74,6 +78,20 @@ def resolve_schedule_file(args) -> None:
                               "down to 0") from None
 
 
+def uses_edm(parsed) -> bool:
+    """Whether a parsed ``--schedule`` places its steps by the edm rule, and so reads ``--rho``."""
+    if not isinstance(parsed, str):
+        return False
+    name, _, option = parsed.partition(":")
+    return name == "edm" or (name == "ots" and option.partition(":")[0] in ("", "edm"))
+
+
+def check_align(args, model) -> None:
+    """``--no-align`` acts on a routed model's cuts only."""
+    if not args.align and not model_boundaries(model):
+        raise RecipeError("--no-align: this model has one expert, so there are no cuts to align steps to; drop --no-align")
+
+
 def check_schedule_model(args, model_sha256: str, model: str) -> None:
     """Refuse a schedule file computed for another model: its steps (an ots fit, a stored profile, the
     cuts it was aligned to) belong to that one."""
@@ -87,9 +105,12 @@ def check_schedule_model(args, model_sha256: str, model: str) -> None:
 def check_arguments(args) -> None:
     """What the shared flags alone can show."""
     resolve_schedule_file(args)
-    if not (math.isfinite(args.rho) and args.rho > 0):
-        raise RecipeError(f"--rho {args.rho}: give a positive number (EDM's is 7)")
-    parse_schedule(args.schedule)
+    check_rho(args.rho)
+    parsed = parse_schedule(args.schedule)
+    if args.rho != DEFAULT_RHO and not uses_edm(parsed):
+        named = f"--schedule {args.schedule_file or args.schedule}" if args.schedule else "the default (uniform) schedule"
+        raise RecipeError(f"--rho {args.rho:g} shapes the edm schedule (and ots's edm start), and {named} does not use "
+                          "it: drop --rho, or pass --schedule edm")
     parse_counts(args.steps_per_expert)
     if args.steps_per_expert and not args.align:
         raise RecipeError("--steps-per-expert places steps within each expert's segment; drop --no-align")
@@ -106,9 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=("heun", "euler"), default="heun",
                         help="the ode sampler's method the ots schedule is fitted to (default heun)")
     parser.add_argument("--seed", type=int, default=0, help="the noise of the profile's pool and of the ots batch")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="ots: the classifier-free guidance the fit samples "
+                        "with, as sample --cfg-scale (1: none); fit at the guidance you will sample with")
+    parser.add_argument("--cfg-scale-per-expert", help="ots: one guidance scale per expert, as sample's")
+    parser.add_argument("--class", dest="class_label", type=int, default=None, help="ots: fit on this class alone, as "
+                        "sample --class")
     add_source_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the schedule and its native lists to this JSON file")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -120,26 +147,64 @@ def run(args) -> List[str]:
         raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
     if args.seed < 0:
         raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
+    fitted = parse_schedule(args.schedule)
+    if (args.cfg_scale != 1.0 or args.cfg_scale_per_expert or args.class_label is not None) and not (
+            isinstance(fitted, str) and fitted.startswith("ots")):
+        raise RecipeError("--cfg-scale, --cfg-scale-per-expert and --class set what the ots fit samples with, and "
+                          "--schedule is not ots: drop them, or pass --schedule ots")
+    if args.cfg_scale_per_expert and args.cfg_scale != 1.0:
+        raise RecipeError("--cfg-scale and --cfg-scale-per-expert both set the guidance; give one of them")
     if args.steps is None and args.steps_per_expert is None and not isinstance(parse_schedule(args.schedule), list):
         raise RecipeError("give --steps N (or --steps-per-expert, or the times themselves as --schedule)")
     path, hints, routed = model_source(args)
+    model_files = [path] if routed else source_files(path)
+    if args.json:  # before the schedule is computed: an ots fit is not lost to a bad path
+        check_json_out(Path(args.json), model_files, args.force)
     model_sha256 = None
     if args.json or args.schedule_for is not None:  # hashed only when a file names the model (GBs at XL size)
-        model_sha256 = content_sha256([path] if routed else source_files(path))
+        model_sha256 = content_sha256(model_files)
         check_schedule_model(args, model_sha256, str(args.model))
     device = resolve_device(args.device)
     family, model = load_model(path, device=device, hints=hints)
+    check_align(args, model)
+    guidance = {"cfg_scale": args.cfg_scale, "cfg_scale_per_expert": parse_scales(args.cfg_scale_per_expert)}
+    check_guidance(family, model, guidance)
+    classes = family.num_classes(family.config)
+    if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
+        raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"
+                          if classes else "--class: this model is unconditional; drop --class")
+    label = args.class_label
     schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,
                               align=args.align, steps_per_expert=parse_counts(args.steps_per_expert), seed=args.seed,
-                              device=device)
+                              device=device, forward=guided(family, model, guidance),
+                              labels_for=None if label is None else (lambda n, _: torch.full((n,), label, dtype=torch.long)))
     lines = describe(family, schedule, str(path))
     if args.json:
         atomic_write_json(Path(args.json), {"schedule": schedule.name, "model": str(args.model), "model_sha256": model_sha256,
                                             "times": schedule.times, "counts": schedule.counts,
                                             "boundaries": schedule.boundaries, "notes": schedule.notes,
-                                            "seconds": schedule.seconds, **native_lists(family, schedule.times)})
+                                            "seconds": schedule.seconds, **fitted_under(args),
+                                            **native_lists(family, schedule.times)})
         lines.append(f"wrote {args.json}")
     return lines
+
+
+def fitted_under(args) -> dict:
+    """What an ots fit sampled with, for the file: its times suit sampling under the same."""
+    return {"cfg_scale": args.cfg_scale, "cfg_scale_per_expert": parse_scales(args.cfg_scale_per_expert),
+            "class_label": args.class_label}
+
+
+def check_json_out(out: Path, model_files, force: bool) -> None:
+    if out.suffix != ".json":
+        raise RecipeError(f"--json {out}: name the file *.json (sample --schedule reads a schedule file by that suffix)")
+    if out.is_dir():
+        raise RecipeError(f"--json {out} is a folder; give the file to write, such as {out / 'schedule.json'}")
+    if out.exists() and any(out.resolve() == Path(f).resolve() for f in model_files):
+        raise RecipeError(f"--json {out} is the model's own file; choose another path")
+    if out.exists() and not force:
+        raise RecipeError(f"--json {out} exists; pass --force to overwrite it, or choose another path")
+    check_writable(out.parent, "--json")
 
 
 def describe(family, schedule: Schedule, model_name: str = "the model") -> List[str]:
@@ -156,7 +221,7 @@ def describe(family, schedule: Schedule, model_name: str = "the model") -> List[
     lines = [f"{schedule.name} schedule for {model_name}: {schedule.steps} steps{split}; computed in {schedule.seconds:.3g} s"]
     lines += [f"  {note}" for note in schedule.notes]
     lines.append("canonical t (1 = noise, 0 = data; python -m cbs_convert.sample --schedule takes this list):")
-    lines.append(f"  {show(schedule.times)}")
+    lines.append(f"  {','.join(repr(float(t)) for t in schedule.times)}")  # in full: a cut must read back as the cut
     direction = "0 = noise" if lists["native"][0] < lists["native"][-1] else f"{lists['native'][0]:g} = noise"
     lines.append(f"native {lists['native_name']} ({family.name}, {direction}):")
     lines.append(f"  {show(lists['native'])}")
@@ -164,6 +229,7 @@ def describe(family, schedule: Schedule, model_name: str = "the model") -> List[
         lines.append("diffusers: scheduler.set_timesteps(timesteps=[...]) (DDPMScheduler, EulerDiscreteScheduler, "
                      "DPMSolverMultistepScheduler), one per model call:")
         lines.append(f"  [{', '.join(str(t) for t in lists['diffusers_timesteps'])}]")
+    if "diffusers_sigmas" in lists:
         lines.append("diffusers: EulerDiscreteScheduler.set_timesteps(sigmas=[...]) (sigma/alpha, the final 0 the data):")
         lines.append(f"  [{', '.join(format(s, '.6g') for s in lists['diffusers_sigmas'])}]")
     if "diffusers_flow_sigmas" in lists:
@@ -181,5 +247,5 @@ def main(argv: List[str]) -> int:
     return guarded(lambda: print("\n".join(run(args))), args.debug)
 
 
-__all__ = ["add_arguments", "build_parser", "check_arguments", "check_schedule_model", "describe", "main",
-           "read_schedule_file", "resolve_schedule_file", "run"]
+__all__ = ["add_arguments", "build_parser", "check_align", "check_arguments", "check_json_out", "check_schedule_model",
+           "describe", "main", "read_schedule_file", "resolve_schedule_file", "run", "uses_edm"]

@@ -29,6 +29,7 @@ from cbs_convert.sample.schedules import (
 )
 from cbs_convert.sample.steppers import data_stepper, integrate_data, ode_stepper, run_steps
 from cbs_convert.stages.profile import profile_model
+from cbs_convert.storage.routed_schema import check_stored_curves
 
 #: where a profile is measured for the schedule alone (a source checkpoint, or a routed file whose
 #: stored profile lacks the monitor): the conversion's default grid range, a small teacher pool
@@ -50,8 +51,13 @@ def stored_profile(model, monitor: str = PROFILE_MONITOR):
     meta = getattr(model, "metadata", None) or {}
     if not isinstance(meta, dict):
         return None
-    stored = [meta[key] for key in ("step_profile", "profile") if isinstance(meta.get(key), dict)]
-    return next((p for p in stored if monitor in p.get("mean", {})), stored[0] if stored else None)
+    stored = [(key, meta[key]) for key in ("step_profile", "profile") if isinstance(meta.get(key), dict)]
+    if not stored:
+        return None
+    key, profile = next(((k, p) for k, p in stored if monitor in (p.get("mean") or {})), stored[0])
+    # the load checked the step profile; the cut profile is checked here, where steps are placed by it
+    check_stored_curves(profile, key)
+    return profile
 
 
 def measure_profile(family, model, monitors: Sequence[str] = (PROFILE_MONITOR,), seed: int = 0, device="cpu",
@@ -185,6 +191,14 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
         if steps_per_expert is not None:
             raise RecipeError("--steps-per-expert places the steps itself; it cannot apply to a list of times")
         times = check_times(parsed, t_end, "--schedule")
+        cuts = [b for b in boundaries[1:-1] if b > t_end]
+        if cuts and all(b in times for b in cuts):
+            # a list with a step edge on every cut (as `schedule --json` saves an aligned one) steps as
+            # that aligned schedule did: each step by the one expert that owns it
+            counts = [sum(1 for a, b in zip(times, times[1:]) if lo <= b and a <= hi)
+                      for lo, hi in zip([t_end, *cuts], [*cuts, 1.0])]
+            return Schedule(times, "custom", counts, cuts, ["the times as given, a step edge on every expert cut"],
+                            time.time() - began)
         return Schedule(times, "custom", [len(times) - 1], [], ["the times as given"], time.time() - began)
     if steps is None or steps < 1:
         raise RecipeError(f"--steps {steps}: a schedule needs at least 1 step")
@@ -197,11 +211,14 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
         if profile is None:
             profile = stored_profile(model, monitor)
             if profile is not None and monitor not in profile.get("mean", {}):
-                notes.append(f"the stored profile holds {', '.join(profile.get('mean', {}))}, not {monitor}: "
-                             "measured here")
+                held = ", ".join(profile.get("mean", {})) or "no curve"
+                notes.append(f"the stored profile holds {held}, not {monitor}: measured here")
                 profile = None
             elif profile is not None:
                 notes.append(f"{monitor} from the profile stored at conversion")
+        if profile is None and monitor == "sensitivity":
+            raise RecipeError("--schedule profile:sensitivity: that curve measures a pruned student, so only a conversion "
+                              "records it, and this model holds none; choose another monitor")
         if profile is None:
             measured = time.time()
             profile = measure_profile(family, model, (monitor,), seed, device)
@@ -213,7 +230,7 @@ def build_schedule(family, model, schedule: Union[str, Sequence[float], None] = 
     times, counts, cuts = place(rule, steps, t_end, boundaries, steps_per_expert)
     if name == "ots":
         times, fit = _ots(family, model, forward if forward is not None else model, times, cuts, method, sampler,
-                          seed, device, labels_for, ots_batch, ots_reference_steps, ots_sweeps, ots_evaluations, rho)
+                          seed, device, labels_for, ots_batch, ots_reference_steps, ots_sweeps, ots_evaluations)
         details.update(fit)
         notes.append(f"fitted from {start} on {ots_batch} samples against {ots_reference_steps} Heun steps: mean square "
                      f"error {fit['error_start']:.3g} -> {fit['error']:.3g} ({fit['trials']} trials, "
@@ -243,7 +260,7 @@ class _CountedFamily:
 
 
 def _ots(family, model, forward, times, cuts, method, sampler, seed, device, labels_for, batch, reference_steps,
-         sweeps, evaluations, rho):
+         sweeps, evaluations):
     family = _CountedFamily(family)
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, *family.sample_shape(family.config))
@@ -268,7 +285,8 @@ def _ots(family, model, forward, times, cuts, method, sampler, seed, device, lab
             base = ode_stepper(family, forward, labels, fitted_method, pinned)
         return lambda x, t0, t1, last: base(x, t0, t1, last and finish)
 
-    fine, _, _ = place(edm_rule(family, rho), reference_steps, times[-1])
+    # the reference does not follow --rho: the fit's target stays the same whatever schedule it starts from
+    fine, _, _ = place(edm_rule(family, DEFAULT_RHO), reference_steps, times[-1])
     reference_stepper = stepper_of(False, "heun")
     with torch.no_grad():
         reference = run_steps(reference_stepper, x_start, torch.tensor(fine, dtype=torch.float32, device=device))

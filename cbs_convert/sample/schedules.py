@@ -39,6 +39,9 @@ SCHEDULES = ("uniform", "edm", "logsnr", "profile", "ots")
 #: EDM's published noise-level range (Karras et al. 2022), where a family's own one is wider
 EDM_SIGMA_RANGE = (0.002, 80.0)
 DEFAULT_RHO = 7.0
+#: the exponents the edm rule accepts: beyond them s^(1/rho) overflows float64 (rho below about
+#: 0.006) or flattens until neighbouring steps coincide
+RHO_RANGE = (0.1, 100.0)
 #: The curve whose tempered integral the profile schedule equidistributes. Euler's local error on a
 #: step of length h is h^2/2 |x''|, and x'' along the ODE path is the material derivative of v that
 #: this monitor averages squared; equal local errors, de Boor's optimal mesh for piecewise-linear
@@ -161,8 +164,9 @@ class _Coordinate:
     """A rule given by a coordinate u(t), nondecreasing in t: steps equally spaced in u. ``inverse``,
     where known in closed form, replaces the bisection."""
 
-    def __init__(self, u: Callable[[np.ndarray], np.ndarray], inverse: Optional[Callable[[np.ndarray], np.ndarray]] = None):
-        self.u, self.inverse = u, inverse
+    def __init__(self, u: Callable[[np.ndarray], np.ndarray], inverse: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                 is_t: bool = False):
+        self.u, self.inverse, self.is_t = u, inverse, is_t
 
     def masses(self, edges: Sequence[float]) -> np.ndarray:
         return np.diff(self.u(np.asarray(edges, dtype=np.float64)))
@@ -171,6 +175,10 @@ class _Coordinate:
         """n + 1 times from lo to hi, ascending; the interior ones equally spaced in u, each found
         by bisection (u may be flat where a range clips it)."""
         ends = self.u(np.asarray([lo, hi], dtype=np.float64))
+        if not ends[1] > ends[0]:
+            # the whole segment lies where the rule's range clips u flat (a cut close to t = 0 or 1):
+            # the rule says nothing there, so its steps are equal in t
+            return np.linspace(lo, hi, n + 1)
         levels = ends[0] + (ends[1] - ends[0]) * np.arange(1, n) / n
         if self.inverse is not None:
             return np.concatenate([[lo], self.inverse(levels), [hi]])
@@ -209,7 +217,15 @@ def _sigma_ratio(family, t: np.ndarray) -> np.ndarray:
         return np.exp(-0.5 * np.asarray(family.log_snr(t), dtype=np.float64))
 
 
+def check_rho(rho: float) -> float:
+    low, high = RHO_RANGE
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and low <= rho <= high):
+        raise RecipeError(f"--rho {rho}: give a number from {low:g} to {high:g} (EDM's is {DEFAULT_RHO:g})")
+    return float(rho)
+
+
 def edm_rule(family, rho: float = DEFAULT_RHO) -> _Coordinate:
+    rho = check_rho(rho)
     low, high = EDM_SIGMA_RANGE
     return _Coordinate(lambda t: np.clip(_sigma_ratio(family, t), low, high) ** (1.0 / rho))
 
@@ -220,7 +236,7 @@ def logsnr_rule(family) -> _Coordinate:
 
 
 def uniform_rule() -> _Coordinate:
-    return _Coordinate(lambda t: np.asarray(t, dtype=np.float64), lambda u: u)
+    return _Coordinate(lambda t: np.asarray(t, dtype=np.float64), lambda u: u, is_t=True)
 
 
 def profile_rule(profile, monitor: Optional[str] = None, gamma: Optional[float] = None, floor: float = 0.0) -> _Curve:
@@ -242,7 +258,10 @@ def profile_rule(profile, monitor: Optional[str] = None, gamma: Optional[float] 
 def allocate(total: int, masses: Sequence[float]) -> List[int]:
     """``total`` steps over segments in proportion to ``masses``, at least one each (largest
     remainders first)."""
-    masses = np.clip(np.asarray(masses, dtype=np.float64), 0.0, None)
+    masses = np.asarray(masses, dtype=np.float64)
+    if not np.isfinite(masses).all():
+        raise RecipeError("the schedule's step density is not finite over an expert's segment; use another schedule")
+    masses = np.clip(masses, 0.0, None)
     k = len(masses)
     if total < k:
         raise ValueError(f"{total} steps cannot give each of {k} segments one")
@@ -271,17 +290,22 @@ def place(rule, steps: int, t_end: float = 0.0, boundaries: Sequence[float] = ()
             raise RecipeError(f"--steps-per-expert gives {len(steps_per_expert)} counts; the model has {len(inner) + 1} "
                               "experts: give one each, expert 0 (nearest the data) first")
         if len(cuts) < len(inner):
-            raise RecipeError(f"--steps-per-expert: the sampler stops at t = {t_end:g}, above the segment of expert 0; "
-                              "give counts without it or sample to t = 0")
+            raise RecipeError(f"--steps-per-expert gives every expert its steps, and this sampler stops at t = {t_end:g}, "
+                              "above expert 0's segment; give --steps instead, or sample to t = 0")
         counts = [int(c) for c in steps_per_expert]
     else:
         if steps < len(edges) - 1:
             raise RecipeError(f"--steps {steps} is below the {len(edges) - 1} experts the steps are aligned to: give at "
                               f"least {len(edges) - 1} steps (one per expert), or --no-align")
         counts = allocate(steps, rule.masses(edges))
-    pieces = [rule.place(lo, hi, n) for lo, hi, n in zip(edges, edges[1:], counts)]
-    ascending = np.concatenate([pieces[0]] + [p[1:] for p in pieces[1:]])
-    times = [float(t) for t in ascending[::-1]]
+    if len(counts) == 1 and getattr(rule, "is_t", False):
+        # the uniform rule over the whole range is the samplers' own float32 grid, so that naming
+        # it steps to the bit as giving no schedule does
+        times = torch.linspace(1.0, t_end, counts[0] + 1).tolist()
+    else:
+        pieces = [rule.place(lo, hi, n) for lo, hi, n in zip(edges, edges[1:], counts)]
+        ascending = np.concatenate([pieces[0]] + [p[1:] for p in pieces[1:]])
+        times = [float(t) for t in ascending[::-1]]
     times[0], times[-1] = 1.0, float(t_end)
     return times, counts, cuts
 
@@ -318,11 +342,15 @@ def native_lists(family, times: Sequence[float]) -> Dict[str, object]:
     evaluated = list(times)[:-1]  # a scheduler's list holds the times it calls the model at; the end is its own
     if getattr(family, "alphas_cumprod", None) is not None:
         steps = [int(round(n)) for n in native[:-1]]
-        out["diffusers_timesteps"] = steps
+        if len(set(steps)) == len(steps):
+            out["diffusers_timesteps"] = steps
+        else:
+            # diffusers refuses a timesteps list that does not strictly descend
+            out["diffusers_note"] = (f"rounded to whole training steps, {len(steps) - len(set(steps))} of these times "
+                                     "repeat a neighbour, and diffusers refuses repeated timesteps: use fewer steps, "
+                                     "or the sigmas list")
         ratio = (sigma / alpha).tolist()
         out["diffusers_sigmas"] = [*ratio[:-1], 0.0]
-        if len(set(steps)) < len(steps):
-            out["diffusers_note"] = "rounding to whole training steps merged some times; the timesteps list repeats them"
     elif torch.allclose(alpha + sigma, torch.ones_like(alpha), atol=1e-12):
         # a rectified-flow path (x = (1 - s) x0 + s eps): diffusers' flow-matching sigma is s itself
         out["diffusers_flow_sigmas"] = [float(s) for s in sigma[:-1].tolist()]
@@ -332,6 +360,29 @@ def native_lists(family, times: Sequence[float]) -> Dict[str, object]:
     return out
 
 
-__all__ = ["DEFAULT_RHO", "EDM_SIGMA_RANGE", "PROFILE_GAMMA", "PROFILE_MONITOR", "SCHEDULES", "Schedule", "allocate",
-           "base_rule", "check_times", "model_boundaries", "native_lists", "parse_counts", "parse_scales",
-           "parse_schedule", "place", "time_grid"]
+def scheduler_with_timesteps(scheduler, timesteps: Optional[Sequence[int]] = None, sigmas: Optional[Sequence[float]] = None):
+    """``scheduler`` (a diffusers scheduler) set to step through ``timesteps`` (or ``sigmas``) whatever
+    step count a pipeline then asks of it: ``DiTPipeline`` calls ``set_timesteps(num_inference_steps)``
+    itself and offers no way to pass a list, so the list is kept here and the count ignored.
+    The scheduler is changed in place and returned."""
+    import inspect
+
+    if (timesteps is None) == (sigmas is None):
+        raise ValueError("give the timesteps or the sigmas (from python -m cbs_convert schedule), one of them")
+    key, values = ("timesteps", [int(t) for t in timesteps]) if timesteps is not None else ("sigmas", [float(s) for s in sigmas])
+    original = scheduler.set_timesteps
+    if key not in inspect.signature(original).parameters:
+        raise RecipeError(f"{type(scheduler).__name__}.set_timesteps takes no {key} list; use a scheduler that does, such "
+                          f"as DPMSolverMultistepScheduler, DDPMScheduler or EulerDiscreteScheduler, built with "
+                          f"from_config(pipe.scheduler.config)")
+
+    def set_timesteps(num_inference_steps=None, device=None, **ignored):
+        original(device=device, **{key: values})
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
+
+
+__all__ = ["DEFAULT_RHO", "EDM_SIGMA_RANGE", "PROFILE_GAMMA", "PROFILE_MONITOR", "RHO_RANGE", "SCHEDULES", "Schedule",
+           "allocate", "base_rule", "check_rho", "check_times", "model_boundaries", "native_lists", "parse_counts", "parse_scales",
+           "parse_schedule", "place", "scheduler_with_timesteps", "time_grid"]

@@ -238,26 +238,33 @@ def _run_description(check: Check, meta, family, source_config) -> None:
         if "shares" in split:
             for i, share in enumerate(check.sequence(split["shares"], "split.shares")):
                 check.number(share, f"split.shares[{i}]")
+    # the cut profile is a record of the run: a monitor the report profiled may hold a non-finite
+    # point without harm, so it is checked where a schedule reads it (model_schedules.stored_profile)
     for key in ("recipe", "profile"):
         if key in meta:
             check.mapping(meta[key], key)
     if "step_profile" in meta:
-        _step_profile(check, meta["step_profile"])
+        _curves(check, meta["step_profile"], "step_profile")
 
 
-def _step_profile(check: Check, value) -> None:
-    """The curve ``--schedule profile`` places steps by, read at sampling time without a model call,
-    so it is held to what placing steps needs: times rising within [0, 1], one finite value of at
-    least 0 per time for each curve."""
-    profile = check.mapping(value, "step_profile")
-    grid = check.sequence(check.get(profile, "grid", "step_profile.grid", "a list of times"), "step_profile.grid", low=2)
-    times = [check.number(t, f"step_profile.grid[{i}]", 0.0, 1.0) for i, t in enumerate(grid)]
+def check_stored_curves(value, key: str, where: str = "the routed file") -> None:
+    """Refuse, in one line, a stored profile (``profile`` or ``step_profile``) that cannot place steps."""
+    _curves(Check(where, "routed metadata", ROUTED_FIX), value, key)
+
+
+def _curves(check: Check, value, key: str) -> None:
+    """A stored profile the step schedule reads at sampling time without a model call, held to what
+    placing steps needs: times rising within [0, 1], one finite value of at least 0 per time for each
+    curve (every monitor is a mean of squares)."""
+    profile = check.mapping(value, key)
+    grid = check.sequence(check.get(profile, "grid", f"{key}.grid", "a list of times"), f"{key}.grid", low=2)
+    times = [check.number(t, f"{key}.grid[{i}]", 0.0, 1.0) for i, t in enumerate(grid)]
     for i in range(1, len(times)):
         if times[i] <= times[i - 1]:
-            raise check.fail(f"step_profile.grid[{i}]", f"above the time before it ({times[i - 1]:g}): the grid rises", times[i])
-    curves = check.mapping(check.get(profile, "mean", "step_profile.mean", "a JSON object of curves"), "step_profile.mean")
+            raise check.fail(f"{key}.grid[{i}]", f"above the time before it ({times[i - 1]:g}): the grid rises", times[i])
+    curves = check.mapping(check.get(profile, "mean", f"{key}.mean", "a JSON object of curves"), f"{key}.mean")
     for monitor, curve in curves.items():
-        field = f"step_profile.mean.{monitor}"
+        field = f"{key}.mean.{monitor}"
         for i, v in enumerate(check.sequence(curve, field, low=len(times), high=len(times))):
             check.number(v, f"{field}[{i}]", 0.0)
 
