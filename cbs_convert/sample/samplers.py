@@ -201,7 +201,7 @@ def sample_ode(
         noise = torch.randn(shape, generator=generator).to(device)
     if times is not None or schedule is not None:
         times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, t_end=t_end,
-                                           sampler="data")
+                                           sampler="data", device=noise.device)
     if times is None:
         grid = torch.linspace(1.0, t_end, steps + 1, device=device)
     else:
@@ -220,7 +220,8 @@ def sample_ode_x(family, model, noise, labels, steps: int = 250, method: str = "
     ``steps`` steps, built for ``model`` (:mod:`.model_schedules`). ``pin_experts``: each step computed by
     one expert of a routed model; by default exactly when the schedule is aligned to its cuts."""
     if method != "dopri5" and (times is not None or schedule is not None):
-        times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, method=method)
+        times, pin_experts = sampler_times(family, model, times, schedule, steps, pin_experts, method=method,
+                                           device=noise.device)  # a fit or a profile runs the model where it lives
     n = len(noise)
     _, sigma_start = family.schedule(torch.ones(n, device=noise.device))
     x = broadcast_to(sigma_start, noise) * noise
