@@ -703,5 +703,14 @@ def test_a_computed_schedule_runs_in_dit_pipeline_through_its_scheduler(tmp_path
     pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=25, generator=torch.Generator().manual_seed(0),
          output_type="np")
     assert pipe.scheduler.timesteps.tolist() == timesteps and len(called) == len(timesteps)
+    again = scheduler_with_timesteps(scheduler, timesteps[1:])  # wrapping twice wraps the scheduler's own method
+    again.set_timesteps(25)
+    assert again.timesteps.tolist() == timesteps[1:]
+    # the model's own files are never a --json target, a .json among them neither
+    config = folder / "transformer" / "config.json"
+    before = config.read_bytes()
+    run = subprocess.run([sys.executable, "-m", "cbs_convert", "schedule", str(folder), "--steps", "6", "--json", str(config),
+                          "--force"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 2 and "is the model's own file" in run.stderr and config.read_bytes() == before
     with pytest.raises(RecipeError, match="takes no timesteps list"):
         scheduler_with_timesteps(diffusers.DDIMScheduler(num_train_timesteps=1000), timesteps)

@@ -428,6 +428,14 @@ def test_the_cli_pins_aligned_steps_and_guides_each_expert_by_its_scale(routed_f
     assert isinstance(forward, Guided) and list(forward.segment_scales) == [1.5, 3.0]
     assert sample([*base, "--schedule", "uniform", "--steps", "5", "--no-align", "--out", str(tmp_path / "b.npz")]) == 0
     assert seen[-1][1] is False
+    # a file written unaligned steps unpinned, though its uniform times hold the cut
+    from cbs_convert.cli.main import main
+
+    free = tmp_path / "free.json"
+    assert main(["schedule", str(routed_file), "--steps", "8", "--no-align", "--json", str(free)]) == 0
+    assert 0.5 in json.loads(free.read_text())["times"]
+    assert sample([*base, "--schedule", str(free), "--out", str(tmp_path / "c.npz")]) == 0
+    assert seen[-1][1] is False
 
 
 def test_the_schedule_command_fits_ots_under_the_guidance_sample_will_use(routed_file, tmp_path, capsys):
@@ -474,13 +482,15 @@ def test_a_damaged_cut_profile_is_refused_where_a_schedule_reads_it(routed_file,
     with safe_open(str(routed_file), framework="pt") as handle:
         metadata = handle.metadata()
     meta = json.loads(metadata["cbs_convert"])
-    meta["profile"] = {"grid": [0.1, 0.5, 0.9], "mean": {"dirichlet": [3.0, float("nan"), 1.0]}}
+    meta["profile"] = {"grid": [0.1, 0.5, 0.9], "mean": {"dirichlet": [3.0, float("nan"), 1.0], "denoiser": [1.0, 2.0, 0.5]}}
     damaged = tmp_path / "damaged.safetensors"
     save_file(load_file(str(routed_file)), str(damaged), metadata={**metadata, "cbs_convert": json.dumps(meta)})
     assert main(["schedule", str(damaged), "--steps", "4", "--schedule", "profile:dirichlet"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "profile.mean.dirichlet[1]" in lines[0], lines
     assert main(["schedule", str(damaged), "--steps", "4", "--schedule", "edm"]) == 0  # the weights still load
+    # a curve the schedule does not read is not held against it
+    assert main(["schedule", str(damaged), "--steps", "4", "--schedule", "profile:denoiser"]) == 0
 
 
 def test_repeated_integer_timesteps_are_not_offered_to_diffusers():
@@ -498,3 +508,34 @@ def test_a_segment_where_the_rule_is_flat_gets_equal_steps_in_t():
             times, counts, _ = place(__import__("cbs_convert.sample.schedules", fromlist=["base_rule"]).base_rule(family, rule),
                                      6, 0.0, cuts, [3, 3])
             assert counts == [3, 3] and check_times(times) == times
+            flat = np.diff(times[:4]) if cuts[1] > 0.5 else np.diff(times[3:])  # the segment beyond EDM's sigma range
+            assert np.allclose(flat, flat[0]), (cuts, rule, times)
+
+
+def test_a_shard_folder_records_the_steps_and_refuses_other_ones(routed_file, tmp_path, capsys, monkeypatch):
+    import cbs_convert.cli.sample_shards as shards
+    from cbs_convert.cli.sample import main as sample
+
+    calls = []
+
+    def one_batch_then_killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "draw", one_batch_then_killed)
+    out = tmp_path / "s.npz"
+    args = [str(routed_file), "--num-samples", "4", "--batch-size", "2", "--schedule", "edm", "--steps", "5", "--quiet",
+            "--out", str(out)]
+    assert sample(args) != 0  # stopped after its first batch, as a kill would
+    marker_path = tmp_path / "s.npz.shards" / shards.SHARD_MARKER
+    marker = json.loads(marker_path.read_text())
+    assert marker["pinned"] is True and 0.5 in marker["schedule_times"] and "rho" not in marker
+    # a folder drawn with other steps (as an older version placed them) is not continued
+    marker["schedule_times"][1] -= 0.01
+    marker_path.write_text(json.dumps(marker))
+    monkeypatch.setattr(shards, "draw", draw)
+    capsys.readouterr()
+    assert sample(args) == 2
+    assert "schedule_times" in capsys.readouterr().err and not out.exists()

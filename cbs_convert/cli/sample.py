@@ -103,7 +103,7 @@ def _schedule_settings(args) -> Dict:
     if parsed is None and counts is None:
         return out
     out["schedule"] = parsed if parsed is not None else "uniform"
-    out.update(rho=args.rho, align=args.align, steps_per_expert=counts)
+    out.update(rho=args.rho, align=args.align and not args.file_unaligned, steps_per_expert=counts)
     if counts is not None:
         out["steps"] = sum(counts)
     if isinstance(parsed, list):
@@ -231,6 +231,12 @@ def _run(args) -> List[str]:
             align=settings["align"], steps_per_expert=settings["steps_per_expert"], forward=guided(family, model, settings),
             labels_for=None if class_label is None else (lambda n, _: torch.full((n,), class_label, dtype=torch.long)),
             seed=settings["seed"], device=device)
+        # the steps themselves, not the flags that placed them: a later version that places them
+        # otherwise must not continue a folder drawn with the old ones, and --rho or --align, whose
+        # effect the times and the pinning hold, must not keep a folder from resuming
+        for placed_by in ("rho", "align"):
+            settings.pop(placed_by, None)
+        settings.update(schedule_times=schedule.times, pinned=schedule.aligned)
     decoder = Decoder(family, args.vae, device)
     out = Path(args.out) if args.out else default_out(model_path, settings)
     if out.exists() and any(out.resolve() == f.resolve() for f in model_files):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import List, Tuple
 
@@ -65,8 +66,13 @@ def resolve_schedule_file(args) -> None:
     """A ``--schedule`` that names a JSON file: its times take the file name's place, and
     ``args.schedule_for`` keeps the model they belong to (None otherwise)."""
     args.schedule_file = args.schedule_for = None
+    args.file_unaligned = False
     if args.schedule and str(args.schedule).strip().endswith(".json"):
-        times, args.schedule_for = read_schedule_file(Path(str(args.schedule).strip()))
+        path = Path(str(args.schedule).strip())
+        times, args.schedule_for = read_schedule_file(path)
+        # written with --no-align (or for a model with one expert): its times may still hold a cut,
+        # and they step as they were computed, unpinned
+        args.file_unaligned = json.loads(path.read_text()).get("boundaries") == []
         args.schedule_file = args.schedule
         if len(times) < 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
             raise RecipeError(f"--schedule {args.schedule_file}: its times must be numbers, at least two (from 1 down "
@@ -109,8 +115,8 @@ def check_arguments(args) -> None:
     parsed = parse_schedule(args.schedule)
     if args.rho != DEFAULT_RHO and not uses_edm(parsed):
         named = f"--schedule {args.schedule_file or args.schedule}" if args.schedule else "the default (uniform) schedule"
-        raise RecipeError(f"--rho {args.rho:g} shapes the edm schedule (and ots's edm start), and {named} does not use "
-                          "it: drop --rho, or pass --schedule edm")
+        raise RecipeError(f"--rho {args.rho:g} shapes the edm schedule (and ots's edm start) only, and {named} does not "
+                          "use it: drop --rho")
     parse_counts(args.steps_per_expert)
     if args.steps_per_expert and not args.align:
         raise RecipeError("--steps-per-expert places steps within each expert's segment; drop --no-align")
@@ -152,6 +158,8 @@ def run(args) -> List[str]:
             isinstance(fitted, str) and fitted.startswith("ots")):
         raise RecipeError("--cfg-scale, --cfg-scale-per-expert and --class set what the ots fit samples with, and "
                           "--schedule is not ots: drop them, or pass --schedule ots")
+    if not math.isfinite(args.cfg_scale):
+        raise RecipeError(f"--cfg-scale {args.cfg_scale}: give a finite number (1: no guidance)")
     if args.cfg_scale_per_expert and args.cfg_scale != 1.0:
         raise RecipeError("--cfg-scale and --cfg-scale-per-expert both set the guidance; give one of them")
     if args.steps is None and args.steps_per_expert is None and not isinstance(parse_schedule(args.schedule), list):
@@ -175,7 +183,8 @@ def run(args) -> List[str]:
                           if classes else "--class: this model is unconditional; drop --class")
     label = args.class_label
     schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,
-                              align=args.align, steps_per_expert=parse_counts(args.steps_per_expert), seed=args.seed,
+                              align=args.align and not args.file_unaligned,
+                              steps_per_expert=parse_counts(args.steps_per_expert), seed=args.seed,
                               device=device, forward=guided(family, model, guidance),
                               labels_for=None if label is None else (lambda n, _: torch.full((n,), label, dtype=torch.long)))
     lines = describe(family, schedule, str(path))

@@ -52,11 +52,12 @@ def stored_profile(model, monitor: str = PROFILE_MONITOR):
     if not isinstance(meta, dict):
         return None
     stored = [(key, meta[key]) for key in ("step_profile", "profile") if isinstance(meta.get(key), dict)]
-    if not stored:
-        return None
-    key, profile = next(((k, p) for k, p in stored if monitor in (p.get("mean") or {})), stored[0])
-    # the load checked the step profile; the cut profile is checked here, where steps are placed by it
-    check_stored_curves(profile, key)
+    holding = [(k, p) for k, p in stored if isinstance(p.get("mean"), dict) and monitor in p["mean"]]
+    if not holding:
+        return stored[0][1] if stored else None
+    key, profile = holding[0]
+    # the load checked the step profile; the cut profile's curve is checked here, where it places steps
+    check_stored_curves(profile, key, monitor)
     return profile
 
 

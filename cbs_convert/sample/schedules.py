@@ -370,11 +370,14 @@ def scheduler_with_timesteps(scheduler, timesteps: Optional[Sequence[int]] = Non
     if (timesteps is None) == (sigmas is None):
         raise ValueError("give the timesteps or the sigmas (from python -m cbs_convert schedule), one of them")
     key, values = ("timesteps", [int(t) for t in timesteps]) if timesteps is not None else ("sigmas", [float(s) for s in sigmas])
-    original = scheduler.set_timesteps
+    # wrapped before: wrap the scheduler's own method again, not the earlier wrapper
+    original = getattr(scheduler, "_set_timesteps_unwrapped", scheduler.set_timesteps)
     if key not in inspect.signature(original).parameters:
+        takers = ("DPMSolverMultistepScheduler, DDPMScheduler or EulerDiscreteScheduler" if key == "timesteps"
+                  else "EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler")
         raise RecipeError(f"{type(scheduler).__name__}.set_timesteps takes no {key} list; use a scheduler that does, such "
-                          f"as DPMSolverMultistepScheduler, DDPMScheduler or EulerDiscreteScheduler, built with "
-                          f"from_config(pipe.scheduler.config)")
+                          f"as {takers}, built with from_config(pipe.scheduler.config)")
+    scheduler._set_timesteps_unwrapped = original
 
     def set_timesteps(num_inference_steps=None, device=None, **ignored):
         original(device=device, **{key: values})

@@ -247,12 +247,13 @@ def _run_description(check: Check, meta, family, source_config) -> None:
         _curves(check, meta["step_profile"], "step_profile")
 
 
-def check_stored_curves(value, key: str, where: str = "the routed file") -> None:
-    """Refuse, in one line, a stored profile (``profile`` or ``step_profile``) that cannot place steps."""
-    _curves(Check(where, "routed metadata", ROUTED_FIX), value, key)
+def check_stored_curves(value, key: str, monitor: str, where: str = "the routed file") -> None:
+    """Refuse, in one line, a stored profile (``profile`` or ``step_profile``) whose ``monitor``
+    curve cannot place steps; its other curves are not read."""
+    _curves(Check(where, "routed metadata", ROUTED_FIX), value, key, (monitor,))
 
 
-def _curves(check: Check, value, key: str) -> None:
+def _curves(check: Check, value, key: str, monitors=None) -> None:
     """A stored profile the step schedule reads at sampling time without a model call, held to what
     placing steps needs: times rising within [0, 1], one finite value of at least 0 per time for each
     curve (every monitor is a mean of squares)."""
@@ -264,6 +265,8 @@ def _curves(check: Check, value, key: str) -> None:
             raise check.fail(f"{key}.grid[{i}]", f"above the time before it ({times[i - 1]:g}): the grid rises", times[i])
     curves = check.mapping(check.get(profile, "mean", f"{key}.mean", "a JSON object of curves"), f"{key}.mean")
     for monitor, curve in curves.items():
+        if monitors is not None and monitor not in monitors:
+            continue
         field = f"{key}.mean.{monitor}"
         for i, v in enumerate(check.sequence(curve, field, low=len(times), high=len(times))):
             check.number(v, f"{field}[{i}]", 0.0)
