@@ -92,7 +92,8 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert first.exists() and not (tmp_path / "cut.npz").exists(), "the run ended before it could be interrupted"
+    assert first.exists() and not (tmp_path / "cut.npz").exists(), (
+        f"the run ended before it could be interrupted (exit {process.returncode}): {stderr.decode()[-1500:]}")
     assert process.returncode == 130 and "rerun the same command to continue" in stderr.decode()
     assert "--resume" not in stderr.decode()  # a flag this command does not have
     done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cut.npz.shards").glob("batch_*.npz")}

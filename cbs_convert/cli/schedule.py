@@ -153,6 +153,8 @@ def run(args) -> List[str]:
         raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
     if args.seed < 0:
         raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
+    if args.force and not args.json:
+        raise RecipeError("--force lets --json overwrite an existing file, and no --json is given: drop --force")
     fitted = parse_schedule(args.schedule)
     if (args.cfg_scale != 1.0 or args.cfg_scale_per_expert or args.class_label is not None) and not (
             isinstance(fitted, str) and fitted.startswith("ots")):

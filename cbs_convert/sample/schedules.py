@@ -379,8 +379,9 @@ def scheduler_with_timesteps(scheduler, timesteps: Optional[Sequence[int]] = Non
                           f"as {takers}, built with from_config(pipe.scheduler.config)")
     scheduler._set_timesteps_unwrapped = original
 
-    def set_timesteps(num_inference_steps=None, device=None, **ignored):
-        original(device=device, **{key: values})
+    def set_timesteps(num_inference_steps=None, device=None, mu=None, **ignored):
+        # mu: the resolution shift a flow-matching pipeline computes for dynamic shifting
+        original(device=device, **{key: values}, **({} if mu is None else {"mu": mu}))
 
     scheduler.set_timesteps = set_timesteps
     return scheduler
