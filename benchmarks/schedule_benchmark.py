@@ -582,10 +582,15 @@ def _goals(result) -> List[str]:
                                      f"{p['std']:.3f} (n = {p['n']}): {verdict} (goal: better by more than twice the spread)")
             for row in rows:
                 if row.endswith(", aligned"):
-                    worse = [s for s in result["steps"] for p in [_pair(scores, model, row, row.replace(", aligned", ", not aligned"), method, s)]
-                             if p and p["mean"] > max(p["std"], _bench.TIE)]
-                    lines.append(f"- {model}, {method}: {row} against not aligned: worse beyond the spread at "
-                                 f"{', '.join(map(str, worse)) if worse else 'no step count'} (goal: never)")
+                    paired = {s: p for s in result["steps"]
+                              for p in [_pair(scores, model, row, row.replace(", aligned", ", not aligned"), method, s)] if p}
+                    if not paired:
+                        lines.append(f"- {model}, {method}: {row} against not aligned: not measured yet (goal: never worse)")
+                        continue
+                    worse = [s for s, p in paired.items() if p["mean"] > max(p["std"], _bench.TIE)]
+                    lines.append(f"- {model}, {method}: {row} against not aligned, at {', '.join(map(str, paired))} steps: "
+                                 f"worse beyond the spread at {', '.join(map(str, worse)) if worse else 'none of them'} "
+                                 "(goal: never)")
     return lines + [""]
 
 
