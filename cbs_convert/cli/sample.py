@@ -181,10 +181,6 @@ def _check(args, family, settings, model=None) -> None:
             raise RecipeError("--no-align turns off the alignment of a --schedule's steps to the expert cuts, and sampling "
                               "without --schedule is not aligned: drop --no-align")
         check_align(args, model)
-    classes = family.num_classes(family.config)
-    if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
-        raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"
-                          if classes else "--class: this model is unconditional; drop --class")
     if settings["sampler"] in ("ddpm", "ddim"):
         try:
             respaced_steps(len(family.alphas_cumprod), str(settings["respacing"] or settings["steps"]))

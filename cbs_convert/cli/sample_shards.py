@@ -56,8 +56,8 @@ def draw_batch(family, model, settings: Dict, batch: int, size: int, device, sch
 
 
 def check_guidance(family, model, settings: Dict) -> None:
-    """Refuse guidance the model cannot take: ``settings`` holds ``cfg_scale`` and, when given,
-    ``cfg_scale_per_expert``."""
+    """Refuse guidance or a class the model cannot take: ``settings`` holds ``cfg_scale`` and, when
+    given, ``cfg_scale_per_expert`` and ``class_label``."""
     if settings["cfg_scale"] != 1.0 and family.null_label(family.config) is None:
         raise RecipeError(f"--cfg-scale {settings['cfg_scale']:g} needs a class-conditional model with a null class; "
                           "this one has none: drop --cfg-scale")
@@ -71,6 +71,10 @@ def check_guidance(family, model, settings: Dict) -> None:
                               "one each, expert 0 (nearest the data) first")
         if family.null_label(family.config) is None:
             raise RecipeError("--cfg-scale-per-expert needs a class-conditional model with a null class; this one has none")
+    label, classes = settings.get("class_label"), family.num_classes(family.config)
+    if label is not None and not 0 <= label < max(classes, 1):
+        raise RecipeError(f"--class {label}: the model has {classes} classes (0 ... {classes - 1})"
+                          if classes else "--class: this model is unconditional; drop --class")
 
 
 def guided(family, model, settings: Dict):

@@ -42,9 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first, e.g. 4,8 (their sum is the step count)")
 
 
-def read_schedule_file(path: Path) -> Tuple[List[float], str]:
-    """``--schedule FILE.json``, as ``schedule --json`` wrote it: its times, and the SHA-256 of the model
-    they were computed for."""
+def read_schedule_file(path: Path) -> Tuple[List[float], str, bool]:
+    """``--schedule FILE.json``, as ``schedule --json`` wrote it: its times, the SHA-256 of the model
+    they were computed for, and whether it was written unaligned (``--no-align``, or for a model with
+    one expert: its times may still hold a cut, and they step as computed, unpinned)."""
     try:
         stored = json.loads(path.read_text())
     except FileNotFoundError:
@@ -59,7 +60,7 @@ def read_schedule_file(path: Path) -> Tuple[List[float], str]:
     if not isinstance(stored.get("model_sha256"), str):
         raise RecipeError(f"--schedule {path}: does not say which model it was computed for; write it again with "
                           "python -m cbs_convert schedule MODEL --json FILE, or pass its times as --schedule t0,t1,...")
-    return stored["times"], stored["model_sha256"]
+    return stored["times"], stored["model_sha256"], stored.get("boundaries") == []
 
 
 def resolve_schedule_file(args) -> None:
@@ -68,11 +69,7 @@ def resolve_schedule_file(args) -> None:
     args.schedule_file = args.schedule_for = None
     args.file_unaligned = False
     if args.schedule and str(args.schedule).strip().endswith(".json"):
-        path = Path(str(args.schedule).strip())
-        times, args.schedule_for = read_schedule_file(path)
-        # written with --no-align (or for a model with one expert): its times may still hold a cut,
-        # and they step as they were computed, unpinned
-        args.file_unaligned = json.loads(path.read_text()).get("boundaries") == []
+        times, args.schedule_for, args.file_unaligned = read_schedule_file(Path(str(args.schedule).strip()))
         args.schedule_file = args.schedule
         if len(times) < 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
             raise RecipeError(f"--schedule {args.schedule_file}: its times must be numbers, at least two (from 1 down "
@@ -177,12 +174,8 @@ def run(args) -> List[str]:
     device = resolve_device(args.device)
     family, model = load_model(path, device=device, hints=hints)
     check_align(args, model)
-    guidance = {"cfg_scale": args.cfg_scale, "cfg_scale_per_expert": parse_scales(args.cfg_scale_per_expert)}
+    guidance = fitted_under(args)
     check_guidance(family, model, guidance)
-    classes = family.num_classes(family.config)
-    if args.class_label is not None and not 0 <= args.class_label < max(classes, 1):
-        raise RecipeError(f"--class {args.class_label}: the model has {classes} classes (0 ... {classes - 1})"
-                          if classes else "--class: this model is unconditional; drop --class")
     label = args.class_label
     schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,
                               align=args.align and not args.file_unaligned,
