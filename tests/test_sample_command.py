@@ -1,6 +1,7 @@
 """python -m cbs_convert.sample: the samplers against a Gaussian's exact answer, and the command's files."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,20 +78,22 @@ def test_one_and_two_ranks_write_the_same_images_as_the_evaluator_reads_them(tmp
     assert not (tmp_path / "one.npz.shards").exists() and not (tmp_path / "two.npz.shards").exists()
 
 
-# Behind the slow marker (pytest -m slow) since session 34: alone and in its file it passes, but in
-# three full-suite runs the sampler finished all its batches (exit 0) without the shard this test
-# waits for ever appearing where it looks; the cause is not found yet.
-@pytest.mark.slow
+def interruptible_and_nice():
+    # a suite started as a background job (`pytest &` from a script) inherits SIGINT ignored, and
+    # Python then keeps it ignored: the sampler would finish its run through our Ctrl-C (it did, in
+    # three such suite runs). A user's terminal gives the default, so the child gets it back here.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.nice(10)
+
+
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
     # 250 batches: on an idle machine 25 were drawn before the poll below saw the third one; and the
     # sampler runs at a lower priority than this poll, so that on a loaded machine the poll is not
     # starved while the whole run finishes (it was, with three other jobs on two cores), nor the
     # sampler so starved that it misses the deadline (at the lowest priority it did)
     args = [DIGITS, "--num-samples", "2000", "--batch-size", "8", "--steps", "10", "--quiet", "--out", "cut.npz"]
-    process = sample_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.nice(10))
+    process = sample_cli(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible_and_nice)
     first = tmp_path / "cut.npz.shards" / "batch_000002.npz"
-    # the watch runs in its own process: in the full suite this one was once held up for the whole
-    # run (it ended with exit 0 before a poll here saw a shard), whatever held it
     watch = (f'while [ ! -e "{first}" ] && [ ! -e "{tmp_path / "cut.npz"}" ]; do sleep 0.01; done; '
              f"kill -INT {process.pid}")
     subprocess.run(["sh", "-c", watch], timeout=600)
