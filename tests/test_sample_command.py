@@ -86,6 +86,19 @@ def interruptible_and_nice():
     os.nice(10)
 
 
+def test_two_ranks_sample_with_the_schedule_rank_0_placed(tmp_path):
+    """Rank 0 places the steps (here measuring the profile) and sends them to the other rank, which
+    samples by them: the same file as one rank. (On CPUs both ranks would measure alike anyway; the
+    refusal of a rank that would not is tested on the shard folder, in test_schedules.)"""
+    args = [DIGITS, *FAST, "--schedule", "profile"]
+    one = sample_cli([*args, "--out", "one.npz"], tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = sample_cli([*args, "--out", "two.npz"], tmp_path, world=2)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "steps: profile, 6" in two.stdout
+    assert np.array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"])
+
+
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
     # 250 batches: on an idle machine 25 were drawn before the poll below saw the third one; and the
     # sampler runs at a lower priority than this poll, so that on a loaded machine the poll is not
@@ -133,7 +146,8 @@ def test_a_rerun_with_other_settings_is_refused_and_the_samples_kept(tmp_path):
     (["--respacing", "ddim7"], "--respacing applies to --sampler ddpm or ddim only"),
     (["--steps", "-3"], "--steps -3: a sampler takes at least 1 step"),
     (["--sampler", "sde", "--last-step", "1.5"], "--last-step 1.5 must lie between 0 and 1"),
-    (["--seed", "-1"], "--seed -1: seeds are whole numbers from 0 up"),
+    (["--seed", "-1"], "--seed -1: seeds are whole numbers from 0 to 2**64 - 1"),
+    (["--seed", str(2**64), "--schedule", "ots"], "seeds are whole numbers from 0 to 2**64 - 1"),
     (["--cfg-scale", "nan"], "--cfg-scale nan: give a finite number"),
     (["--out", "."], "is a folder; give the .npz file to write"),
     (["--out", "/proc/nowhere/x.npz"], "--out"),

@@ -266,6 +266,12 @@ def test_the_exports_are_what_diffusers_schedulers_take():
     ddpm = DDPMScheduler()
     ddpm.set_timesteps(timesteps=steps)
     assert ddpm.timesteps.tolist() == steps
+    # at whole training steps the sigmas are diffusers' own noise levels, from its alphas_cumprod
+    lists = native_lists(dit, [1.0, 500 / 999, 18 / 999, 0.0])
+    assert lists["diffusers_timesteps"] == [999, 500, 18]
+    cumprod = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").alphas_cumprod.double()
+    expected = ((1 - cumprod[[999, 500, 18]]) / cumprod[[999, 500, 18]]).sqrt().tolist()
+    assert lists["diffusers_sigmas"] == pytest.approx([*expected, 0.0], rel=1e-5)  # diffusers: float32
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +292,8 @@ def test_the_schedule_command_prints_native_and_diffusers_lists(routed_file, tmp
     assert stored["counts"] == [2, 3] and 0.5 in stored["times"] and len(stored["times"]) == 6
     assert "aligned to the expert cuts 0.5: 2 + 3 steps" in text and "FlowMatchEulerDiscreteScheduler" in text
     assert ",".join(repr(float(t)) for t in stored["times"]) in text  # in full, so a pasted list keeps the cut
+    # SiT's own time runs the other way (0 = noise)
+    assert f"native t (sit, 0 = noise):\n  {','.join(format(1 - t, '.6g') for t in stored['times'])}\n" in text
 
 
 def test_sample_draws_with_a_schedule_steps_and_guidance_per_expert(routed_file, tmp_path, capsys):
@@ -405,6 +413,9 @@ def test_check_times_names_what_is_wrong():
         check_times([1, 0.5], t_end=0.0)
     with pytest.raises(Exception, match="at least two times"):
         check_times([1])
+    # distinct in float64, one time in the float32 the samplers step in: a step of length 0
+    with pytest.raises(Exception, match="the same time in float32"):
+        check_times([1, 0.9999999999, 0])
 
 
 def test_the_cli_pins_aligned_steps_and_guides_each_expert_by_its_scale(routed_file, tmp_path, monkeypatch):
@@ -455,6 +466,70 @@ def test_the_schedule_command_fits_ots_under_the_guidance_sample_will_use(routed
     capsys.readouterr()
     assert main(["schedule", str(routed_file), "--steps", "4", "--cfg-scale", "2"]) == 2
     assert "--schedule is not ots" in capsys.readouterr().err
+    # the fit is sampled only as it was fitted: the same sampler method and guidance
+    from cbs_convert.cli.sample import main as sample
+
+    base = [str(routed_file), "--schedule", str(guided_file), "--num-samples", "2", "--batch-size", "2", "--quiet"]
+    for flags, expected in (([], "made for --cfg-scale-per-expert 4.0,8.0"),
+                            (["--cfg-scale-per-expert", "4,8", "--method", "euler"], "made for --method heun")):
+        out = tmp_path / "refused.npz"
+        assert sample([*base, *flags, "--out", str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+        assert not out.exists()
+    assert sample([*base, "--cfg-scale-per-expert", "4,8", "--out", str(tmp_path / "fitted.npz")]) == 0
+
+
+def test_a_schedule_file_is_refused_for_its_model_read_as_another_architecture(tmp_path, capsys):
+    """The same bytes read with another --path are another model: edm's times differ between the
+    paths, so the file's would be misread."""
+    from cbs_convert.cli.main import main
+    from cbs_convert.cli.sample import main as sample
+
+    _, model = tiny_model("sit")
+    source = tmp_path / "tiny_sit.pt"
+    torch.save(model.state_dict(), source)
+    read_as = [str(source), "--num-heads", "4"]
+    linear, gvp = tmp_path / "linear.json", tmp_path / "gvp.json"
+    for path, saved in (("linear", linear), ("gvp", gvp)):
+        assert main(["schedule", *read_as, "--path", path, "--schedule", "edm", "--steps", "5", "--json", str(saved)]) == 0
+    assert json.loads(linear.read_text())["times"] != json.loads(gvp.read_text())["times"]
+    drawn = ["--num-samples", "2", "--batch-size", "2", "--quiet"]
+    assert sample([*read_as, "--path", "linear", *drawn, "--schedule", str(linear), "--out", str(tmp_path / "a.npz")]) == 0
+    capsys.readouterr()
+    for command in (lambda: sample([*read_as, "--path", "gvp", *drawn, "--schedule", str(linear), "--out", str(tmp_path / "b.npz")]),
+                    lambda: main(["schedule", *read_as, "--path", "gvp", "--schedule", str(linear)])):
+        assert command() == 2
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
+        assert len(lines) == 1 and "read as other settings (path differ)" in lines[0], lines
+    assert not (tmp_path / "b.npz").exists()
+    # a file that does not record the architecture cannot be checked: written again, not guessed
+    old = json.loads(linear.read_text())
+    del old["model_family"], old["model_config"]
+    linear.write_text(json.dumps(old))
+    assert sample([*read_as, "--path", "linear", *drawn, "--schedule", str(linear), "--out", str(tmp_path / "c.npz")]) == 2
+    assert "does not say which architecture" in capsys.readouterr().err
+
+
+def test_a_rank_that_would_sample_otherwise_than_rank_0_is_refused(tmp_path):
+    from cbs_convert.cli.sample_shards import open_shards
+    from cbs_convert.errors import UserError
+
+    shards = tmp_path / "s.npz.shards"
+    open_shards(shards, {"schedule_times": [1.0, 0.6, 0.0]}, 0)
+    open_shards(shards, {"schedule_times": [1.0, 0.6, 0.0]}, 1)  # the same settings: it joins
+    with pytest.raises(UserError, match=r"rank 1 would sample otherwise than rank 0 \(schedule_times differ\)"):
+        open_shards(shards, {"schedule_times": [1.0, 0.55, 0.0]}, 1)
+
+
+def test_the_schedule_command_refuses_what_it_cannot_write_or_seed(routed_file, tmp_path, capsys):
+    from cbs_convert.cli.main import main
+
+    for flags, expected in ((["--json", ""], "name the file *.json"),
+                            (["--seed", str(2**64), "--schedule", "ots"], "seeds are whole numbers from 0 to 2**64 - 1")):
+        assert main(["schedule", str(routed_file), "--steps", "4", *flags]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
 
 
 def test_schedule_json_never_overwrites_the_model_and_an_existing_file_only_with_force(routed_file, tmp_path, capsys):

@@ -109,4 +109,10 @@ def model_source(args) -> Tuple[Path, Dict[str, object], bool]:
     return path, hints, routed
 
 
-__all__ = ["CONVERSION_RERUN", "Parser", "SOURCE_HINTS", "add_source_arguments", "guarded", "launch_rank", "model_source"]
+def check_seed(seed: int) -> None:
+    """A sampling seed torch's generators take (they hold 64 bits)."""
+    if not 0 <= seed < 2**64:
+        raise RecipeError(f"--seed {seed}: seeds are whole numbers from 0 to 2**64 - 1")
+
+
+__all__ = ["CONVERSION_RERUN", "Parser", "SOURCE_HINTS", "add_source_arguments", "check_seed", "guarded", "launch_rank", "model_source"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import sys
 from pathlib import Path
@@ -20,16 +19,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cbs_convert.cli.common import Parser, add_source_arguments, guarded, launch_rank, model_source
+from cbs_convert.cli.common import Parser, add_source_arguments, check_seed, guarded, launch_rank, model_source
 from cbs_convert.cli.sample_shards import (
-    SHARD_MARKER, Decoder, check_guidance, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
+    SHARD_MARKER, Decoder, architecture, check_guidance, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
 )
 from cbs_convert.cli.schedule import add_arguments as add_schedule_arguments
 from cbs_convert.cli.schedule import check_align
 from cbs_convert.cli.schedule import check_arguments as check_schedule_arguments
-from cbs_convert.cli.schedule import check_schedule_model
+from cbs_convert.cli.schedule import check_schedule_model, check_schedule_read_as, check_schedule_sampled_as
 from cbs_convert.errors import RecipeError, UserError
-from cbs_convert.pipeline.ranks import barrier, distributed, resolve_device
+from cbs_convert.pipeline.ranks import barrier, distributed, from_rank0, resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
 from cbs_convert.sample.samplers import DEFAULT_STEPS, ODE_METHODS, SAMPLERS, respaced_steps
 from cbs_convert.sample.schedules import parse_counts, parse_scales, parse_schedule
@@ -79,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(args, family, model_sha256: str) -> Dict:
     """Everything that decides the samples: a shard folder is continued only under the same ones. The
     model is named by its content, so a copy, a move or a touch keeps the shards and new weights do not."""
+    read_as = architecture(family)
     return {
         # the flags that describe a source count through the model they build, not as typed
-        "model_sha256": model_sha256, "model": family.name,
-        "model_config": json.loads(json.dumps(family.config, default=str)),  # as the marker stores it
+        "model_sha256": model_sha256, "model": read_as["family"], "model_config": read_as["config"],
         "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed,
         "sampler": args.sampler or family.default_sampler, "steps": args.steps or DEFAULT_STEPS,
         "respacing": args.respacing, "method": args.method, "atol": args.atol, "rtol": args.rtol, "eta": args.eta,
@@ -128,8 +127,7 @@ def _check_flags(args) -> None:
             raise RecipeError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a finite number")
     if args.num_samples < 1 or args.batch_size < 1:
         raise RecipeError("--num-samples and --batch-size must be at least 1")
-    if args.seed < 0:
-        raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
+    check_seed(args.seed)
     for flag in ("num_heads", "image_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise RecipeError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive whole number")
@@ -217,16 +215,20 @@ def _run(args) -> List[str]:
     if rank == 0:
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr)
+    check_schedule_read_as(args, family, str(args.model))
     settings = _settings(args, family, model_sha256)
     _check(args, family, settings, model)
+    check_schedule_sampled_as(args, settings)
     schedule = None
     if "schedule" in settings:
         class_label = settings["class_label"]
-        schedule = build_schedule(
-            family, model, settings["schedule"], settings["steps"], method=settings["method"], rho=settings["rho"],
-            align=settings["align"], steps_per_expert=settings["steps_per_expert"], forward=guided(family, model, settings),
-            labels_for=None if class_label is None else (lambda n, _: torch.full((n,), class_label, dtype=torch.long)),
-            seed=settings["seed"], device=device)
+        if rank == 0:  # once: an ots fit or a profile measured on each GPU could differ in the last bits
+            schedule = build_schedule(
+                family, model, settings["schedule"], settings["steps"], method=settings["method"], rho=settings["rho"],
+                align=settings["align"], steps_per_expert=settings["steps_per_expert"], forward=guided(family, model, settings),
+                labels_for=None if class_label is None else (lambda n, _: torch.full((n,), class_label, dtype=torch.long)),
+                seed=settings["seed"], device=device)
+        schedule = from_rank0(schedule, world)
         # the steps themselves, not the flags that placed them: a later version that places them
         # otherwise must not continue a folder drawn with the old ones, and --rho or --align, whose
         # effect the times and the pinning hold, must not keep a folder from resuming

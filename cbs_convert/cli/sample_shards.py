@@ -28,6 +28,12 @@ def batch_seed(seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
+def architecture(family) -> Dict:
+    """The family and the settings a model was read as, as JSON stores them: the same bytes read with
+    other flags are another model, with another time convention."""
+    return {"family": family.name, "config": json.loads(json.dumps(family.config, default=str))}
+
+
 def draw_batch(family, model, settings: Dict, batch: int, size: int, device, schedule=None):
     """(samples as the family produces them, labels) of one batch, reproducibly; ``schedule`` (a
     ``schedules.Schedule``): the ode sampler's steps."""
@@ -144,6 +150,10 @@ def open_shards(shards: Path, settings: Dict, rank: int) -> None:
         differs = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
         if not differs:
             return
+        if rank != 0:  # rank 0 wrote or checked this marker for this launch: every rank must draw as it does
+            raise UserError(f"rank {rank} would sample otherwise than rank 0 ({', '.join(differs)} differ), and the "
+                            "shards of one run must agree: compute a fitted schedule once with python -m cbs_convert "
+                            "schedule MODEL --json FILE and pass --schedule FILE")
         drawn = len(list(shards.glob("batch_*.npz")))
         if drawn:
             raise UserError(f"{shards} holds {drawn} batches drawn with other settings ({', '.join(differs)} differ): "
@@ -202,5 +212,5 @@ def stored_form(decoder, family, device):
     return one.shape[1:], one.dtype
 
 
-__all__ = ["Decoder", "SHARD_MARKER", "batch_seed", "draw_batch", "guided", "open_shards", "read_shard", "shard_path",
+__all__ = ["Decoder", "SHARD_MARKER", "architecture", "batch_seed", "draw_batch", "guided", "open_shards", "read_shard", "shard_path",
            "stored_form", "write_npz"]

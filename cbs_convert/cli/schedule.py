@@ -9,19 +9,19 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 import torch
 
-from cbs_convert.cli.common import Parser, add_source_arguments, guarded, model_source
-from cbs_convert.cli.sample_shards import check_guidance, guided
+from cbs_convert.cli.common import Parser, add_source_arguments, check_seed, guarded, model_source
+from cbs_convert.cli.sample_shards import architecture, check_guidance, guided
 from cbs_convert.errors import RecipeError
 from cbs_convert.pipeline.ranks import resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
 from cbs_convert.sample.schedules import (
     DEFAULT_RHO, Schedule, check_rho, model_boundaries, native_lists, parse_counts, parse_scales, parse_schedule,
 )
-from cbs_convert.storage.checkpoint import content_sha256, source_files
+from cbs_convert.storage.checkpoint import content_sha256, is_inside, source_files, source_folder
 from cbs_convert.storage.files import atomic_write_json, check_writable
 from cbs_convert.storage.loading import load_model
 
@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "first, e.g. 4,8 (their sum is the step count)")
 
 
-def read_schedule_file(path: Path) -> Tuple[List[float], str, bool]:
-    """``--schedule FILE.json``, as ``schedule --json`` wrote it: its times, the SHA-256 of the model
-    they were computed for, and whether it was written unaligned (``--no-align``, or for a model with
-    one expert: its times may still hold a cut, and they step as computed, unpinned)."""
+def read_schedule_file(path: Path) -> dict:
+    """``--schedule FILE.json``, as ``schedule --json`` wrote it, checked as far as the file alone
+    allows: its times, the SHA-256 of the model they were computed for, the architecture that model
+    was read as, and what an ots fit sampled with."""
     try:
         stored = json.loads(path.read_text())
     except FileNotFoundError:
@@ -60,16 +60,21 @@ def read_schedule_file(path: Path) -> Tuple[List[float], str, bool]:
     if not isinstance(stored.get("model_sha256"), str):
         raise RecipeError(f"--schedule {path}: does not say which model it was computed for; write it again with "
                           "python -m cbs_convert schedule MODEL --json FILE, or pass its times as --schedule t0,t1,...")
-    return stored["times"], stored["model_sha256"], stored.get("boundaries") == []
+    return stored
 
 
 def resolve_schedule_file(args) -> None:
     """A ``--schedule`` that names a JSON file: its times take the file name's place, and
-    ``args.schedule_for`` keeps the model they belong to (None otherwise)."""
-    args.schedule_file = args.schedule_for = None
+    ``args.schedule_record`` keeps the rest of the file (None otherwise): the model they belong to,
+    and whether it was written unaligned (``--no-align``, or for a model with one expert: its times
+    may still hold a cut, and they step as computed, unpinned)."""
+    args.schedule_file = args.schedule_for = args.schedule_record = None
     args.file_unaligned = False
     if args.schedule and str(args.schedule).strip().endswith(".json"):
-        times, args.schedule_for, args.file_unaligned = read_schedule_file(Path(str(args.schedule).strip()))
+        record = read_schedule_file(Path(str(args.schedule).strip()))
+        times = record["times"]
+        args.schedule_record, args.schedule_for = record, record["model_sha256"]
+        args.file_unaligned = record.get("boundaries") == []
         args.schedule_file = args.schedule
         if len(times) < 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
             raise RecipeError(f"--schedule {args.schedule_file}: its times must be numbers, at least two (from 1 down "
@@ -103,6 +108,43 @@ def check_schedule_model(args, model_sha256: str, model: str) -> None:
                           f"{args.schedule_for[:12]}..., {model} is {model_sha256[:12]}...); compute one for it with "
                           f"python -m cbs_convert schedule {model} --steps N --json FILE, or pass the times as "
                           "--schedule t0,t1,... to use them anyway")
+
+
+def check_schedule_read_as(args, family, model: str) -> None:
+    """Refuse a schedule file whose model, the same bytes, was read as another architecture (another
+    --family, --path or --num-heads): its times were placed in that one's time convention."""
+    record = args.schedule_record
+    if record is None:
+        return
+    if "model_family" not in record or "model_config" not in record:
+        raise RecipeError(f"--schedule {args.schedule_file} does not say which architecture its model was read as "
+                          f"(written by an older version); write it again with python -m cbs_convert schedule {model} "
+                          "--json FILE, or pass its times as --schedule t0,t1,...")
+    now = architecture(family)
+    differs = sorted(k for k in set(now["config"]) | set(record["model_config"] or {})
+                     if now["config"].get(k) != (record["model_config"] or {}).get(k))
+    if record["model_family"] != now["family"] or differs:
+        what = (f"a {record['model_family']} model, not {now['family']}" if record["model_family"] != now["family"]
+                else f"other settings ({', '.join(differs)} differ)")
+        raise RecipeError(f"--schedule {args.schedule_file} was computed for {model} read as {what}: give the flags it "
+                          "was computed with (--family, --path, --num-heads, ...), compute one for these with python -m "
+                          "cbs_convert schedule, or pass the times as --schedule t0,t1,... to use them anyway")
+
+
+def check_schedule_sampled_as(args, settings: dict) -> None:
+    """An ots fit's times suit the sampler and guidance it was fitted under: refuse others."""
+    record = args.schedule_record
+    if record is None or not str(record.get("schedule", "")).startswith("ots"):
+        return
+    fitted = {"method": record.get("method"), "cfg_scale": record.get("cfg_scale", 1.0),
+              "cfg_scale_per_expert": record.get("cfg_scale_per_expert"), "class_label": record.get("class_label")}
+    differs = [k for k, v in fitted.items() if settings.get(k) != v]
+    if differs:
+        fitted_flags = ", ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ','.join(map(str, v))}"
+                                 for k, v in fitted.items() if k in differs)
+        raise RecipeError(f"--schedule {args.schedule_file} is an ots fit made for {fitted_flags}, and this run samples "
+                          f"otherwise ({', '.join(differs)} differ): sample with those, fit again with python -m cbs_convert "
+                          "schedule under this run's flags, or pass the times as --schedule t0,t1,... to use them anyway")
 
 
 def check_arguments(args) -> None:
@@ -148,9 +190,8 @@ def run(args) -> List[str]:
     check_arguments(args)
     if args.steps is not None and args.steps < 1:
         raise RecipeError(f"--steps {args.steps}: a sampler takes at least 1 step")
-    if args.seed < 0:
-        raise RecipeError(f"--seed {args.seed}: seeds are whole numbers from 0 up")
-    if args.force and not args.json:
+    check_seed(args.seed)
+    if args.force and args.json is None:
         raise RecipeError("--force lets --json overwrite an existing file, and no --json is given: drop --force")
     fitted = parse_schedule(args.schedule)
     if (args.cfg_scale != 1.0 or args.cfg_scale_per_expert or args.class_label is not None) and not (
@@ -165,14 +206,15 @@ def run(args) -> List[str]:
         raise RecipeError("give --steps N (or --steps-per-expert, or the times themselves as --schedule)")
     path, hints, routed = model_source(args)
     model_files = [path] if routed else source_files(path)
-    if args.json:  # before the schedule is computed: an ots fit is not lost to a bad path
-        check_json_out(Path(args.json), model_files, args.force)
+    if args.json is not None:  # before the schedule is computed: an ots fit is not lost to a bad path
+        check_json_out(Path(args.json), model_files, args.force, source_folder(path) if not routed else None)
     model_sha256 = None
-    if args.json or args.schedule_for is not None:  # hashed only when a file names the model (GBs at XL size)
+    if args.json is not None or args.schedule_for is not None:  # hashed only when a file names the model (GBs at XL size)
         model_sha256 = content_sha256(model_files)
         check_schedule_model(args, model_sha256, str(args.model))
     device = resolve_device(args.device)
     family, model = load_model(path, device=device, hints=hints)
+    check_schedule_read_as(args, family, str(args.model))
     check_align(args, model)
     guidance = fitted_under(args)
     check_guidance(family, model, guidance)
@@ -183,9 +225,11 @@ def run(args) -> List[str]:
                               device=device, forward=guided(family, model, guidance),
                               labels_for=None if label is None else (lambda n, _: torch.full((n,), label, dtype=torch.long)))
     lines = describe(family, schedule, str(path))
-    if args.json:
+    if args.json is not None:
+        made_for = architecture(family)
         atomic_write_json(Path(args.json), {"schedule": schedule.name, "model": str(args.model), "model_sha256": model_sha256,
-                                            "times": schedule.times, "counts": schedule.counts,
+                                            "model_family": made_for["family"], "model_config": made_for["config"],
+                                            "method": args.method, "times": schedule.times, "counts": schedule.counts,
                                             "boundaries": schedule.boundaries, "notes": schedule.notes,
                                             "seconds": schedule.seconds, **fitted_under(args),
                                             **native_lists(family, schedule.times)})
@@ -199,13 +243,16 @@ def fitted_under(args) -> dict:
             "class_label": args.class_label}
 
 
-def check_json_out(out: Path, model_files, force: bool) -> None:
+def check_json_out(out: Path, model_files, force: bool, model_folder=None) -> None:
     if out.suffix != ".json":
         raise RecipeError(f"--json {out}: name the file *.json (sample --schedule reads a schedule file by that suffix)")
     if out.is_dir():
         raise RecipeError(f"--json {out} is a folder; give the file to write, such as {out / 'schedule.json'}")
     if out.exists() and any(out.resolve() == Path(f).resolve() for f in model_files):
         raise RecipeError(f"--json {out} is the model's own file; choose another path")
+    if model_folder is not None and is_inside(out, model_folder):
+        raise RecipeError(f"--json {out} is inside the model's folder {model_folder}, where diffusers would read a .json "
+                          "as part of the model; choose a path outside it")
     if out.exists() and not force:
         raise RecipeError(f"--json {out} exists; pass --force to overwrite it, or choose another path")
     check_writable(out.parent, "--json")
@@ -230,11 +277,13 @@ def describe(family, schedule: Schedule, model_name: str = "the model") -> List[
     lines.append(f"native {lists['native_name']} ({family.name}, {direction}):")
     lines.append(f"  {show(lists['native'])}")
     if "diffusers_timesteps" in lists:
-        lines.append("diffusers: scheduler.set_timesteps(timesteps=[...]) (DDPMScheduler, EulerDiscreteScheduler, "
-                     "DPMSolverMultistepScheduler), one per model call:")
+        lines.append("diffusers: scheduler.set_timesteps(timesteps=[...]) (DPMSolverMultistepScheduler, DDPMScheduler; "
+                     "EulerDiscreteScheduler only where the starting noise is scaled by its init_noise_sigma, which "
+                     "DiTPipeline does not do), one per model call:")
         lines.append(f"  [{', '.join(str(t) for t in lists['diffusers_timesteps'])}]")
     if "diffusers_sigmas" in lists:
-        lines.append("diffusers: EulerDiscreteScheduler.set_timesteps(sigmas=[...]) (sigma/alpha, the final 0 the data):")
+        lines.append("diffusers: EulerDiscreteScheduler.set_timesteps(sigmas=[...]) (sigma/alpha, the final 0 the data; "
+                     "start from noise scaled by its init_noise_sigma):")
         lines.append(f"  [{', '.join(format(s, '.6g') for s in lists['diffusers_sigmas'])}]")
     if "diffusers_flow_sigmas" in lists:
         lines.append("diffusers: FlowMatchEulerDiscreteScheduler(shift=1.0).set_timesteps(sigmas=[...]), one per model "
@@ -252,4 +301,5 @@ def main(argv: List[str]) -> int:
 
 
 __all__ = ["add_arguments", "build_parser", "check_align", "check_arguments", "check_json_out", "check_schedule_model",
+           "check_schedule_read_as", "check_schedule_sampled_as",
            "describe", "main", "read_schedule_file", "resolve_schedule_file", "run", "uses_edm"]

@@ -100,6 +100,16 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+def from_rank0(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` on every rank: for what each rank could compute but must not compute
+    differently (a fitted schedule: GPUs need not agree to the last bit)."""
+    if world <= 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather(share: Dict[Any, Any], world: int) -> Dict[Any, Any]:
     """Every rank's share of a dict of results, merged, on every rank."""
     if world <= 1:

@@ -96,6 +96,9 @@ def check_times(times: Sequence[float], t_end: Optional[float] = 0.0, what: str 
     for a, b in zip(values, values[1:]):
         if not b < a:
             raise RecipeError(f"{what} is not strictly decreasing ({a:g} then {b:g}): steps go from noise (1) to data (0)")
+        if not np.float32(b) < np.float32(a):  # the samplers step in float32: a step there must not vanish
+            raise RecipeError(f"{what}: {a!r} and {b!r} are the same time in float32, a step of length 0; "
+                              "drop one of them")
     return values
 
 
@@ -372,11 +375,18 @@ def scheduler_with_timesteps(scheduler, timesteps: Optional[Sequence[int]] = Non
     key, values = ("timesteps", [int(t) for t in timesteps]) if timesteps is not None else ("sigmas", [float(s) for s in sigmas])
     # wrapped before: wrap the scheduler's own method again, not the earlier wrapper
     original = getattr(scheduler, "_set_timesteps_unwrapped", scheduler.set_timesteps)
+    takers = ("DPMSolverMultistepScheduler or DDPMScheduler" if key == "timesteps"
+              else "FlowMatchEulerDiscreteScheduler for a flow model (for a DDPM model, pass the timesteps list)")
     if key not in inspect.signature(original).parameters:
-        takers = ("DPMSolverMultistepScheduler, DDPMScheduler or EulerDiscreteScheduler" if key == "timesteps"
-                  else "EulerDiscreteScheduler or FlowMatchEulerDiscreteScheduler")
         raise RecipeError(f"{type(scheduler).__name__}.set_timesteps takes no {key} list; use a scheduler that does, such "
                           f"as {takers}, built with from_config(pipe.scheduler.config)")
+    # DiTPipeline and DDPMPipeline draw their starting latents at unit variance and never scale them by
+    # the scheduler's init_noise_sigma: a sigma-space scheduler (EulerDiscreteScheduler's is about 157
+    # for DiT's betas) then starts from far too little noise, and its samples collapse to the mean
+    start = float(getattr(scheduler, "init_noise_sigma", None) or 1.0)  # flow matching's is None: unit noise
+    if abs(start - 1.0) > 1e-6:
+        raise RecipeError(f"{type(scheduler).__name__} starts from noise of std {start:.4g} (its init_noise_sigma), which "
+                          f"the pipelines this wrapper serves do not scale their starting latents to; use {takers}")
     scheduler._set_timesteps_unwrapped = original
 
     def set_timesteps(num_inference_steps=None, device=None, mu=None, **ignored):
