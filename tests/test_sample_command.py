@@ -99,6 +99,15 @@ def test_two_ranks_sample_with_the_schedule_rank_0_placed(tmp_path):
     assert np.array_equal(np.load(tmp_path / "one.npz")["arr_0"], np.load(tmp_path / "two.npz")["arr_0"])
 
 
+def test_a_refusal_while_rank_0_places_the_steps_stops_every_rank_with_one_line(tmp_path):
+    # the bundled teacher stores no sensitivity profile: rank 0 refuses while the other waits for its steps
+    two = sample_cli([DIGITS, *FAST, "--schedule", "profile:sensitivity", "--out", "x.npz"], tmp_path, world=2)
+    assert two.returncode != 0
+    errors = [line for line in two.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "profile:sensitivity" in errors[0], two.stderr[-2000:]
+    assert "internal error" not in two.stderr and not (tmp_path / "x.npz").exists()
+
+
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
     # 250 batches: on an idle machine 25 were drawn before the poll below saw the third one; and the
     # sampler runs at a lower priority than this poll, so that on a loaded machine the poll is not

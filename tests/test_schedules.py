@@ -377,6 +377,7 @@ def test_a_schedule_file_samples_as_its_times_and_only_for_the_model_it_was_comp
     ('{"times": [1.0, 0.5, 0.0]}', "does not say which model"),
     ('{"times": [1.0, "half", 0.0], "model_sha256": "00"}', "its times must be numbers"),
     ('{"times": [], "model_sha256": "00"}', "at least two"),
+    ('{"times": [1.0, 0.5, 0.0], "model_sha256": "00", "model_config": "x"}', "model_config is damaged"),
     ('{"times": [1.0, 1' + "0" * 400 + ', 0.0], "model_sha256": "00"}', "too large a number"),
 ])
 def test_a_damaged_schedule_file_gets_one_line_and_exit_2(routed_file, tmp_path, capsys, content, expected):
@@ -470,14 +471,22 @@ def test_the_schedule_command_fits_ots_under_the_guidance_sample_will_use(routed
     from cbs_convert.cli.sample import main as sample
 
     base = [str(routed_file), "--schedule", str(guided_file), "--num-samples", "2", "--batch-size", "2", "--quiet"]
-    for flags, expected in (([], "made for --cfg-scale-per-expert 4.0,8.0"),
-                            (["--cfg-scale-per-expert", "4,8", "--method", "euler"], "made for --method heun")):
+    for flags, expected in (([], "made for --cfg-scale-per-expert 4,8, and this run samples with no --cfg-scale-per-expert"),
+                            (["--cfg-scale-per-expert", "4,8", "--method", "euler"],
+                             "made for --method heun, and this run samples with --method euler")):
         out = tmp_path / "refused.npz"
         assert sample([*base, *flags, "--out", str(out)]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], lines
         assert not out.exists()
     assert sample([*base, "--cfg-scale-per-expert", "4,8", "--out", str(tmp_path / "fitted.npz")]) == 0
+    # written again from the file, it is still that fit
+    copy = tmp_path / "copy.json"
+    assert main(["schedule", str(routed_file), "--schedule", str(guided_file), "--json", str(copy)]) == 0
+    assert json.loads(copy.read_text())["times"] == guided["times"]
+    capsys.readouterr()
+    assert sample([*base[:2], str(copy), *base[3:], "--out", str(tmp_path / "copied.npz")]) == 2
+    assert "made for --cfg-scale-per-expert 4,8" in capsys.readouterr().err
 
 
 def test_a_schedule_file_is_refused_for_its_model_read_as_another_architecture(tmp_path, capsys):
@@ -501,7 +510,7 @@ def test_a_schedule_file_is_refused_for_its_model_read_as_another_architecture(t
                     lambda: main(["schedule", *read_as, "--path", "gvp", "--schedule", str(linear)])):
         assert command() == 2
         lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("warning: ")]
-        assert len(lines) == 1 and "read as other settings (path differ)" in lines[0], lines
+        assert len(lines) == 1 and "read as other settings (path differs)" in lines[0], lines
     assert not (tmp_path / "b.npz").exists()
     # a file that does not record the architecture cannot be checked: written again, not guessed
     old = json.loads(linear.read_text())

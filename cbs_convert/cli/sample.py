@@ -222,13 +222,12 @@ def _run(args) -> List[str]:
     schedule = None
     if "schedule" in settings:
         class_label = settings["class_label"]
-        if rank == 0:  # once: an ots fit or a profile measured on each GPU could differ in the last bits
-            schedule = build_schedule(
-                family, model, settings["schedule"], settings["steps"], method=settings["method"], rho=settings["rho"],
-                align=settings["align"], steps_per_expert=settings["steps_per_expert"], forward=guided(family, model, settings),
-                labels_for=None if class_label is None else (lambda n, _: torch.full((n,), class_label, dtype=torch.long)),
-                seed=settings["seed"], device=device)
-        schedule = from_rank0(schedule, world)
+        # placed once, on rank 0: an ots fit or a profile measured on each GPU could differ in the last bits
+        schedule = from_rank0(lambda: build_schedule(
+            family, model, settings["schedule"], settings["steps"], method=settings["method"], rho=settings["rho"],
+            align=settings["align"], steps_per_expert=settings["steps_per_expert"], forward=guided(family, model, settings),
+            labels_for=None if class_label is None else (lambda n, _: torch.full((n,), class_label, dtype=torch.long)),
+            seed=settings["seed"], device=device), rank, world)
         # the steps themselves, not the flags that placed them: a later version that places them
         # otherwise must not continue a folder drawn with the old ones, and --rho or --align, whose
         # effect the times and the pinning hold, must not keep a folder from resuming

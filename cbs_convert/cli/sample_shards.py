@@ -152,8 +152,8 @@ def open_shards(shards: Path, settings: Dict, rank: int) -> None:
             return
         if rank != 0:  # rank 0 wrote or checked this marker for this launch: every rank must draw as it does
             raise UserError(f"rank {rank} would sample otherwise than rank 0 ({', '.join(differs)} differ), and the "
-                            "shards of one run must agree: compute a fitted schedule once with python -m cbs_convert "
-                            "schedule MODEL --json FILE and pass --schedule FILE")
+                            "shards of one run must agree: the ranks were given different flags or files; launch "
+                            "them all with the same")
         drawn = len(list(shards.glob("batch_*.npz")))
         if drawn:
             raise UserError(f"{shards} holds {drawn} batches drawn with other settings ({', '.join(differs)} differ): "

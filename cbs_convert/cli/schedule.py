@@ -60,6 +60,10 @@ def read_schedule_file(path: Path) -> dict:
     if not isinstance(stored.get("model_sha256"), str):
         raise RecipeError(f"--schedule {path}: does not say which model it was computed for; write it again with "
                           "python -m cbs_convert schedule MODEL --json FILE, or pass its times as --schedule t0,t1,...")
+    if ("model_family" in stored and not isinstance(stored["model_family"], str)) or (
+            "model_config" in stored and not isinstance(stored["model_config"], dict)):
+        raise RecipeError(f"--schedule {path}: its model_family or model_config is damaged; write it again with "
+                          "python -m cbs_convert schedule MODEL --json FILE, or pass its times as --schedule t0,t1,...")
     return stored
 
 
@@ -121,11 +125,11 @@ def check_schedule_read_as(args, family, model: str) -> None:
                           f"(written by an older version); write it again with python -m cbs_convert schedule {model} "
                           "--json FILE, or pass its times as --schedule t0,t1,...")
     now = architecture(family)
-    differs = sorted(k for k in set(now["config"]) | set(record["model_config"] or {})
-                     if now["config"].get(k) != (record["model_config"] or {}).get(k))
+    differs = sorted(k for k in set(now["config"]) | set(record["model_config"])
+                     if now["config"].get(k) != record["model_config"].get(k))
     if record["model_family"] != now["family"] or differs:
         what = (f"a {record['model_family']} model, not {now['family']}" if record["model_family"] != now["family"]
-                else f"other settings ({', '.join(differs)} differ)")
+                else f"other settings ({', '.join(differs)} {'differs' if len(differs) == 1 else 'differ'})")
         raise RecipeError(f"--schedule {args.schedule_file} was computed for {model} read as {what}: give the flags it "
                           "was computed with (--family, --path, --num-heads, ...), compute one for these with python -m "
                           "cbs_convert schedule, or pass the times as --schedule t0,t1,... to use them anyway")
@@ -136,15 +140,26 @@ def check_schedule_sampled_as(args, settings: dict) -> None:
     record = args.schedule_record
     if record is None or not str(record.get("schedule", "")).startswith("ots"):
         return
-    fitted = {"method": record.get("method"), "cfg_scale": record.get("cfg_scale", 1.0),
-              "cfg_scale_per_expert": record.get("cfg_scale_per_expert"), "class_label": record.get("class_label")}
-    differs = [k for k, v in fitted.items() if settings.get(k) != v]
+    fitted = {key: record.get(key, default) for key, default in FIT_FIELDS.items()}
+    differs = [key for key, value in fitted.items() if settings.get(key) != value]
     if differs:
-        fitted_flags = ", ".join(f"--{k.replace('_', '-')} {v if not isinstance(v, list) else ','.join(map(str, v))}"
-                                 for k, v in fitted.items() if k in differs)
-        raise RecipeError(f"--schedule {args.schedule_file} is an ots fit made for {fitted_flags}, and this run samples "
-                          f"otherwise ({', '.join(differs)} differ): sample with those, fit again with python -m cbs_convert "
-                          "schedule under this run's flags, or pass the times as --schedule t0,t1,... to use them anyway")
+        made_for = ", ".join(_as_flag(key, fitted[key]) for key in differs)
+        now = ", ".join(_as_flag(key, settings.get(key)) for key in differs)
+        raise RecipeError(f"--schedule {args.schedule_file} is an ots fit made for {made_for}, and this run samples with "
+                          f"{now}: sample as it was fitted, fit again with python -m cbs_convert schedule under this "
+                          "run's flags, or pass the times as --schedule t0,t1,... to use them anyway")
+
+
+# what an ots fit sampled with, as the file and a sample run's settings name it, and its default
+FIT_FIELDS = {"method": "heun", "cfg_scale": 1.0, "cfg_scale_per_expert": None, "class_label": None}
+_FLAGS = {"method": "--method", "cfg_scale": "--cfg-scale", "cfg_scale_per_expert": "--cfg-scale-per-expert",
+          "class_label": "--class"}
+
+
+def _as_flag(key: str, value) -> str:
+    if value is None:
+        return f"no {_FLAGS[key]}"
+    return f"{_FLAGS[key]} {','.join(format(v, 'g') for v in value) if isinstance(value, list) else format(value, 'g') if isinstance(value, float) else value}"
 
 
 def check_arguments(args) -> None:
@@ -231,7 +246,7 @@ def run(args) -> List[str]:
                                             "model_family": made_for["family"], "model_config": made_for["config"],
                                             "method": args.method, "times": schedule.times, "counts": schedule.counts,
                                             "boundaries": schedule.boundaries, "notes": schedule.notes,
-                                            "seconds": schedule.seconds, **fitted_under(args),
+                                            "seconds": schedule.seconds, **fitted_under(args), **carried_fit(args),
                                             **native_lists(family, schedule.times)})
         lines.append(f"wrote {args.json}")
     return lines
@@ -241,6 +256,15 @@ def fitted_under(args) -> dict:
     """What an ots fit sampled with, for the file: its times suit sampling under the same."""
     return {"cfg_scale": args.cfg_scale, "cfg_scale_per_expert": parse_scales(args.cfg_scale_per_expert),
             "class_label": args.class_label}
+
+
+def carried_fit(args) -> dict:
+    """A schedule file written again from a schedule file keeps what its fit was made under: the times
+    are the same fit, and sample must check them against the same sampler and guidance."""
+    record = args.schedule_record
+    if record is None:
+        return {}
+    return {key: record[key] for key in ("schedule", *FIT_FIELDS) if key in record}
 
 
 def check_json_out(out: Path, model_files, force: bool, model_folder=None) -> None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.distributed as dist
 
-from cbs_convert.errors import RecipeError
+from cbs_convert.errors import RecipeError, UserError
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         return device
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        return resolve_device("auto")  # under torchrun, "cuda" is this rank's own GPU, as for auto
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -100,14 +102,31 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
-def from_rank0(value: Any, world: int) -> Any:
-    """Rank 0's ``value`` on every rank: for what each rank could compute but must not compute
-    differently (a fitted schedule: GPUs need not agree to the last bit)."""
+def from_rank0(compute: Callable[[], Any], rank: int, world: int) -> Any:
+    """``compute()`` run on rank 0 alone, its value on every rank: for what each rank could compute
+    but must not compute differently (a fitted schedule: GPUs need not agree to the last bit). A
+    refusal on rank 0 is raised on every rank, so that none waits on a value that never comes."""
     if world <= 1:
-        return value
-    box = [value]
+        return compute()
+    box: List[Any] = [None]
+    failure = None
+    if rank == 0:
+        try:
+            box = [("value", compute())]
+        except UserError as exc:
+            failure, box = exc, [("refused", (type(exc), str(exc)))]
+        except BaseException as exc:
+            failure, box = exc, [("failed", f"rank 0 failed: {type(exc).__name__}: {exc}")]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if failure is not None:
+        raise failure
+    kind, payload = box[0]
+    if kind == "refused":
+        error_type, message = payload
+        raise error_type(message)
+    if kind == "failed":
+        raise RuntimeError(payload)
+    return payload
 
 
 def gather(share: Dict[Any, Any], world: int) -> Dict[Any, Any]:

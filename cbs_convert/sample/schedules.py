@@ -350,8 +350,9 @@ def native_lists(family, times: Sequence[float]) -> Dict[str, object]:
         else:
             # diffusers refuses a timesteps list that does not strictly descend
             out["diffusers_note"] = (f"rounded to whole training steps, {len(steps) - len(set(steps))} of these times "
-                                     "repeat a neighbour, and diffusers refuses repeated timesteps: use fewer steps, "
-                                     "or the sigmas list")
+                                     "repeat a neighbour, and diffusers refuses repeated timesteps: use fewer steps "
+                                     "(the sigmas list serves only a loop that scales its starting noise by "
+                                     "EulerDiscreteScheduler's init_noise_sigma, which DiTPipeline does not)")
         ratio = (sigma / alpha).tolist()
         out["diffusers_sigmas"] = [*ratio[:-1], 0.0]
     elif torch.allclose(alpha + sigma, torch.ones_like(alpha), atol=1e-12):
@@ -376,7 +377,8 @@ def scheduler_with_timesteps(scheduler, timesteps: Optional[Sequence[int]] = Non
     # wrapped before: wrap the scheduler's own method again, not the earlier wrapper
     original = getattr(scheduler, "_set_timesteps_unwrapped", scheduler.set_timesteps)
     takers = ("DPMSolverMultistepScheduler or DDPMScheduler" if key == "timesteps"
-              else "FlowMatchEulerDiscreteScheduler for a flow model (for a DDPM model, pass the timesteps list)")
+              else "FlowMatchEulerDiscreteScheduler for a flow model (for a DDPM model, pass the timesteps list, "
+                   "from fewer steps if none was written)")
     if key not in inspect.signature(original).parameters:
         raise RecipeError(f"{type(scheduler).__name__}.set_timesteps takes no {key} list; use a scheduler that does, such "
                           f"as {takers}, built with from_config(pipe.scheduler.config)")
