@@ -568,7 +568,7 @@ def _goals(result) -> List[str]:
                 p = best and _pair(scores, model, best, uniform, method, 8, 16)
                 if p:
                     verdict = "met" if p["mean"] <= p["std"] else "not met"
-                    lines.append(f"- {model}, {method}: the best schedule at 8 steps ({best}) − uniform at 16 steps: FD "
+                    lines.append(f"- {model}, {method}: the best schedule at 8 steps ({best}) − {uniform} at 16 steps: FD "
                                  f"{p['mean']:+.3f} ± {p['std']:.3f} (n = {p['n']}): {verdict} (goal: no worse beyond the spread)")
             if 8 in result["steps"]:
                 edm = "edm" if "edm" in rows else "edm, aligned"
