@@ -408,6 +408,13 @@ def test_sample_refuses_schedule_flags_where_they_cannot_apply(routed_file, tmp_
         assert len(lines) == 1 and expected in lines[0], lines
 
 
+def test_a_curve_that_is_zero_everywhere_cannot_place_steps():
+    zero = {"grid": [0.0, 0.5, 1.0], "mean": {"path_acceleration": [0.0, 0.0, 0.0]}}
+    with pytest.raises(Exception, match="zero everywhere"):
+        profile_rule(zero)
+    assert profile_rule({"grid": [0.0, 0.5, 1.0], "mean": {"path_acceleration": [0.0, 1.0, 0.0]}}) is not None
+
+
 def test_check_times_names_what_is_wrong():
     assert check_times([1, 0.5, 0]) == [1.0, 0.5, 0.0]
     with pytest.raises(Exception, match="ends at 0.5"):

@@ -252,6 +252,9 @@ def profile_rule(profile, monitor: Optional[str] = None, gamma: Optional[float] 
     if monitor not in mean:
         raise RecipeError(f"the profile holds {', '.join(mean)}, not {monitor}; use --schedule profile:{next(iter(mean))}")
     check_curve(grid, mean[monitor], monitor, "place the steps", "use another schedule, or --schedule profile:MONITOR")
+    if not np.any(np.asarray(mean[monitor], dtype=np.float64) > 0):  # equal shares of nothing: no step has a place
+        raise RecipeError(f"the {monitor} curve is zero everywhere, so it cannot say where steps go; use another "
+                          "schedule, or --schedule profile:MONITOR")
     return _Curve(grid, temper(np.asarray(mean[monitor], dtype=np.float64), gamma, floor))
 
 
