@@ -714,13 +714,13 @@ def test_a_computed_schedule_runs_in_dit_pipeline_through_its_scheduler(tmp_path
     assert run.returncode == 2 and "is the model's own file" in run.stderr and config.read_bytes() == before
     # nor any file in the model's folder, where a loader would read a stray .json as the model's
     index = folder / "model_index.json"
-    index_before = index.read_bytes() if index.exists() else None
+    index_before = index.read_bytes()  # the pipeline's own index: --force must not let --json replace it
     for target, force in ((index, ["--force"]), (folder / "scheduler" / "extra.json", [])):
         run = subprocess.run([sys.executable, "-m", "cbs_convert", "schedule", str(folder), "--steps", "6", "--json",
                               str(target), *force], capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert run.returncode == 2 and "inside the model's folder" in run.stderr, run.stderr
     assert not (folder / "scheduler" / "extra.json").exists()
-    assert (index.read_bytes() if index.exists() else None) == index_before
+    assert index.read_bytes() == index_before
     # DiTPipeline starts from unit noise: a scheduler whose start noise is larger (Euler's, ~157 here)
     # would start from almost none, and is refused rather than let collapse the samples
     with pytest.raises(RecipeError, match="init_noise_sigma"):

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from cbs_convert.cli.common import Parser, add_source_arguments, check_seed, guarded, launch_rank, model_source
 from cbs_convert.cli.sample_shards import (
-    SHARD_MARKER, Decoder, architecture, check_guidance, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
+    SHARD_MARKER, Decoder, architecture, check_guidance, check_guidance_flags, draw_batch, guided, open_shards, read_shard, shard_path, stored_form, write_npz,
 )
 from cbs_convert.cli.schedule import add_arguments as add_schedule_arguments
-from cbs_convert.cli.schedule import check_align
+from cbs_convert.cli.schedule import aligns, check_align
 from cbs_convert.cli.schedule import check_arguments as check_schedule_arguments
 from cbs_convert.cli.schedule import check_schedule_model, check_schedule_read_as, check_schedule_sampled_as
 from cbs_convert.errors import RecipeError, UserError
@@ -102,7 +102,7 @@ def _schedule_settings(args) -> Dict:
     if parsed is None and counts is None:
         return out
     out["schedule"] = parsed if parsed is not None else "uniform"
-    out.update(rho=args.rho, align=args.align and not args.file_unaligned, steps_per_expert=counts)
+    out.update(rho=args.rho, align=aligns(args), steps_per_expert=counts)
     if counts is not None:
         out["steps"] = sum(counts)
     if isinstance(parsed, list):
@@ -140,10 +140,7 @@ def _check_flags(args) -> None:
     if args.atol <= 0 or args.rtol <= 0:
         raise RecipeError("--atol and --rtol must be positive")
     check_schedule_arguments(args)
-    if args.cfg_scale_per_expert is not None:
-        parse_scales(args.cfg_scale_per_expert)
-        if args.cfg_scale != 1.0:
-            raise RecipeError("--cfg-scale and --cfg-scale-per-expert both set the guidance; give one of them")
+    check_guidance_flags(args.cfg_scale, args.cfg_scale_per_expert)
     if args.steps is not None and args.steps_per_expert is not None and args.steps != sum(parse_counts(args.steps_per_expert)):
         raise RecipeError(f"--steps {args.steps} and --steps-per-expert {args.steps_per_expert} disagree; give one of them")
     parsed = parse_schedule(args.schedule)

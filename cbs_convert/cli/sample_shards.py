@@ -9,15 +9,16 @@ only when it is whole; one cut short or damaged is drawn again.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from cbs_convert.errors import RecipeError, UserError
 from cbs_convert.sample.samplers import Guided, draw, to_uint8_nhwc
-from cbs_convert.sample.schedules import model_boundaries
+from cbs_convert.sample.schedules import model_boundaries, parse_scales
 from cbs_convert.storage.files import atomic_write, atomic_write_json
 
 SHARD_MARKER = "cbs_convert_samples.json"
@@ -59,6 +60,16 @@ def draw_batch(family, model, settings: Dict, batch: int, size: int, device, sch
         pin_experts=bool(schedule is not None and schedule.aligned),
     )
     return out, labels
+
+
+def check_guidance_flags(cfg_scale: float, cfg_scale_per_expert: Optional[str]) -> None:
+    """What the guidance flags alone can show, before a model loads."""
+    if not math.isfinite(cfg_scale):
+        raise RecipeError(f"--cfg-scale {cfg_scale}: give a finite number (1: no guidance)")
+    if cfg_scale_per_expert is not None:
+        parse_scales(cfg_scale_per_expert)
+        if cfg_scale != 1.0:
+            raise RecipeError("--cfg-scale and --cfg-scale-per-expert both set the guidance; give one of them")
 
 
 def check_guidance(family, model, settings: Dict) -> None:
@@ -147,7 +158,7 @@ def open_shards(shards: Path, settings: Dict, rank: int) -> None:
             earlier = json.loads(marker.read_text())
         except (OSError, ValueError):
             raise UserError(f"{marker} is unreadable: delete {shards} to start over") from None
-        differs = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
+        differs = differing(settings, earlier)
         if not differs:
             return
         if rank != 0:  # rank 0 wrote or checked this marker for this launch: every rank must draw as it does
@@ -166,6 +177,11 @@ def open_shards(shards: Path, settings: Dict, rank: int) -> None:
         raise UserError(f"{shards} exists and is not a shard folder of this command: move it or choose another --out")
     if rank == 0:
         atomic_write_json(marker, settings)
+
+
+def differing(ours: Dict, theirs: Dict) -> List[str]:
+    """The keys whose values differ between two settings dicts (a key one lacks counts as None)."""
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
 def shard_path(shards: Path, batch: int) -> Path:
@@ -212,5 +228,6 @@ def stored_form(decoder, family, device):
     return one.shape[1:], one.dtype
 
 
-__all__ = ["Decoder", "SHARD_MARKER", "architecture", "batch_seed", "draw_batch", "guided", "open_shards", "read_shard", "shard_path",
+__all__ = ["Decoder", "SHARD_MARKER", "architecture", "batch_seed", "check_guidance", "check_guidance_flags", "differing",
+           "draw_batch", "guided", "open_shards", "read_shard", "shard_path",
            "stored_form", "write_npz"]

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import List
 
 import torch
 
 from cbs_convert.cli.common import Parser, add_source_arguments, check_seed, guarded, model_source
-from cbs_convert.cli.sample_shards import architecture, check_guidance, guided
+from cbs_convert.cli.sample_shards import architecture, check_guidance, check_guidance_flags, differing, guided
 from cbs_convert.errors import RecipeError
 from cbs_convert.pipeline.ranks import resolve_device
 from cbs_convert.sample.model_schedules import build_schedule
@@ -69,16 +68,12 @@ def read_schedule_file(path: Path) -> dict:
 
 def resolve_schedule_file(args) -> None:
     """A ``--schedule`` that names a JSON file: its times take the file name's place, and
-    ``args.schedule_record`` keeps the rest of the file (None otherwise): the model they belong to,
-    and whether it was written unaligned (``--no-align``, or for a model with one expert: its times
-    may still hold a cut, and they step as computed, unpinned)."""
-    args.schedule_file = args.schedule_for = args.schedule_record = None
-    args.file_unaligned = False
+    ``args.schedule_record`` keeps the rest of the file (None otherwise)."""
+    args.schedule_file = args.schedule_record = None
     if args.schedule and str(args.schedule).strip().endswith(".json"):
         record = read_schedule_file(Path(str(args.schedule).strip()))
         times = record["times"]
-        args.schedule_record, args.schedule_for = record, record["model_sha256"]
-        args.file_unaligned = record.get("boundaries") == []
+        args.schedule_record = record
         args.schedule_file = args.schedule
         if len(times) < 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times):
             raise RecipeError(f"--schedule {args.schedule_file}: its times must be numbers, at least two (from 1 down "
@@ -88,6 +83,14 @@ def resolve_schedule_file(args) -> None:
         except OverflowError:
             raise RecipeError(f"--schedule {args.schedule_file}: a time is too large a number; times run from 1 "
                               "down to 0") from None
+
+
+def aligns(args) -> bool:
+    """Whether the steps are aligned to the expert cuts: ``--align``, unless the schedule file was
+    written unaligned (``--no-align``, or for a model with one expert: its times may still hold a
+    cut, and they step as computed, unpinned)."""
+    record = args.schedule_record
+    return args.align and not (record is not None and record.get("boundaries") == [])
 
 
 def uses_edm(parsed) -> bool:
@@ -107,9 +110,10 @@ def check_align(args, model) -> None:
 def check_schedule_model(args, model_sha256: str, model: str) -> None:
     """Refuse a schedule file computed for another model: its steps (an ots fit, a stored profile, the
     cuts it was aligned to) belong to that one."""
-    if args.schedule_for is not None and args.schedule_for != model_sha256:
+    record = args.schedule_record
+    if record is not None and record["model_sha256"] != model_sha256:
         raise RecipeError(f"--schedule {args.schedule_file} was computed for another model (sha256 "
-                          f"{args.schedule_for[:12]}..., {model} is {model_sha256[:12]}...); compute one for it with "
+                          f"{record['model_sha256'][:12]}..., {model} is {model_sha256[:12]}...); compute one for it with "
                           f"python -m cbs_convert schedule {model} --steps N --json FILE, or pass the times as "
                           "--schedule t0,t1,... to use them anyway")
 
@@ -125,8 +129,7 @@ def check_schedule_read_as(args, family, model: str) -> None:
                           f"(written by an older version); write it again with python -m cbs_convert schedule {model} "
                           "--json FILE, or pass its times as --schedule t0,t1,...")
     now = architecture(family)
-    differs = sorted(k for k in set(now["config"]) | set(record["model_config"])
-                     if now["config"].get(k) != record["model_config"].get(k))
+    differs = differing(now["config"], record["model_config"])
     if record["model_family"] != now["family"] or differs:
         what = (f"a {record['model_family']} model, not {now['family']}" if record["model_family"] != now["family"]
                 else f"other settings ({', '.join(differs)} {'differs' if len(differs) == 1 else 'differ'})")
@@ -141,7 +144,7 @@ def check_schedule_sampled_as(args, settings: dict) -> None:
     if record is None or not str(record.get("schedule", "")).startswith("ots"):
         return
     fitted = {key: record.get(key, default) for key, default in FIT_FIELDS.items()}
-    differs = [key for key, value in fitted.items() if settings.get(key) != value]
+    differs = differing(fitted, {key: settings.get(key) for key in FIT_FIELDS})
     if differs:
         made_for = ", ".join(_as_flag(key, fitted[key]) for key in differs)
         now = ", ".join(_as_flag(key, settings.get(key)) for key in differs)
@@ -157,9 +160,14 @@ _FLAGS = {"method": "--method", "cfg_scale": "--cfg-scale", "cfg_scale_per_exper
 
 
 def _as_flag(key: str, value) -> str:
+    """``key``'s value as the flag that gives it would be typed."""
     if value is None:
         return f"no {_FLAGS[key]}"
-    return f"{_FLAGS[key]} {','.join(format(v, 'g') for v in value) if isinstance(value, list) else format(value, 'g') if isinstance(value, float) else value}"
+    if isinstance(value, list):
+        value = ",".join(format(v, "g") for v in value)
+    elif isinstance(value, float):
+        value = format(value, "g")
+    return f"{_FLAGS[key]} {value}"
 
 
 def check_arguments(args) -> None:
@@ -208,54 +216,51 @@ def run(args) -> List[str]:
     check_seed(args.seed)
     if args.force and args.json is None:
         raise RecipeError("--force lets --json overwrite an existing file, and no --json is given: drop --force")
-    fitted = parse_schedule(args.schedule)
+    parsed = parse_schedule(args.schedule)
     if (args.cfg_scale != 1.0 or args.cfg_scale_per_expert or args.class_label is not None) and not (
-            isinstance(fitted, str) and fitted.startswith("ots")):
+            isinstance(parsed, str) and parsed.startswith("ots")):
         raise RecipeError("--cfg-scale, --cfg-scale-per-expert and --class set what the ots fit samples with, and "
                           "--schedule is not ots: drop them, or pass --schedule ots")
-    if not math.isfinite(args.cfg_scale):
-        raise RecipeError(f"--cfg-scale {args.cfg_scale}: give a finite number (1: no guidance)")
-    if args.cfg_scale_per_expert and args.cfg_scale != 1.0:
-        raise RecipeError("--cfg-scale and --cfg-scale-per-expert both set the guidance; give one of them")
-    if args.steps is None and args.steps_per_expert is None and not isinstance(parse_schedule(args.schedule), list):
+    check_guidance_flags(args.cfg_scale, args.cfg_scale_per_expert)
+    if args.steps is None and args.steps_per_expert is None and not isinstance(parsed, list):
         raise RecipeError("give --steps N (or --steps-per-expert, or the times themselves as --schedule)")
     path, hints, routed = model_source(args)
     model_files = [path] if routed else source_files(path)
     if args.json is not None:  # before the schedule is computed: an ots fit is not lost to a bad path
         check_json_out(Path(args.json), model_files, args.force, source_folder(path) if not routed else None)
     model_sha256 = None
-    if args.json is not None or args.schedule_for is not None:  # hashed only when a file names the model (GBs at XL size)
+    if args.json is not None or args.schedule_record is not None:  # hashed only when a file names the model (GBs at XL size)
         model_sha256 = content_sha256(model_files)
         check_schedule_model(args, model_sha256, str(args.model))
     device = resolve_device(args.device)
     family, model = load_model(path, device=device, hints=hints)
     check_schedule_read_as(args, family, str(args.model))
     check_align(args, model)
-    guidance = fitted_under(args)
-    check_guidance(family, model, guidance)
+    fit = fitted_under(args)
+    check_guidance(family, model, fit)
     label = args.class_label
     schedule = build_schedule(family, model, args.schedule or "uniform", args.steps, method=args.method, rho=args.rho,
-                              align=args.align and not args.file_unaligned,
+                              align=aligns(args),
                               steps_per_expert=parse_counts(args.steps_per_expert), seed=args.seed,
-                              device=device, forward=guided(family, model, guidance),
+                              device=device, forward=guided(family, model, fit),
                               labels_for=None if label is None else (lambda n, _: torch.full((n,), label, dtype=torch.long)))
     lines = describe(family, schedule, str(path))
     if args.json is not None:
         made_for = architecture(family)
         atomic_write_json(Path(args.json), {"schedule": schedule.name, "model": str(args.model), "model_sha256": model_sha256,
                                             "model_family": made_for["family"], "model_config": made_for["config"],
-                                            "method": args.method, "times": schedule.times, "counts": schedule.counts,
+                                            "times": schedule.times, "counts": schedule.counts,
                                             "boundaries": schedule.boundaries, "notes": schedule.notes,
-                                            "seconds": schedule.seconds, **fitted_under(args), **carried_fit(args),
+                                            "seconds": schedule.seconds, **fit, **carried_fit(args),
                                             **native_lists(family, schedule.times)})
         lines.append(f"wrote {args.json}")
     return lines
 
 
 def fitted_under(args) -> dict:
-    """What an ots fit sampled with, for the file: its times suit sampling under the same."""
-    return {"cfg_scale": args.cfg_scale, "cfg_scale_per_expert": parse_scales(args.cfg_scale_per_expert),
-            "class_label": args.class_label}
+    """What an ots fit sampled with (``FIT_FIELDS``), for the file: its times suit sampling under the same."""
+    return {"method": args.method, "cfg_scale": args.cfg_scale,
+            "cfg_scale_per_expert": parse_scales(args.cfg_scale_per_expert), "class_label": args.class_label}
 
 
 def carried_fit(args) -> dict:
@@ -324,6 +329,6 @@ def main(argv: List[str]) -> int:
     return guarded(lambda: print("\n".join(run(args))), args.debug)
 
 
-__all__ = ["add_arguments", "build_parser", "check_align", "check_arguments", "check_json_out", "check_schedule_model",
+__all__ = ["add_arguments", "aligns", "build_parser", "check_align", "check_arguments", "check_json_out", "check_schedule_model",
            "check_schedule_read_as", "check_schedule_sampled_as",
            "describe", "main", "read_schedule_file", "resolve_schedule_file", "run", "uses_edm"]
